@@ -1,0 +1,38 @@
+"""Engine settings and the embedded default model pair."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+PRETRAINED_DIR = Path(__file__).parent / "pretrained"
+DEFAULT_TARGET = str(PRETRAINED_DIR / "helix-target")
+DEFAULT_DRAFT = str(PRETRAINED_DIR / "helix-draft")
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """Everything the engine needs to start. `draft_model=None` runs plain decoding only."""
+
+    target_model: str = DEFAULT_TARGET
+    draft_model: str | None = DEFAULT_DRAFT
+    device: str = "auto"
+    dtype: str = "auto"
+    block_size: int = 16
+    num_kv_blocks: int = 1024
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None  # None: the target's max_position_embeddings
+    num_speculative_tokens: int | None = None  # fixed K for every request; None: adaptive
+    k_min: int = 0
+    k_max: int = 8
+    draft_cost_ratio: float | None = None  # None: measured while running
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.num_kv_blocks < 1:
+            raise ValueError("block_size and num_kv_blocks must be >= 1")
+        if not 0 <= self.k_min <= self.k_max:
+            raise ValueError("need 0 <= k_min <= k_max")
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")

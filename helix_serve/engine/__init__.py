@@ -1,0 +1,1 @@
+"""Engine core: blocks, sequences, scheduling, sampling and the speculative step. No Ray, no HTTP."""

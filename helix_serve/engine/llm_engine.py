@@ -1,0 +1,222 @@
+"""The engine loop: schedule → speculative step → append tokens, stop, stream, free.
+
+Usable on its own (CLI, tests, benchmarks) and driven by the Serve replica's step loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+
+import torch
+
+from helix_serve.config import EngineConfig
+from helix_serve.device import resolve_device
+from helix_serve.engine.adaptive_k import AdaptiveK
+from helix_serve.engine.block_manager import BlockManager
+from helix_serve.engine.model_runner import ModelRunner
+from helix_serve.engine.sampling_params import SamplingParams
+from helix_serve.engine.scheduler import Scheduler
+from helix_serve.engine.sequence import Sequence
+from helix_serve.engine.speculative import SpeculativeDecoder, StepOutput
+from helix_serve.engine.stop_checker import StopChecker
+from helix_serve.model.loader import ModelPair, load_model_pair
+from helix_serve.model.paged_llm import KVCache
+
+logger = logging.getLogger(__name__)
+
+
+class RequestRejectedError(ValueError):
+    """A request that this engine can never serve (empty, too long for the context or the KV pool)."""
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """What one step produced for one request: a delta, and the whole result once finished."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: str | None = None
+    error: str | None = None
+    num_drafted: int = 0  # this step: the emitted chunk is `num_accepted` drafts + one target token
+    num_accepted: int = 0
+    text: str | None = None  # set when finished
+    token_ids: list[int] | None = None  # set when finished
+    stats: dict | None = None  # set when finished
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, pair: ModelPair | None = None):
+        self.config = config
+        device = resolve_device(config.device) if pair is None else pair.target.device
+        self.pair = pair or load_model_pair(config.target_model, config.draft_model, device, config.dtype)
+        self.tokenizer = self.pair.tokenizer
+        target = self.pair.target
+        self.device = target.device
+        self.max_model_len = min(config.max_model_len or target.shape.max_model_len, target.shape.max_model_len)
+        vocab = target.shape.vocab_size
+        self.block_manager = BlockManager(config.num_kv_blocks, config.block_size)
+        self.kv_bytes = 0
+        target_runner = self._runner(target, vocab)
+        draft_runner = self._runner(self.pair.draft, vocab) if self.pair.draft is not None else None
+        self.decoder = SpeculativeDecoder(target_runner, draft_runner)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.adaptive_k = AdaptiveK(config.k_min, config.k_max, max_num_batched_tokens=config.max_num_batched_tokens)
+        self.cost_ratio = config.draft_cost_ratio if config.draft_cost_ratio is not None else 0.3
+        self.stop_checker = StopChecker(self.tokenizer, self._eos_ids(), self.max_model_len)
+        self.seqs: dict[str, Sequence] = {}
+        self._seed_rng = torch.Generator().manual_seed(config.seed)
+
+    def _runner(self, model, vocab: int) -> ModelRunner:
+        kv = KVCache.allocate(model.shape, self.config.num_kv_blocks, self.config.block_size, model.dtype, model.device)
+        self.kv_bytes += kv.num_bytes
+        return ModelRunner(model, kv, self.config.block_size, vocab)
+
+    def _eos_ids(self) -> set[int]:
+        ids = {self.tokenizer.eos_token_id}
+        generation_eos = getattr(self.pair.target.hf_model.generation_config, "eos_token_id", None)
+        ids.update(generation_eos if isinstance(generation_eos, list) else [generation_eos])
+        return {i for i in ids if i is not None}
+
+    @property
+    def has_draft(self) -> bool:
+        return self.decoder.draft is not None
+
+    # ---- requests -------------------------------------------------------------------------------
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None) -> str:
+        """Queue a request; raises RequestRejectedError for one that can never be served."""
+        token_ids = self.tokenizer(prompt).input_ids if isinstance(prompt, str) else list(prompt)
+        self._validate(token_ids, params)
+        request_id = request_id or uuid.uuid4().hex
+        if request_id in self.seqs:
+            raise RequestRejectedError(f"request id {request_id!r} is already running")
+        seed = params.seed if params.seed is not None else int(torch.randint(2**62, (1,), generator=self._seed_rng))
+        seq = Sequence(request_id, token_ids, params, torch.Generator().manual_seed(seed))
+        self.seqs[request_id] = seq
+        self.scheduler.add(seq)
+        return request_id
+
+    def _validate(self, token_ids: list[int], params: SamplingParams) -> None:
+        if not token_ids:
+            raise RequestRejectedError("the prompt is empty")
+        if len(token_ids) >= self.max_model_len:
+            raise RequestRejectedError(
+                f"the prompt has {len(token_ids)} tokens; this model's context is {self.max_model_len} tokens"
+            )
+        vocab = self.pair.target.shape.vocab_size
+        if min(token_ids) < 0 or max(token_ids) >= vocab:
+            raise RequestRejectedError(f"prompt token ids must be in [0, {vocab})")
+        longest = min(len(token_ids) + params.max_tokens, self.max_model_len)
+        pool_tokens = self.config.num_kv_blocks * self.config.block_size
+        if self.block_manager.blocks_for(longest) > self.config.num_kv_blocks:
+            raise RequestRejectedError(
+                f"prompt + max_tokens = {longest} tokens can never fit the KV pool ({pool_tokens} tokens)"
+            )
+        if (params.num_speculative_tokens or 0) > self.config.k_max:
+            raise RequestRejectedError(f"num_speculative_tokens must be <= {self.config.k_max}")
+
+    def abort_request(self, request_id: str) -> bool:
+        """Stop a request now and free its blocks. False if it is unknown or already finished."""
+        seq = self.seqs.pop(request_id, None)
+        if seq is None:
+            return False
+        self.scheduler.finish(seq, "abort")
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- the loop -------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Advance every scheduled sequence by one speculative step."""
+        seqs, ks = self.scheduler.schedule(self._choose_k)
+        if not seqs:
+            return []
+        try:
+            out = self.decoder.step(seqs, ks)
+        except Exception as exc:  # a failed step must not leak blocks or wedge other requests
+            logger.exception("engine step failed for %d sequences", len(seqs))
+            return [self._fail(seq, f"{type(exc).__name__}: {exc}") for seq in seqs]
+        self._observe_cost(out)
+        return [self._advance(seq, k, new, a) for seq, k, new, a in zip(seqs, ks, out.new_token_ids, out.num_accepted)]
+
+    def _choose_k(self, seq: Sequence, num_running: int) -> int:
+        params = seq.params
+        if not self.has_draft or not params.speculative or seq.num_target_cached < seq.num_tokens - 1:
+            return 0
+        k = params.num_speculative_tokens
+        if k is None:
+            k = self.config.num_speculative_tokens
+        if k is None:
+            k = self.adaptive_k.choose(seq, self.cost_ratio, num_running)
+        room = min(params.max_tokens - seq.num_output_tokens, self.max_model_len - seq.num_tokens) - 1
+        return max(0, min(k, room))
+
+    def _observe_cost(self, out: StepOutput) -> None:
+        """Track c = draft forward time / target forward time (exponential moving average)."""
+        if self.config.draft_cost_ratio is None and out.num_draft_passes > 0 and out.target_seconds > 0:
+            ratio = out.draft_seconds / out.num_draft_passes / out.target_seconds
+            self.cost_ratio = 0.9 * self.cost_ratio + 0.1 * ratio
+
+    def _advance(self, seq: Sequence, k: int, new_ids: list[int], num_accepted: int) -> RequestOutput:
+        now = time.perf_counter()
+        if seq.stats.first_token_time is None:
+            seq.stats.first_token_time = now
+        seq.stats.num_target_steps += 1
+        if k > 0:
+            seq.stats.record_verify(k, num_accepted)
+        self.adaptive_k.update(seq, k, num_accepted)
+        kept = self.stop_checker.append(seq, new_ids)
+        if seq.finish_reason:
+            self._finish(seq)
+        else:
+            self.block_manager.truncate(seq.block_table, seq.num_target_cached)
+        return self._output(seq, new_ids[:kept], k, min(num_accepted, kept))
+
+    def _finish(self, seq: Sequence) -> None:
+        seq.stats.finish_time = time.perf_counter()
+        self.scheduler.finish(seq, seq.finish_reason or "stop")
+        self.seqs.pop(seq.request_id, None)
+
+    def _fail(self, seq: Sequence, error: str) -> RequestOutput:
+        seq.finish_reason, seq.error = "error", error
+        self._finish(seq)
+        return self._output(seq, [], 0, 0)
+
+    def _output(self, seq: Sequence, new_ids: list[int], k: int, num_accepted: int) -> RequestOutput:
+        end = StopChecker.streamable_text_end(seq)
+        new_text = seq.output_text[seq.num_text_emitted : end]
+        seq.num_text_emitted = max(seq.num_text_emitted, end)
+        out = RequestOutput(seq.request_id, new_ids, new_text, seq.is_finished, seq.finish_reason, seq.error,
+                            k, num_accepted)
+        if seq.is_finished:
+            out.text, out.token_ids = seq.output_text, seq.output_token_ids
+            out.stats = seq.stats.summary(seq.num_output_tokens)
+        return out
+
+    # ---- conveniences ---------------------------------------------------------------------------
+
+    def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams]) -> list[RequestOutput]:
+        """Run prompts to completion; one final RequestOutput per prompt, in order."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params_list)]
+        finals: dict[str, RequestOutput] = {}
+        while self.has_unfinished_requests():
+            finals.update((o.request_id, o) for o in self.step() if o.finished)
+        return [finals[i] for i in ids]
+
+    def kv_usage(self) -> dict:
+        bm = self.block_manager
+        return {
+            "num_blocks": bm.allocator.num_blocks,
+            "used_blocks": bm.num_used_blocks,
+            "free_blocks": bm.num_free_blocks,
+            "block_size": bm.block_size,
+            "pool_bytes": self.kv_bytes,
+        }

@@ -1,0 +1,43 @@
+"""Run one model over a varlen batch of token chunks on the shared block tables."""
+
+from __future__ import annotations
+
+import torch
+
+from helix_serve.model.attention import AttentionMetadata
+from helix_serve.model.paged_llm import KVCache, PagedCausalLM
+
+
+class ModelRunner:
+    """Owns one model and its KV pool; turns token chunks into logits."""
+
+    def __init__(self, model: PagedCausalLM, kv_cache: KVCache, block_size: int, vocab_size: int):
+        self.model = model
+        self.kv_cache = kv_cache
+        self.block_size = block_size
+        self.vocab_size = vocab_size  # the target's: draft logits are padded or cut to it
+        self.device = model.device
+
+    @torch.inference_mode()
+    def logits(
+        self, block_tables: list[list[int]], chunks: list[list[int]], starts: list[int], num_logits: list[int]
+    ) -> torch.Tensor:
+        """Logits of the last `num_logits[i]` positions of each chunk, concatenated: [Σ num_logits, V].
+
+        chunks[i] holds the tokens at positions starts[i] .. starts[i] + len(chunks[i]) - 1 of sequence i.
+        """
+        query_lens = [len(c) for c in chunks]
+        context_lens = [s + n for s, n in zip(starts, query_lens)]
+        meta = AttentionMetadata.build(block_tables, context_lens, query_lens, self.block_size, self.device)
+        input_ids = torch.tensor([t for c in chunks for t in c], dtype=torch.long, device=self.device)
+        hidden = self.model(input_ids, meta, self.kv_cache)  # [T, hidden]
+        ends = torch.tensor(query_lens).cumsum(0)
+        index = torch.cat([torch.arange(int(e) - n, int(e)) for e, n in zip(ends, num_logits)])
+        return self._align_vocab(self.model.compute_logits(hidden[index.to(self.device)]))
+
+    def _align_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        """Tokens the target can emit but the draft cannot get probability 0 in the draft."""
+        extra = self.vocab_size - logits.shape[-1]
+        if extra > 0:
+            return torch.nn.functional.pad(logits, (0, extra), value=float("-inf"))
+        return logits[:, : self.vocab_size]

@@ -1,0 +1,78 @@
+"""Logits → the distribution actually sampled from, and sampling from it.
+
+The same `logits_to_probs` is applied to draft and target logits, so the rejection sampler compares
+the distributions that were really used (temperature, top-k, top-p). Greedy rows become one-hot
+distributions, which makes greedy a special case of the same rejection rule (accept iff argmaxes agree).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from helix_serve.engine.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class SamplingTensors:
+    """Per-row sampling settings, [N] each."""
+
+    temperature: torch.Tensor
+    top_k: torch.Tensor
+    top_p: torch.Tensor
+
+    @classmethod
+    def from_params(cls, params: list[SamplingParams], device: torch.device) -> SamplingTensors:
+        return cls(
+            temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device),
+            top_k=torch.tensor([p.top_k for p in params], dtype=torch.long, device=device),
+            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
+        )
+
+    def select(self, rows: torch.Tensor) -> SamplingTensors:
+        rows = rows.to(self.temperature.device)
+        return SamplingTensors(self.temperature[rows], self.top_k[rows], self.top_p[rows])
+
+    def repeat(self, counts: torch.Tensor) -> SamplingTensors:
+        """Row i repeated counts[i] times (one row per verified position)."""
+        counts = counts.to(self.temperature.device)
+        return SamplingTensors(*(t.repeat_interleave(counts) for t in (self.temperature, self.top_k, self.top_p)))
+
+
+def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Mask logits outside each row's top-k, then outside its top-p nucleus (the top token always stays)."""
+    vocab = logits.shape[-1]
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    rank = torch.arange(vocab, device=logits.device)
+    k = torch.where(top_k > 0, top_k, vocab).clamp(max=vocab)
+    sorted_logits = sorted_logits.masked_fill(rank[None, :] >= k[:, None], float("-inf"))
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    sorted_logits = sorted_logits.masked_fill(mass_before >= top_p[:, None], float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+
+
+def logits_to_probs(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+    """[N, V] fp32 logits → [N, V] probabilities under each row's settings."""
+    greedy = t.temperature == 0
+    scaled = logits / torch.where(greedy, 1.0, t.temperature)[:, None]
+    if bool((t.top_k > 0).any()) or bool((t.top_p < 1).any()):
+        scaled = _top_k_top_p(scaled, t.top_k, t.top_p)
+    probs = scaled.softmax(dim=-1)
+    if bool(greedy.any()):
+        one_hot = torch.zeros_like(probs).scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
+        probs = torch.where(greedy[:, None], one_hot, probs)
+    return probs
+
+
+def sample_from_probs(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling: one uniform in (0, 1] per row picks one token. [N, V], [N] → [N]."""
+    cdf = probs.cumsum(dim=-1)
+    targets = (uniforms.to(probs.device) * cdf[:, -1]).unsqueeze(-1)
+    return torch.searchsorted(cdf, targets).squeeze(-1).clamp(max=probs.shape[-1] - 1)
+
+
+def draw_uniforms(generator: torch.Generator, n: int) -> torch.Tensor:
+    """n uniforms in (0, 1] from a request's own CPU generator (same draws on every device)."""
+    return 1.0 - torch.rand(n, generator=generator)

@@ -1,0 +1,86 @@
+"""Continuous batching: running sequences keep their place, waiting ones join when blocks allow.
+
+Each step every running sequence reserves slots for its uncached tokens plus its K draft tokens.
+When the pool is short a sequence first gives up speculation (K = 0); if that is not enough the
+newest running sequence is preempted: its blocks are freed and it is recomputed from its tokens later.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+
+from helix_serve.engine.block_manager import BlockManager
+from helix_serve.engine.sequence import Sequence, SequenceStatus
+
+ChooseK = Callable[[Sequence, int], int]  # (sequence, number running) -> K
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self, choose_k: ChooseK) -> tuple[list[Sequence], list[int]]:
+        """The sequences of the next step and their K."""
+        scheduled, ks = self._schedule_running(choose_k)
+        budget = self.max_num_batched_tokens - sum(s.num_tokens - s.num_target_cached + k for s, k in zip(scheduled, ks))
+        while self.waiting and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            need = seq.num_tokens - seq.num_target_cached
+            if (need > budget and scheduled) or not self.block_manager.ensure_slots(seq.block_table, seq.num_tokens):
+                break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            scheduled.append(seq)
+            ks.append(0)  # the first step is the target's prefill; the draft catches up next step
+            budget -= need
+        return scheduled, ks
+
+    def _schedule_running(self, choose_k: ChooseK) -> tuple[list[Sequence], list[int]]:
+        scheduled, ks = [], []
+        for seq in list(self.running):
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            k = choose_k(seq, len(self.running))
+            while not self.block_manager.ensure_slots(seq.block_table, seq.num_tokens + k):
+                if k > 0:
+                    k = 0
+                    continue
+                victim = self.running[-1]
+                self.preempt(victim)
+                if victim is seq:
+                    break
+            if seq.status is SequenceStatus.RUNNING:
+                scheduled.append(seq)
+                ks.append(k)
+        return scheduled, ks
+
+    def preempt(self, seq: Sequence) -> None:
+        """Free the sequence's blocks; it is recomputed from its tokens when it runs again."""
+        self.running.remove(seq)
+        self.block_manager.release(seq.block_table)
+        seq.num_target_cached = seq.num_draft_cached = 0
+        seq.status = SequenceStatus.WAITING
+        seq.stats.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Remove the sequence wherever it is and return its blocks (every exit path comes here)."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.block_manager.release(seq.block_table)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = seq.finish_reason or reason

@@ -1,0 +1,121 @@
+"""A request's tokens, KV bookkeeping, stop state and statistics."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from helix_serve.engine.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(slots=True)
+class SequenceStats:
+    """Timing and speculation counters of one request."""
+
+    arrival_time: float = field(default_factory=time.perf_counter)
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    num_drafted: int = 0
+    num_accepted: int = 0
+    num_target_steps: int = 0  # target forwards that produced tokens (prefill + verify)
+    num_preemptions: int = 0
+    # per_position_drafted[i] / per_position_accepted[i]: draft position i (0-based) tried / accepted
+    per_position_drafted: list[int] = field(default_factory=list)
+    per_position_accepted: list[int] = field(default_factory=list)
+
+    def record_verify(self, num_drafted: int, num_accepted: int) -> None:
+        self.num_drafted += num_drafted
+        self.num_accepted += num_accepted
+        grow = num_drafted - len(self.per_position_drafted)
+        if grow > 0:
+            self.per_position_drafted.extend([0] * grow)
+            self.per_position_accepted.extend([0] * grow)
+        # positions after the first rejection were drafted but never judged; count the judged ones
+        for i in range(min(num_accepted + 1, num_drafted)):
+            self.per_position_drafted[i] += 1
+            self.per_position_accepted[i] += int(i < num_accepted)
+
+    def summary(self, num_generated: int) -> dict:
+        """The per-request stats the API reports."""
+        end = self.finish_time or time.perf_counter()
+        elapsed = end - self.arrival_time
+        ttft = None if self.first_token_time is None else self.first_token_time - self.arrival_time
+        return {
+            "tokens_generated": num_generated,
+            "time_seconds": elapsed,
+            "time_to_first_token": ttft,
+            "tokens_per_second": num_generated / elapsed if elapsed > 0 else 0.0,
+            "num_drafted": self.num_drafted,
+            "num_accepted": self.num_accepted,
+            "acceptance_rate": self.num_accepted / self.num_drafted if self.num_drafted else None,
+            # tokens emitted per target forward (accepted drafts + the target's own token); 1.0 = plain decoding
+            "mean_accepted_length": num_generated / self.num_target_steps if self.num_target_steps else None,
+            "per_position_acceptance": [
+                a / d if d else None for a, d in zip(self.per_position_accepted, self.per_position_drafted)
+            ],
+            "num_preemptions": self.num_preemptions,
+        }
+
+
+@dataclass(slots=True)
+class Sequence:
+    """One request inside the engine.
+
+    KV invariant between steps: the target's pool holds K/V for all tokens but the last
+    (`num_target_cached == len(token_ids) - 1` once running); the draft's pool lags arbitrarily and
+    catches up on its next draft pass. Both share `block_table`.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    generator: torch.Generator
+    token_ids: list[int] = field(default_factory=list)
+    block_table: list[int] = field(default_factory=list)
+    num_target_cached: int = 0
+    num_draft_cached: int = 0
+    status: SequenceStatus = SequenceStatus.WAITING
+    finish_reason: str | None = None
+    error: str | None = None
+    stats: SequenceStats = field(default_factory=SequenceStats)
+    # adaptive-K state: decayed counts of judged draft positions and accepted ones
+    accept_weight: float = 0.0
+    judged_weight: float = 0.0
+    steps_since_speculation: int = 0
+    # detokenization state
+    output_text: str = ""
+    num_text_emitted: int = 0
+    num_tokens_emitted: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.token_ids:
+            self.token_ids = list(self.prompt_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED

@@ -1,0 +1,112 @@
+"""Attention that writes and reads K/V directly in the paged block pool.
+
+One `AttentionMetadata` describes a varlen batch: every sequence contributes `query_len` new tokens
+that sit at the end of its `context_len` tokens. New K/V go to the pool through `slot_mapping`
+(block_id * block_size + offset); attention gathers each sequence's context through its block table.
+Only torch ops that exist in torch 2.4 are used (torch-directml pins it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    """Batch layout shared by every layer of one forward pass."""
+
+    positions: torch.Tensor  # [T] absolute position of each query token
+    slot_mapping: torch.Tensor  # [T] pool slot each new K/V is written to
+    block_tables: torch.Tensor  # [B, max_blocks] block ids (padding entries are never unmasked)
+    query_batch_idx: torch.Tensor  # [T] sequence index of each query token
+    query_offset: torch.Tensor  # [T] index of each query token inside its sequence's chunk
+    attn_mask: torch.Tensor  # [B, 1, max_query_len, max_context_len] True = may attend
+    query_lens: list[int]
+
+    @classmethod
+    def build(
+        cls,
+        block_tables: list[list[int]],
+        context_lens: list[int],
+        query_lens: list[int],
+        block_size: int,
+        device: torch.device,
+    ) -> AttentionMetadata:
+        """Metadata for sequences whose last `query_lens[i]` of `context_lens[i]` tokens are new."""
+        q_lens = torch.tensor(query_lens, dtype=torch.long)
+        ctx_lens = torch.tensor(context_lens, dtype=torch.long)
+        num_seqs, num_tokens = len(query_lens), int(q_lens.sum())
+        batch_idx = torch.repeat_interleave(torch.arange(num_seqs), q_lens)  # [T]
+        starts = torch.cumsum(q_lens, 0) - q_lens
+        offset = torch.arange(num_tokens) - starts[batch_idx]  # [T]
+        positions = (ctx_lens - q_lens)[batch_idx] + offset  # [T]
+
+        max_ctx = int(ctx_lens.max())
+        num_ctx_blocks = -(-max_ctx // block_size)
+        table = torch.zeros(num_seqs, num_ctx_blocks, dtype=torch.long)
+        for i, blocks in enumerate(block_tables):
+            used = blocks[:num_ctx_blocks]
+            table[i, : len(used)] = torch.tensor(used, dtype=torch.long)
+        slots = table[batch_idx, positions // block_size] * block_size + positions % block_size
+
+        # Each query sees keys at positions <= its own; padding query rows see key 0 only (never NaN).
+        query_pos = torch.zeros(num_seqs, max(query_lens), dtype=torch.long)
+        query_pos[batch_idx, offset] = positions
+        mask = torch.arange(max_ctx)[None, None, :] <= query_pos[:, :, None]  # [B, max_q, max_ctx]
+        return cls(
+            positions=positions.to(device),
+            slot_mapping=slots.to(device),
+            block_tables=table.to(device),
+            query_batch_idx=batch_idx.to(device),
+            query_offset=offset.to(device),
+            attn_mask=mask.unsqueeze(1).to(device),
+            query_lens=list(query_lens),
+        )
+
+
+def write_kv(
+    key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Store new K/V ([T, kv_heads, head_dim]) into their pool slots, in place."""
+    num_kv_heads, head_dim = key.shape[1], key.shape[2]
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key)
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value)
+
+
+def paged_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of the new tokens over their paged context.
+
+    Args:
+        query: [T, heads, head_dim]; key, value: [T, kv_heads, head_dim] for the same new tokens.
+        k_cache, v_cache: one layer's pool, [num_blocks, block_size, kv_heads, head_dim].
+    Returns:
+        [T, heads, head_dim]
+    """
+    write_kv(key, value, k_cache, v_cache, meta.slot_mapping)
+    num_seqs, _, max_q, max_ctx = meta.attn_mask.shape
+    num_heads, head_dim = query.shape[1], query.shape[2]
+    q = query.new_zeros(num_seqs, max_q, num_heads, head_dim)
+    q[meta.query_batch_idx, meta.query_offset] = query
+
+    # Gather each sequence's context through its block table: [B, max_ctx, kv_heads, head_dim].
+    k = k_cache[meta.block_tables].flatten(1, 2)[:, :max_ctx]
+    v = v_cache[meta.block_tables].flatten(1, 2)[:, :max_ctx]
+    group = num_heads // k.shape[2]
+    if group > 1:  # GQA: share each kv head across its query-head group
+        k = k.repeat_interleave(group, dim=2)
+        v = v.repeat_interleave(group, dim=2)
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=meta.attn_mask, scale=scale
+    )  # [B, heads, max_q, head_dim]
+    return out.transpose(1, 2)[meta.query_batch_idx, meta.query_offset]

@@ -1,0 +1,110 @@
+"""A Llama/Qwen2-family causal LM whose attention runs over the paged KV pool.
+
+The weights are the transformers model's own modules (embeddings, projections, MLPs, norms, rotary
+embedding with its configured scaling, LM head); only attention is replaced, so numerics match
+transformers' forward and every architecture detail (biases, GQA, tied embeddings) comes from the config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from helix_serve.model.attention import AttentionMetadata, paged_attention
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelShape:
+    """What the KV pool needs to know about a model."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_model_len: int
+
+
+@dataclass(slots=True)
+class KVCache:
+    """One model's preallocated block pool: [layers, num_blocks, block_size, kv_heads, head_dim] for K and V."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+    @classmethod
+    def allocate(
+        cls, shape: ModelShape, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
+    ) -> KVCache:
+        dims = (shape.num_layers, num_blocks, block_size, shape.num_kv_heads, shape.head_dim)
+        return cls(k=torch.zeros(dims, dtype=dtype, device=device), v=torch.zeros(dims, dtype=dtype, device=device))
+
+    @property
+    def num_bytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate [T, heads, head_dim] by per-token cos/sin of shape [T, head_dim]."""
+    return x * cos[:, None, :] + _rotate_half(x) * sin[:, None, :]
+
+
+class PagedCausalLM(nn.Module):
+    """Forward pass over a flat varlen batch of tokens, reading and writing K/V in a `KVCache`."""
+
+    def __init__(self, hf_model: nn.Module):
+        super().__init__()
+        config = hf_model.config
+        if config.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"unsupported architecture {config.model_type!r}; supported: {SUPPORTED_MODEL_TYPES}")
+        self.hf_model = hf_model  # owns the weights; kept for reference forwards and generate()
+        inner = hf_model.model
+        self.embed_tokens, self.layers, self.norm = inner.embed_tokens, inner.layers, inner.norm
+        self.rotary_emb, self.lm_head = inner.rotary_emb, hf_model.lm_head
+        attn = self.layers[0].self_attn
+        self.num_heads = config.num_attention_heads
+        self.shape = ModelShape(
+            num_layers=config.num_hidden_layers,
+            num_kv_heads=config.num_key_value_heads,
+            head_dim=attn.head_dim,
+            vocab_size=self.lm_head.out_features,
+            max_model_len=config.max_position_embeddings,
+        )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv: KVCache) -> torch.Tensor:
+        """[T] token ids → [T, hidden] final hidden states."""
+        hidden = self.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb(hidden[None], meta.positions[None])
+        cos, sin = cos[0], sin[0]  # [T, head_dim]
+        for i, layer in enumerate(self.layers):
+            hidden = hidden + self._attention(layer.self_attn, layer.input_layernorm(hidden), cos, sin, meta, kv, i)
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        return self.norm(hidden)
+
+    def _attention(self, attn, x, cos, sin, meta: AttentionMetadata, kv: KVCache, layer_idx: int) -> torch.Tensor:
+        num_tokens, head_dim = x.shape[0], self.shape.head_dim
+        q = apply_rope(attn.q_proj(x).view(num_tokens, -1, head_dim), cos, sin)
+        k = apply_rope(attn.k_proj(x).view(num_tokens, -1, head_dim), cos, sin)
+        v = attn.v_proj(x).view(num_tokens, -1, head_dim)
+        out = paged_attention(q, k, v, kv.k[layer_idx], kv.v[layer_idx], meta, attn.scaling)
+        return attn.o_proj(out.reshape(num_tokens, -1))
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LM head on the selected positions only, in fp32 for sampling."""
+        return self.lm_head(hidden).float()
