@@ -1,0 +1,1 @@
+"""The Ray Serve graph: a FastAPI ingress in front of speculative-decoding engine replicas."""

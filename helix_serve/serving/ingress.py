@@ -1,0 +1,183 @@
+"""The FastAPI ingress deployment: validates, routes to the engine through a handle, formats replies.
+
+It holds no model and imports no torch; prompts (and chat templates) are tokenized by the engine.
+"""
+
+# NOTE: no `from __future__ import annotations`: FastAPI must resolve the route signatures at runtime.
+import asyncio
+import time
+import uuid
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from sse_starlette import EventSourceResponse
+
+from helix_serve.serving import openai_format, sse_streams
+from helix_serve.serving.engine_client import EngineClient, EngineRejectedError, Generation
+from helix_serve.serving.errors import OpenAIError, install_error_handlers
+from helix_serve.serving.metrics import HelixMetrics, RequestCountMiddleware
+from helix_serve.serving.protocol import EngineRequest
+from helix_serve.serving.schemas import (BatchGenerateRequest, BatchGenerateResponse, ChatCompletionRequest,
+                                         CompletionRequest, GenerateRequest, GenerateResponse)
+
+OPENAI_DEFAULT_MAX_TOKENS = 16  # OpenAI's documented default for /v1/completions
+METRICS = HelixMetrics()  # one per ingress process, shared with the middleware
+
+app = FastAPI(title="Helix", description="Speculative-decoding LLM inference server")
+app.add_middleware(RequestCountMiddleware, metrics=METRICS)
+install_error_handlers(app)
+
+
+def request_id(request: Request) -> str:
+    """Serve's proxy puts an X-Request-ID on every request (and echoes it on the response)."""
+    return request.headers.get("x-request-id") or uuid.uuid4().hex
+
+
+def generate_response(generation: Generation) -> GenerateResponse:
+    if generation.finish_reason == "error":
+        raise HTTPException(500, f"generation failed: {generation.error}")
+    s = generation.stats
+    return GenerateResponse(
+        request_id=generation.request_id, generated_text=generation.text, finish_reason=generation.finish_reason,
+        num_prompt_tokens=generation.num_prompt_tokens, tokens_generated=s["tokens_generated"],
+        time_seconds=s["time_seconds"], tokens_per_second=s["tokens_per_second"],
+        time_to_first_token=s["time_to_first_token"], num_drafted=s["num_drafted"], num_accepted=s["num_accepted"],
+        acceptance_rate=s["acceptance_rate"], mean_accepted_length=s["mean_accepted_length"],
+        per_position_acceptance=s["per_position_acceptance"], num_preemptions=s["num_preemptions"],
+    )
+
+
+@serve.deployment(name="HelixIngress", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=256)
+@serve.ingress(app)
+class HelixIngress:
+    def __init__(self, engine: DeploymentHandle, served_model_name: str, max_batch_prompts: int):
+        self.engine = EngineClient(engine, METRICS)
+        self.model_name = served_model_name
+        self.max_batch_prompts = max_batch_prompts
+        self.created = int(time.time())
+
+    # ---- native routes --------------------------------------------------------------------------
+
+    @app.post("/generate", response_model=GenerateResponse)
+    async def generate(self, body: GenerateRequest, request: Request) -> GenerateResponse:
+        engine_request = EngineRequest(request_id(request), body.sampling(), prompt=body.prompt)
+        return generate_response(await self.engine.generate(engine_request, "/generate"))
+
+    @app.post("/generate/batch", response_model=BatchGenerateResponse)
+    async def generate_batch(self, body: BatchGenerateRequest, request: Request) -> BatchGenerateResponse:
+        if len(body.prompts) > self.max_batch_prompts:
+            raise HTTPException(413, f"{len(body.prompts)} prompts; at most {self.max_batch_prompts} per batch")
+        started = time.perf_counter()
+        base = request_id(request)
+        requests = [EngineRequest(f"{base}.{i}", body.sampling(), prompt=p) for i, p in enumerate(body.prompts)]
+        generations = await self._generate_all(requests, "/generate/batch")
+        results = [generate_response(g) for g in generations]
+        elapsed = time.perf_counter() - started
+        total = sum(r.tokens_generated for r in results)
+        return BatchGenerateResponse(results=results, num_prompts=len(results), total_tokens_generated=total,
+                                     time_seconds=elapsed, tokens_per_second=total / elapsed if elapsed else 0.0)
+
+    @app.post("/generate/stream")
+    async def generate_stream(self, body: GenerateRequest, request: Request) -> EventSourceResponse:
+        engine_request = EngineRequest(request_id(request), body.sampling(), prompt=body.prompt)
+        stream = await self.engine.open(engine_request, "/generate/stream")  # rejections: a 4xx, not an event
+        return EventSourceResponse(sse_streams.native_events(stream))
+
+    async def _generate_all(self, requests: list[EngineRequest], route: str) -> list[Generation]:
+        """Concurrently, so the engine's @serve.batch admits them together; one rejection cancels the rest."""
+        async def one(index: int, engine_request: EngineRequest) -> Generation:
+            try:
+                return await self.engine.generate(engine_request, route)
+            except EngineRejectedError as exc:
+                raise EngineRejectedError(exc.status_code, f"prompt {index}: {exc.message}") from exc
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(one(i, r)) for i, r in enumerate(requests)]
+        except* EngineRejectedError as errors:
+            raise errors.exceptions[0] from None
+        return [t.result() for t in tasks]
+
+    # ---- OpenAI-compatible routes ---------------------------------------------------------------
+
+    def _check_model(self, model: str) -> None:
+        if model != self.model_name:
+            raise OpenAIError(404, f"The model `{model}` does not exist.", "NotFoundError", "model")
+
+    @app.get("/v1/models")
+    async def models(self) -> dict[str, Any]:
+        return openai_format.models_list(self.model_name, self.created)
+
+    @app.post("/v1/completions")
+    async def completions(self, body: CompletionRequest, request: Request) -> Any:
+        self._check_model(body.model)
+        base, created = request_id(request), int(time.time())
+        sampling = body.sampling(OPENAI_DEFAULT_MAX_TOKENS)
+        response_id = f"cmpl-{base}"
+        if body.stream:
+            if len(body.prompts) != 1:
+                raise OpenAIError(400, "streaming supports a single prompt", "invalid_request_error", "prompt")
+            stream = await self.engine.open(EngineRequest(base, sampling, prompt=body.prompts[0]), "/v1/completions")
+
+            def build(text: str, reason: str | None, usage: dict | None = None) -> dict[str, Any]:
+                return openai_format.completion_chunk(response_id, self.model_name, created, text, reason, usage)
+
+            return EventSourceResponse(sse_streams.openai_events(stream, build, body.include_usage))
+        requests = [EngineRequest(f"{base}.{i}", sampling, prompt=p) for i, p in enumerate(body.prompts)]
+        generations = self._check_generations(await self._generate_all(requests, "/v1/completions"))
+        return openai_format.completion(response_id, self.model_name, created, generations)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Any:
+        self._check_model(body.model)
+        base, created = request_id(request), int(time.time())
+        messages = [m.model_dump() for m in body.messages]
+        engine_request = EngineRequest(base, body.sampling(OPENAI_DEFAULT_MAX_TOKENS), messages=messages)
+        response_id = f"chatcmpl-{base}"
+        if not body.stream:
+            generation = self._check_generations([await self.engine.generate(engine_request, "/v1/chat/completions")])
+            return openai_format.chat_completion(response_id, self.model_name, created, generation[0])
+        stream = await self.engine.open(engine_request, "/v1/chat/completions")
+
+        def build(text: str, reason: str | None, usage: dict | None = None) -> dict[str, Any]:
+            delta = {"content": text} if text else {}
+            return openai_format.chat_chunk(response_id, self.model_name, created, delta, reason, usage)
+
+        role = openai_format.chat_chunk(response_id, self.model_name, created, {"role": "assistant", "content": ""},
+                                        None)
+        return EventSourceResponse(sse_streams.openai_events(stream, build, body.include_usage, [role]))
+
+    @staticmethod
+    def _check_generations(generations: list[Generation]) -> list[Generation]:
+        for g in generations:
+            if g.finish_reason == "error":
+                raise OpenAIError(500, f"generation failed: {g.error}", "server_error")
+        return generations
+
+    # ---- operations -----------------------------------------------------------------------------
+
+    @app.get("/health")
+    async def health(self) -> dict[str, Any]:
+        """Asks the engine: model loaded, device, KV pool usage."""
+        try:
+            info = await asyncio.wait_for(self.engine.info(), timeout=10)
+        except Exception as exc:  # noqa: BLE001 - any failure to reach the engine means unhealthy
+            raise HTTPException(503, f"engine unavailable: {type(exc).__name__}: {exc}") from exc
+        METRICS.set_kv_usage(info["kv_cache"])
+        return {"status": "ok", "model_loaded": True, "served_model_name": self.model_name, **info}
+
+    @app.get("/ping")
+    async def ping(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics(self) -> Response:
+        try:  # refresh the KV gauges; a busy or unreachable engine must not break scraping
+            METRICS.set_kv_usage((await asyncio.wait_for(self.engine.info(), timeout=2))["kv_cache"])
+        except Exception:  # noqa: BLE001
+            pass
+        return Response(METRICS.render(), media_type=CONTENT_TYPE_LATEST)

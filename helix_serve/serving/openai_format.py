@@ -1,0 +1,57 @@
+"""OpenAI wire shapes (completions, chat, models, errors) built from Helix generations."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from helix_serve.serving.engine_client import Generation
+
+
+def finish_reason(reason: str | None) -> str | None:
+    """OpenAI knows 'stop' and 'length'; Helix's 'abort'/'error' never reach a successful response."""
+    return "length" if reason == "length" else ("stop" if reason else None)
+
+
+def usage(num_prompt_tokens: int, num_completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": num_prompt_tokens, "completion_tokens": num_completion_tokens,
+            "total_tokens": num_prompt_tokens + num_completion_tokens}
+
+
+def error_body(message: str, error_type: str, code: int, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+def models_list(model: str, created: int) -> dict[str, Any]:
+    return {"object": "list", "data": [{"id": model, "object": "model", "created": created, "owned_by": "helix"}]}
+
+
+def _usage_of(generations: list[Generation]) -> dict[str, int]:
+    return usage(sum(g.num_prompt_tokens for g in generations), sum(len(g.token_ids) for g in generations))
+
+
+def completion(response_id: str, model: str, created: int, generations: list[Generation]) -> dict[str, Any]:
+    choices = [{"index": i, "text": g.text, "logprobs": None, "finish_reason": finish_reason(g.finish_reason)}
+               for i, g in enumerate(generations)]
+    return {"id": response_id, "object": "text_completion", "created": created, "model": model,
+            "choices": choices, "usage": _usage_of(generations)}
+
+
+def chat_completion(response_id: str, model: str, created: int, generation: Generation) -> dict[str, Any]:
+    choice = {"index": 0, "message": {"role": "assistant", "content": generation.text}, "logprobs": None,
+              "finish_reason": finish_reason(generation.finish_reason)}
+    return {"id": response_id, "object": "chat.completion", "created": created, "model": model,
+            "choices": [choice], "usage": _usage_of([generation])}
+
+
+def completion_chunk(response_id: str, model: str, created: int, text: str, reason: str | None,
+                     chunk_usage: dict[str, int] | None = None) -> dict[str, Any]:
+    choices = [] if chunk_usage else [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}]
+    return {"id": response_id, "object": "text_completion", "created": created, "model": model,
+            "choices": choices, "usage": chunk_usage}
+
+
+def chat_chunk(response_id: str, model: str, created: int, delta: dict[str, str], reason: str | None,
+               chunk_usage: dict[str, int] | None = None) -> dict[str, Any]:
+    choices = [] if chunk_usage else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]
+    return {"id": response_id, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": choices, "usage": chunk_usage}

@@ -1,0 +1,41 @@
+"""What the ingress and the engine replicas send each other through a DeploymentHandle.
+
+Plain dataclasses with no torch import, so the ingress process never loads the engine stack.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(slots=True)
+class EngineRequest:
+    """One generation: a prompt or chat messages, plus `SamplingParams` keyword arguments."""
+
+    request_id: str
+    sampling: dict[str, Any]
+    prompt: str | None = None
+    messages: list[dict[str, str]] | None = None  # rendered with the engine's chat template
+
+
+@dataclass(slots=True)
+class EngineChunk:
+    """One message of a generation stream.
+
+    The first chunk is the admission: `status_code` set means the request was refused (4xx) and the
+    stream ends; otherwise it carries `num_prompt_tokens`. Each later chunk is one speculative step's
+    accepted tokens; the last has `finished` and `stats`.
+    """
+
+    request_id: str
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    num_drafted: int = 0
+    num_accepted: int = 0
+    num_prompt_tokens: int = 0
+    finished: bool = False
+    finish_reason: str | None = None
+    error: str | None = None
+    status_code: int | None = None
+    stats: dict[str, Any] | None = None

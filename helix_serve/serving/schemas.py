@@ -1,0 +1,170 @@
+"""HTTP request and response bodies. Validation here turns bad input into a 4xx with a clear message."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+SAMPLING_FIELDS = {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos", "speculative",
+                   "num_speculative_tokens"}
+
+
+def _non_blank(value: str, name: str) -> str:
+    if not value.strip():
+        raise ValueError(f"{name} must not be empty or whitespace")
+    return value
+
+
+def _stop_list(value: str | list[str] | None) -> list[str]:
+    stops = [value] if isinstance(value, str) else list(value or [])
+    if any(not s for s in stops):
+        raise ValueError("stop strings must be non-empty")
+    return stops
+
+
+class SamplingFields(BaseModel):
+    """Sampling and speculation knobs shared by every generation route (native defaults: greedy)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    max_tokens: int = Field(64, ge=1)
+    temperature: float = Field(0.0, ge=0.0, le=100.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="0 disables top-k")
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list)
+    ignore_eos: bool = False
+    speculative: bool = True
+    num_speculative_tokens: int | None = Field(None, ge=0, description="fixed K; None = adaptive")
+
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, stop: list[str]) -> list[str]:
+        return _stop_list(stop)
+
+    def sampling(self) -> dict[str, Any]:
+        """Keyword arguments for the engine's SamplingParams."""
+        return self.model_dump(include=SAMPLING_FIELDS)
+
+
+class GenerateRequest(SamplingFields):
+    prompt: str
+
+    @field_validator("prompt")
+    @classmethod
+    def _check_prompt(cls, prompt: str) -> str:
+        return _non_blank(prompt, "prompt")
+
+
+class BatchGenerateRequest(SamplingFields):
+    prompts: list[str] = Field(min_length=1)
+
+    @field_validator("prompts")
+    @classmethod
+    def _check_prompts(cls, prompts: list[str]) -> list[str]:
+        return [_non_blank(p, f"prompts[{i}]") for i, p in enumerate(prompts)]
+
+
+class GenerateResponse(BaseModel):
+    request_id: str
+    generated_text: str
+    finish_reason: str | None
+    num_prompt_tokens: int
+    tokens_generated: int
+    time_seconds: float
+    tokens_per_second: float
+    time_to_first_token: float | None
+    num_drafted: int
+    num_accepted: int
+    acceptance_rate: float | None
+    mean_accepted_length: float | None
+    per_position_acceptance: list[float | None]  # None: that draft position was never reached
+    num_preemptions: int
+
+
+class BatchGenerateResponse(BaseModel):
+    results: list[GenerateResponse]
+    num_prompts: int
+    total_tokens_generated: int
+    time_seconds: float  # wall time of the whole batch, as the client saw it
+    tokens_per_second: float
+
+
+# ---- OpenAI-compatible ----------------------------------------------------------------------------
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class OpenAISamplingFields(BaseModel):
+    """OpenAI fields we honour (unknown ones are ignored, as clients send many), plus Helix extensions."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+    seed: int | None = None
+    stop: str | list[str] | None = None  # normalised to a list by the validator below
+    n: int = Field(1, ge=1, le=1, description="only one choice per prompt is supported")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool = False
+    speculative: bool = True
+    num_speculative_tokens: int | None = Field(None, ge=0)
+
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, value: str | list[str] | None) -> list[str]:
+        return _stop_list(value)
+
+    def sampling(self, default_max_tokens: int) -> dict[str, Any]:
+        fields = self.model_dump(include=SAMPLING_FIELDS)
+        fields["max_tokens"] = self.max_tokens or default_max_tokens
+        fields["stop"] = _stop_list(self.stop)
+        return fields
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(OpenAISamplingFields):
+    prompt: str | list[str]
+
+    @field_validator("prompt")
+    @classmethod
+    def _check_prompt(cls, prompt: str | list[str]) -> str | list[str]:
+        if isinstance(prompt, str):
+            return _non_blank(prompt, "prompt")
+        if not prompt:
+            raise ValueError("prompt must not be an empty list")
+        return [_non_blank(p, f"prompt[{i}]") for i, p in enumerate(prompt)]
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else self.prompt
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str
+
+
+class ChatCompletionRequest(OpenAISamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+    def sampling(self, default_max_tokens: int) -> dict[str, Any]:
+        return super().sampling(self.max_completion_tokens or default_max_tokens)
+
+    @field_validator("messages")
+    @classmethod
+    def _check_messages(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
+        if not any(m.content.strip() for m in messages):
+            raise ValueError("messages must contain some non-empty content")
+        return messages

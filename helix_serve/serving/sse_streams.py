@@ -1,0 +1,68 @@
+"""Server-Sent Event generators for the streaming routes (native and OpenAI formats).
+
+Once a stream has started its status code is fixed, so failures become an error event.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from helix_serve.serving import openai_format
+from helix_serve.serving.engine_client import EngineStream
+
+logger = logging.getLogger(__name__)
+DONE = {"data": "[DONE]"}
+Event = dict[str, str]
+
+
+def _event(payload: dict[str, Any], event: str | None = None) -> Event:
+    message = {"data": json.dumps(payload)}
+    return {**message, "event": event} if event else message
+
+
+async def native_events(stream: EngineStream) -> AsyncIterator[Event]:
+    """`chunk` events per accepted chunk, then `final` with the stats (or `error`), then `[DONE]`."""
+    try:
+        async for chunk in stream.chunks():
+            if chunk.token_ids or chunk.text:
+                yield _event({"text": chunk.text, "token_ids": chunk.token_ids, "num_accepted": chunk.num_accepted,
+                              "num_drafted": chunk.num_drafted}, "chunk")
+            if chunk.finished and chunk.error:
+                yield _event({"error": chunk.error, "finish_reason": chunk.finish_reason}, "error")
+            elif chunk.finished:
+                yield _event({"request_id": stream.request_id, "finish_reason": chunk.finish_reason,
+                              "num_prompt_tokens": stream.num_prompt_tokens, **(chunk.stats or {})}, "final")
+    except Exception as exc:  # noqa: BLE001 - reported to the client in-band
+        logger.exception("stream %s failed", stream.request_id)
+        yield _event({"error": f"{type(exc).__name__}: {exc}"}, "error")
+    yield DONE
+
+
+ChunkBuilder = Callable[..., dict[str, Any]]  # (text, finish_reason, usage=None) -> one OpenAI chunk
+
+
+async def openai_events(stream: EngineStream, build: ChunkBuilder, include_usage: bool,
+                        preamble: list[dict[str, Any]] = ()) -> AsyncIterator[Event]:
+    """OpenAI chunks (`data: {...}`) ending in `data: [DONE]`; a failure mid-stream is an error object."""
+    num_tokens = 0
+    try:
+        for payload in preamble:
+            yield _event(payload)
+        async for chunk in stream.chunks():
+            num_tokens += len(chunk.token_ids)
+            if chunk.finished and chunk.error:
+                yield _event(openai_format.error_body(chunk.error, "server_error", 500))
+                break
+            reason = openai_format.finish_reason(chunk.finish_reason) if chunk.finished else None
+            if chunk.text or reason:
+                yield _event(build(chunk.text, reason))
+        else:
+            if include_usage:
+                yield _event(build("", None, openai_format.usage(stream.num_prompt_tokens, num_tokens)))
+    except Exception as exc:  # noqa: BLE001 - reported to the client in-band
+        logger.exception("stream %s failed", stream.request_id)
+        yield _event(openai_format.error_body(f"{type(exc).__name__}: {exc}", "server_error", 500))
+    yield DONE

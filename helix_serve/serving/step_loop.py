@@ -1,0 +1,135 @@
+"""Continuous batching inside one replica: requests join the running sequences between engine steps.
+
+The engine is synchronous and not thread-safe, so every call into it goes through one worker thread;
+the asyncio side only routes outputs to per-request queues and never blocks on torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from helix_serve.engine.llm_engine import LLMEngine, RequestOutput, RequestRejectedError
+from helix_serve.engine.sampling_params import SamplingParams
+from helix_serve.serving.prompting import prompt_token_ids
+from helix_serve.serving.protocol import EngineChunk, EngineRequest
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+IDLE_BACKOFF_S = 0.002  # when sequences wait for KV blocks, don't spin the engine thread
+
+
+class StepLoop:
+    """Owns the engine: admits batches of requests, steps, and streams each request's chunks."""
+
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="helix-engine")
+        self._streams: dict[str, asyncio.Queue[EngineChunk]] = {}
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    async def run_on_engine(self, fn: Callable[..., T], *args: Any) -> T:
+        """The only way to touch the engine: queued behind (or between) steps on its thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    @property
+    def alive(self) -> bool:
+        return self._task is None or not self._task.done()
+
+    def open(self, request_id: str) -> asyncio.Queue[EngineChunk]:
+        """Register a stream before admission, so a caller that leaves early can be told apart."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="helix-step-loop")
+        queue: asyncio.Queue[EngineChunk] = asyncio.Queue()
+        self._streams[request_id] = queue
+        return queue
+
+    def close(self, request_id: str) -> None:
+        """The caller is gone: if its sequence still runs, abort it so its KV blocks return."""
+        if self._streams.pop(request_id, None) is not None:
+            self._executor.submit(self.engine.abort_request, request_id)
+
+    async def admit(self, requests: list[EngineRequest]) -> None:
+        """Add a batch to the engine in one engine-thread call; it joins at the next step."""
+        waiting = [r for r in requests if r.request_id in self._streams]  # skip callers already gone
+        admissions = await self.run_on_engine(self._add_all, waiting)
+        for chunk in admissions:
+            self._deliver(chunk)
+        self._wakeup.set()
+
+    def _add_all(self, requests: list[EngineRequest]) -> list[EngineChunk]:
+        return [self._add(r) for r in requests]
+
+    def _add(self, request: EngineRequest) -> EngineChunk:
+        try:
+            token_ids = prompt_token_ids(self.engine.tokenizer, request)
+            params = SamplingParams(**request.sampling)
+            self._check_lengths(len(token_ids), params)
+            self.engine.add_request(token_ids, params, request.request_id)
+        except PromptTooLongError as exc:
+            return EngineChunk(request.request_id, finished=True, error=str(exc), status_code=413)
+        except (RequestRejectedError, ValueError, TypeError) as exc:
+            return EngineChunk(request.request_id, finished=True, error=str(exc), status_code=400)
+        return EngineChunk(request.request_id, num_prompt_tokens=len(token_ids))
+
+    def _check_lengths(self, num_prompt_tokens: int, params: SamplingParams) -> None:
+        context = self.engine.max_model_len
+        if num_prompt_tokens >= context:
+            raise PromptTooLongError(f"the prompt has {num_prompt_tokens} tokens; this model's context is {context}")
+        if params.max_tokens >= context:
+            raise ValueError(f"max_tokens must be < the model's context length ({context})")
+
+    async def _run(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()  # cleared before stepping: an admit during the step sets it again
+            try:
+                outputs, busy = await self.run_on_engine(self._step)
+            except Exception as exc:  # noqa: BLE001 - one broken step must not leave callers waiting forever
+                logger.exception("engine step loop failed")
+                self._fail_all(f"{type(exc).__name__}: {exc}")
+                continue
+            for output in outputs:
+                self._deliver(chunk_from_output(output))
+            if busy:
+                self._wakeup.set()
+                if not outputs:
+                    await asyncio.sleep(IDLE_BACKOFF_S)
+
+    def _step(self) -> tuple[list[RequestOutput], bool]:
+        outputs = self.engine.step()
+        return outputs, self.engine.has_unfinished_requests()
+
+    def _deliver(self, chunk: EngineChunk) -> None:
+        queue = self._streams.get(chunk.request_id)
+        if queue is None:
+            return  # its caller left; the abort is already queued on the engine thread
+        if chunk.finished:
+            del self._streams[chunk.request_id]
+        queue.put_nowait(chunk)
+
+    def _fail_all(self, error: str) -> None:
+        for request_id in list(self._streams):
+            self._deliver(EngineChunk(request_id, finished=True, finish_reason="error", error=error))
+            self._executor.submit(self.engine.abort_request, request_id)
+
+    def shutdown(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+class PromptTooLongError(ValueError):
+    """The prompt alone fills the model's context (HTTP 413)."""
+
+
+def chunk_from_output(output: RequestOutput) -> EngineChunk:
+    return EngineChunk(
+        request_id=output.request_id, text=output.new_text, token_ids=list(output.new_token_ids),
+        num_drafted=output.num_drafted, num_accepted=output.num_accepted, finished=output.finished,
+        finish_reason=output.finish_reason, error=output.error, stats=output.stats,
+    )

@@ -1,0 +1,134 @@
+"""Stops, streaming deltas, abort and error paths: nothing leaks into the output, no block leaks."""
+
+import pytest
+
+from helix_serve.engine.llm_engine import RequestRejectedError
+from helix_serve.engine.sampling_params import SamplingParams
+from tests.helpers import PROMPTS, make_engine
+
+MAX_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def engine(llama_pair):
+    return make_engine(llama_pair, num_speculative_tokens=4)
+
+
+@pytest.fixture(scope="module")
+def greedy(engine):
+    [out] = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True))
+    return out
+
+
+def _stream(engine, prompt, params):
+    request_id = engine.add_request(prompt, params)
+    deltas = []
+    while engine.has_unfinished_requests():
+        deltas += [o for o in engine.step() if o.request_id == request_id]
+    return deltas
+
+
+def test_stop_string_cuts_text_and_tokens(engine, greedy):
+    text = greedy.text
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    deltas = _stream(engine, PROMPTS[0], SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True, stop=[stop]))
+    final = deltas[-1]
+    assert final.finish_reason == "stop"
+    assert final.text == text[: text.find(stop)]
+    assert "".join(d.new_text for d in deltas) == final.text  # the stop string never streamed out
+    assert final.token_ids == greedy.token_ids[: len(final.token_ids)]
+    assert final.stats["tokens_generated"] == len(final.token_ids)
+    decoded = engine.tokenizer.decode(final.token_ids[:-1], skip_special_tokens=True)
+    assert stop not in decoded  # the token that completed the stop is the last one kept
+    assert engine.kv_usage()["used_blocks"] == 0
+
+
+def test_stop_token_and_eos_end_inside_an_accepted_run(engine, greedy):
+    target = greedy.token_ids[6]
+    first = greedy.token_ids.index(target)
+    [out] = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=MAX_TOKENS, stop_token_ids=[target]))
+    assert out.token_ids == greedy.token_ids[: first + 1] and out.finish_reason == "stop"
+    saved = engine.stop_checker.eos_token_ids
+    engine.stop_checker.eos_token_ids = {target}
+    try:
+        [eos] = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=MAX_TOKENS))
+        [ignored] = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True))
+    finally:
+        engine.stop_checker.eos_token_ids = saved
+    assert eos.token_ids == out.token_ids and eos.finish_reason == "stop"
+    assert ignored.token_ids == greedy.token_ids
+
+
+@pytest.mark.parametrize("max_tokens", [1, 2, 5])
+def test_max_tokens_is_never_exceeded(engine, greedy, max_tokens):
+    deltas = _stream(engine, PROMPTS[0], SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+    final = deltas[-1]
+    assert final.token_ids == greedy.token_ids[:max_tokens] and final.finish_reason == "length"
+    assert sum(len(d.new_token_ids) for d in deltas) == max_tokens
+    assert "".join(d.new_text for d in deltas) == final.text
+
+
+def test_abort_frees_blocks_and_leaves_others_untouched(engine, greedy):
+    victim = engine.add_request(PROMPTS[3], SamplingParams(max_tokens=200, ignore_eos=True))
+    keeper = engine.add_request(PROMPTS[0], SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True))
+    engine.step()
+    engine.step()
+    assert engine.kv_usage()["used_blocks"] > 0
+    assert engine.abort_request(victim) and not engine.abort_request(victim)
+    finals = []
+    while engine.has_unfinished_requests():
+        finals += [o for o in engine.step() if o.finished]
+    assert [o.request_id for o in finals] == [keeper] and finals[0].token_ids == greedy.token_ids
+    assert engine.kv_usage()["used_blocks"] == 0
+
+
+def test_failed_step_fails_its_requests_and_frees_blocks(engine, greedy, monkeypatch):
+    engine.add_request(PROMPTS[1], SamplingParams(max_tokens=MAX_TOKENS))
+    engine.step()
+
+    def boom(seqs, ks):
+        raise RuntimeError("simulated device failure")
+
+    monkeypatch.setattr(engine.decoder, "step", boom)
+    [out] = engine.step()
+    assert out.finished and out.finish_reason == "error" and "simulated device failure" in out.error
+    assert engine.kv_usage()["used_blocks"] == 0 and not engine.has_unfinished_requests()
+    monkeypatch.undo()
+    [again] = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True))
+    assert again.token_ids == greedy.token_ids
+
+
+def test_seeded_sampling_is_reproducible_and_differs_across_seeds(engine):
+    params = [SamplingParams(max_tokens=16, temperature=1.0, seed=s, ignore_eos=True) for s in (7, 7, 8)]
+    a, b, c = engine.generate([PROMPTS[2]] * 3, params)
+    assert a.token_ids == b.token_ids and a.token_ids != c.token_ids
+
+
+def test_stats_are_consistent(engine):
+    [out] = engine.generate([PROMPTS[4]], SamplingParams(max_tokens=20, ignore_eos=True))
+    s = out.stats
+    assert s["tokens_generated"] == 20 and 0 < s["time_to_first_token"] <= s["time_seconds"]
+    assert s["num_accepted"] <= s["num_drafted"] and s["mean_accepted_length"] >= 1.0
+    assert s["per_position_acceptance"] and all(0 <= a <= 1 for a in s["per_position_acceptance"])
+
+
+@pytest.mark.parametrize(
+    "prompt, params, message",
+    [
+        ("", SamplingParams(), "empty"),
+        ("the " * 600, SamplingParams(), "context"),
+        ("the quick", SamplingParams(num_speculative_tokens=99), "num_speculative_tokens"),
+    ],
+)
+def test_requests_that_can_never_run_are_rejected_clearly(engine, prompt, params, message):
+    with pytest.raises(RequestRejectedError, match=message):
+        engine.add_request(prompt, params)
+    assert not engine.has_unfinished_requests()
+
+
+def test_request_larger_than_the_whole_pool_is_rejected(llama_pair):
+    small = make_engine(llama_pair, num_kv_blocks=8)  # 32 tokens in all
+    with pytest.raises(RequestRejectedError, match="can never fit the KV pool"):
+        small.add_request("the quick", SamplingParams(max_tokens=40))
+    [out] = small.generate(["the quick"], SamplingParams(max_tokens=8, ignore_eos=True))
+    assert len(out.token_ids) == 8 and small.kv_usage()["used_blocks"] == 0

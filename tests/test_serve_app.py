@@ -1,0 +1,244 @@
+"""End to end over HTTP: a real local Ray cluster serving the Helix graph on the tiny random pair."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from helix_serve.config import EngineConfig
+from helix_serve.engine.llm_engine import LLMEngine
+from helix_serve.engine.sampling_params import SamplingParams
+
+PROMPT = "the quick brown fox"
+MODEL = "helix-test"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _app_args(target: Path, draft: Path) -> dict:
+    # Replicas import helix_serve from the installed package, never `tests`: pass paths, not fixtures.
+    return {"target_model": str(target), "draft_model": str(draft), "device": "cpu", "dtype": "float32",
+            "num_kv_blocks": 128, "served_model_name": MODEL, "max_batch_prompts": 4}
+
+
+@pytest.fixture(scope="module")
+def base_url(llama_pair):
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    import ray
+    from ray import serve
+
+    from helix_serve.serving.app import build_app
+
+    port = _free_port()
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
+        serve.run(build_app(_app_args(*llama_pair)), name="helix", route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def http(base_url):
+    with httpx.Client(base_url=base_url, timeout=60) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def local_engine(llama_pair) -> LLMEngine:
+    target, draft = llama_pair
+    return LLMEngine(EngineConfig(str(target), str(draft), device="cpu", dtype="float32", num_kv_blocks=128))
+
+
+def _sse_events(response: httpx.Response) -> list[tuple[str, str]]:
+    """(event, data) pairs of a Server-Sent Events body."""
+    events, name, data = [], "message", []
+    for line in response.iter_lines():
+        if line.startswith("event:"):
+            name = line[6:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].strip())
+        elif not line and data:
+            events.append((name, "\n".join(data)))
+            name, data = "message", []
+    return events
+
+
+def _kv_used(http: httpx.Client) -> int:
+    return http.get("/health").json()["kv_cache"]["used_blocks"]
+
+
+def test_ping_health_models_docs(http):
+    assert http.get("/ping").json() == {"status": "ok"}
+    health = http.get("/health").json()
+    assert health["model_loaded"] and health["device"] == "cpu" and health["has_draft"]
+    assert health["kv_cache"]["num_blocks"] == 128
+    assert http.get("/v1/models").json()["data"][0]["id"] == MODEL
+    assert http.get("/docs").status_code == 200
+    assert "/generate/stream" in http.get("/openapi.json").json()["paths"]
+
+
+def test_generate_greedy_matches_local_engine(http, local_engine):
+    response = http.post("/generate", json={"prompt": PROMPT, "max_tokens": 24})
+    assert response.status_code == 200, response.text
+    assert response.headers["x-request-id"]
+    body = response.json()
+    (expected,) = local_engine.generate([PROMPT], SamplingParams(max_tokens=24))
+    assert body["generated_text"] == expected.text
+    assert body["tokens_generated"] == len(expected.token_ids) and body["finish_reason"] == expected.finish_reason
+    assert body["num_drafted"] > 0 and 0 <= body["num_accepted"] <= body["num_drafted"]
+    assert body["time_to_first_token"] > 0 and body["tokens_per_second"] > 0
+
+
+def test_generate_batch(http, local_engine):
+    prompts = [PROMPT, "paged attention reads", "def add(a, b):"]
+    response = http.post("/generate/batch", json={"prompts": prompts, "max_tokens": 12, "speculative": False})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    expected = local_engine.generate(prompts, SamplingParams(max_tokens=12, speculative=False))
+    assert [r["generated_text"] for r in body["results"]] == [e.text for e in expected]
+    assert all(r["num_drafted"] == 0 for r in body["results"])
+    assert body["num_prompts"] == 3
+    assert body["total_tokens_generated"] == sum(r["tokens_generated"] for r in body["results"])
+
+
+def test_generate_stream_chunks_add_up_to_final(http, local_engine):
+    payload = {"prompt": PROMPT, "max_tokens": 40, "ignore_eos": True, "num_speculative_tokens": 3}
+    with http.stream("POST", "/generate/stream", json=payload) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = _sse_events(response)
+    assert events[-1] == ("message", "[DONE]")
+    chunks = [json.loads(data) for name, data in events if name == "chunk"]
+    (final,) = [json.loads(data) for name, data in events if name == "final"]
+    assert len(chunks) > 1
+    assert all(c["num_accepted"] <= c["num_drafted"] <= 3 for c in chunks)
+    (expected,) = local_engine.generate([PROMPT], SamplingParams(max_tokens=40, ignore_eos=True))
+    assert "".join(c["text"] for c in chunks) == expected.text
+    assert [t for c in chunks for t in c["token_ids"]] == expected.token_ids
+    assert final["tokens_generated"] == 40 and final["finish_reason"] == "length"
+
+
+@pytest.fixture(scope="module")
+def client(base_url) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0)
+
+
+def test_openai_completions(client, local_engine):
+    completion = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=10, temperature=0)
+    (expected,) = local_engine.generate([PROMPT], SamplingParams(max_tokens=10))
+    assert completion.choices[0].text == expected.text
+    assert completion.usage.completion_tokens == len(expected.token_ids)
+    stream = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=10, temperature=0, stream=True)
+    pieces = [c.choices[0].text for c in stream if c.choices]
+    assert len(pieces) > 1 and "".join(pieces) == expected.text
+
+
+def test_openai_chat_completions(client):
+    messages = [{"role": "user", "content": "the quick brown"}]
+    chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0)
+    assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens > 0
+    stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == chat.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == chat.usage.completion_tokens
+
+
+def test_openai_unknown_model_is_404(client):
+    with pytest.raises(openai.NotFoundError) as info:
+        client.completions.create(model="gpt-nope", prompt=PROMPT, max_tokens=4)
+    assert "gpt-nope" in info.value.body["message"]
+
+
+@pytest.mark.parametrize(("route", "payload", "status", "needle"), [
+    ("/generate", {"prompt": "   "}, 422, "prompt must not be empty"),
+    ("/generate", {"prompt": PROMPT, "max_tokens": 0}, 422, "max_tokens"),
+    ("/generate", {"prompt": PROMPT, "max_tokens": 100_000}, 400, "max_tokens must be <"),
+    ("/generate", {"prompt": PROMPT, "temperature": -1}, 422, "temperature"),
+    ("/generate", {"prompt": PROMPT, "top_p": 1.5}, 422, "top_p"),
+    ("/generate", {"prompt": PROMPT, "top_k": -2}, 422, "top_k"),
+    ("/generate", {"prompt": PROMPT, "max_tokens": "ten"}, 422, "max_tokens"),
+    ("/generate", {"prompt": 42}, 422, "prompt"),
+    ("/generate", {"prompt": "fox " * 600}, 413, "context"),
+    ("/generate", {"prompt": PROMPT, "num_speculative_tokens": 99}, 400, "num_speculative_tokens"),
+    ("/generate/batch", {"prompts": [PROMPT] * 5}, 413, "at most 4"),
+    ("/generate/batch", {"prompts": [PROMPT, ""]}, 422, "prompts[1]"),
+    ("/generate/stream", {"prompt": "fox " * 600}, 413, "context"),
+    ("/v1/completions", {"model": MODEL, "prompt": "", "max_tokens": 4}, 400, "prompt"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "messages"),
+])
+def test_bad_input_is_a_clear_4xx(http, route, payload, status, needle):
+    response = http.post(route, json=payload)
+    assert response.status_code == status, response.text
+    body = response.json()
+    message = body["error"]["message"] if route.startswith("/v1") else body["detail"]
+    assert needle in message
+
+
+def test_short_request_overtakes_a_long_one(http, base_url):
+    """Continuous batching: a 5-token request sent mid-way through a 300-token one finishes first."""
+    finished: dict[str, float] = {}
+    first_chunk = threading.Event()
+
+    def run_long() -> None:
+        payload = {"prompt": PROMPT, "max_tokens": 300, "ignore_eos": True}
+        with httpx.Client(base_url=base_url, timeout=120) as long_client:
+            with long_client.stream("POST", "/generate/stream", json=payload) as response:
+                for line in response.iter_lines():
+                    if line.startswith("event: chunk"):
+                        first_chunk.set()
+        finished["long"] = time.perf_counter()
+
+    thread = threading.Thread(target=run_long)
+    thread.start()
+    assert first_chunk.wait(30)
+    response = http.post("/generate", json={"prompt": "def add", "max_tokens": 5, "ignore_eos": True})
+    finished["short"] = time.perf_counter()
+    thread.join(120)
+    assert response.json()["tokens_generated"] == 5
+    assert finished["short"] < finished["long"]
+
+
+def test_client_disconnect_aborts_and_frees_kv(http, base_url):
+    payload = {"prompt": PROMPT, "max_tokens": 400, "ignore_eos": True}
+    with httpx.Client(base_url=base_url, timeout=60) as short_lived:
+        with short_lived.stream("POST", "/generate/stream", json=payload) as response:
+            next(line for line in response.iter_lines() if line.startswith("event: chunk"))
+            health = http.get("/health").json()
+            print("HEALTH", health)
+            assert health["kv_cache"]["used_blocks"] > 0
+    deadline = time.monotonic() + 20
+    while _kv_used(http) > 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _kv_used(http) == 0
+
+
+def test_metrics_moved_after_traffic(http):
+    text = http.get("/metrics").text
+    assert 'helix_http_requests_total{route="/generate",status="200"}' in text
+    assert 'helix_http_requests_total{route="/generate",status="422"}' in text
+
+    def value(name: str) -> float:
+        line = next(l for l in text.splitlines() if l.startswith(name + " ") or l.startswith(name + "{"))
+        return float(line.rsplit(" ", 1)[1])
+
+    assert value("helix_generated_tokens_total") > 0
+    assert value("helix_draft_tokens_total") >= value("helix_accepted_draft_tokens_total") > 0
+    assert value("helix_time_to_first_token_seconds_count") > 0
+    assert 'helix_kv_blocks{state="free"}' in text
