@@ -1,0 +1,57 @@
+"""`helix generate`: run the engine from the command line, no server needed."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from helix_serve.config import DEFAULT_DRAFT, DEFAULT_TARGET, EngineConfig
+from helix_serve.engine.llm_engine import LLMEngine, RequestRejectedError
+from helix_serve.engine.sampling_params import SamplingParams
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="helix", description="Helix speculative-decoding engine")
+    commands = parser.add_subparsers(dest="command", required=True)
+    gen = commands.add_parser("generate", help="generate a continuation of PROMPT")
+    gen.add_argument("prompt")
+    gen.add_argument("--target", default=DEFAULT_TARGET, help="target model: hub id or local dir")
+    gen.add_argument("--draft", default=DEFAULT_DRAFT, help="draft model: hub id or local dir")
+    gen.add_argument("--k", type=int, default=None, help="fixed number of draft tokens (default: adaptive)")
+    gen.add_argument("--no-speculative", action="store_true", help="plain decoding with the target alone")
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gen.add_argument("--device", default="auto", help="auto | cpu | cuda | directml (HELIX_DEVICE overrides)")
+    gen.add_argument("--dtype", default="auto")
+    gen.add_argument("--json", action="store_true", help="print text, token_ids and stats as JSON")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        params = SamplingParams(
+            max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+            seed=args.seed, stop=args.stop, speculative=not args.no_speculative, num_speculative_tokens=args.k,
+        )
+        config = EngineConfig(target_model=args.target, draft_model=None if args.no_speculative else args.draft,
+                              device=args.device, dtype=args.dtype)
+        [out] = LLMEngine(config).generate([args.prompt], params)
+    except (ValueError, RequestRejectedError) as exc:
+        print(f"helix: error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"text": out.text, "token_ids": out.token_ids, "finish_reason": out.finish_reason,
+                          **out.stats}))
+    else:
+        print(out.text)
+    return 0 if out.finish_reason != "error" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+"""The `helix generate` console script, run as a real subprocess."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from helix_serve.engine.sampling_params import SamplingParams
+from tests.helpers import make_engine
+
+
+def _helix(*args: str) -> subprocess.CompletedProcess:
+    exe = shutil.which("helix", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]))
+    assert exe, "the helix console script is not installed"
+    return subprocess.run([exe, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_generate_json_matches_engine_greedy(llama_pair):
+    target, draft = llama_pair
+    proc = _helix("generate", "--target", str(target), "--draft", str(draft), "--dtype", "float32", "--device",
+                  "cpu", "--k", "3", "--max-tokens", "12", "--json", "the quick brown")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    [expected] = make_engine(llama_pair).generate(["the quick brown"], SamplingParams(max_tokens=12))
+    assert result["token_ids"] == expected.token_ids and result["text"] == expected.text
+    assert {"acceptance_rate", "time_to_first_token", "tokens_per_second", "num_drafted"} <= result.keys()
+
+
+def test_bad_arguments_fail_clearly(llama_pair):
+    target, draft = llama_pair
+    proc = _helix("generate", "--target", str(target), "--draft", str(draft), "--max-tokens", "0", "hi")
+    assert proc.returncode == 2 and "max_tokens must be >= 1" in proc.stderr
