@@ -56,6 +56,7 @@ class SequenceStats:
             "tokens_per_second": num_generated / elapsed if elapsed > 0 else 0.0,
             "num_drafted": self.num_drafted,
             "num_accepted": self.num_accepted,
+            "num_target_steps": self.num_target_steps,
             "acceptance_rate": self.num_accepted / self.num_drafted if self.num_drafted else None,
             # tokens emitted per target forward (accepted drafts + the target's own token); 1.0 = plain decoding
             "mean_accepted_length": num_generated / self.num_target_steps if self.num_target_steps else None,

@@ -1,0 +1,184 @@
+"""Batch-1 decoding speed, side by side in one process: Helix speculative (fixed K and adaptive),
+Helix K=0, transformers greedy `generate`, transformers assisted generation (`assistant_model=`).
+
+Methods are interleaved prompt by prompt so machine noise hits all of them alike. Prints a table,
+writes JSON and a PNG, and compares the achieved speedup with Leviathan's theoretical
+(1 − α^(K+1)) / ((1 − α)(K·c + 1)) for the measured acceptance α and cost ratio c.
+
+    python scripts/bench_speculative.py            # embedded pair
+    python scripts/bench_speculative.py --quick    # CI smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from helix_serve.config import DEFAULT_DRAFT, DEFAULT_TARGET, EngineConfig
+from helix_serve.engine.adaptive_k import expected_speedup
+from helix_serve.engine.llm_engine import LLMEngine
+from helix_serve.engine.sampling_params import SamplingParams
+
+PROMPTS = [
+    "ROMEO:\nBut soft, what light",
+    "KING HENRY:\nOnce more unto the breach",
+    "HAMLET:\nTo be, or not to be",
+    "First Citizen:\nBefore we proceed any further, hear me speak.",
+    "JULIET:\nO Romeo, Romeo! wherefore art thou",
+    "MACBETH:\nIs this a dagger which I see before me",
+    "PORTIA:\nThe quality of mercy is not strain'd",
+    "Enter a Messenger.\n\nMessenger:\n",
+]
+
+
+def measure_cost_ratio(engine: LLMEngine, context: int = 64, repeats: int = 30) -> dict:
+    """c = one draft decode forward / one target decode forward, both with `context` cached tokens."""
+    table: list[int] = []
+    engine.block_manager.ensure_slots(table, context + 8)
+    tokens = [int(t) % engine.pair.target.shape.vocab_size for t in range(1, context + 1)]
+    runners = {"draft": engine.decoder.draft, "target": engine.decoder.target}
+    times: dict[str, float] = {}
+    for name, runner in runners.items():
+        runner.logits([table], [tokens], [0], [1])  # prefill the context
+        samples = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            runner.logits([table], [tokens[-1:]], [context], [1])
+            samples.append(time.perf_counter() - start)
+        times[name] = statistics.median(samples)
+    verify = []
+    for _ in range(repeats):  # a verify pass of 5 tokens (K = 4) costs about one decode pass on small models
+        start = time.perf_counter()
+        engine.decoder.target.logits([table], [tokens[-5:]], [context - 4], [5])
+        verify.append(time.perf_counter() - start)
+    engine.block_manager.release(table)
+    return {"draft_step_s": times["draft"], "target_step_s": times["target"],
+            "target_verify5_s": statistics.median(verify), "cost_ratio": times["draft"] / times["target"]}
+
+
+def run_helix(engine: LLMEngine, prompt: str, max_tokens: int, **params) -> dict:
+    [out] = engine.generate([prompt], SamplingParams(max_tokens=max_tokens, ignore_eos=True, **params))
+    s = out.stats
+    return {"seconds": s["time_seconds"], "tokens": s["tokens_generated"], "ttft": s["time_to_first_token"],
+            "drafted": s["num_drafted"], "accepted": s["num_accepted"], "target_steps": s["num_target_steps"]}
+
+
+def run_hf(engine: LLMEngine, prompt: str, max_tokens: int, assisted: bool) -> dict:
+    target = engine.pair.target.hf_model
+    ids = engine.tokenizer(prompt, return_tensors="pt").input_ids.to(engine.device)
+    extra = {"assistant_model": engine.pair.draft.hf_model} if assisted else {}
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = target.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
+                              min_new_tokens=max_tokens, do_sample=False, pad_token_id=engine.tokenizer.eos_token_id,
+                              **extra)
+    return {"seconds": time.perf_counter() - start, "tokens": out.shape[1] - ids.shape[1], "ttft": None}
+
+
+def summarize(runs: list[dict]) -> dict:
+    tokens, seconds = sum(r["tokens"] for r in runs), sum(r["seconds"] for r in runs)
+    row = {"tokens_per_s": tokens / seconds, "tokens": tokens, "seconds": seconds}
+    ttfts = [r["ttft"] for r in runs if r["ttft"] is not None]
+    row["ttft_ms_median"] = 1000 * statistics.median(ttfts) if ttfts else None
+    drafted = sum(r.get("drafted", 0) for r in runs)
+    if drafted:
+        row["acceptance_rate"] = sum(r["accepted"] for r in runs) / drafted
+        row["mean_accepted_length"] = tokens / sum(r["target_steps"] for r in runs)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--target", default=DEFAULT_TARGET)
+    parser.add_argument("--draft", default=DEFAULT_DRAFT)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--k", type=int, default=4)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--quick", action="store_true", help="2 prompts, 24 tokens, 1 repeat (CI smoke)")
+    parser.add_argument("--out", default="bench_results")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    prompts, max_tokens, repeats = (PROMPTS[:2], 24, 1) if args.quick else (PROMPTS, args.max_tokens, args.repeats)
+
+    engine = LLMEngine(EngineConfig(target_model=args.target, draft_model=args.draft, device=args.device,
+                                    dtype=args.dtype, num_kv_blocks=256))
+    methods = {
+        f"helix spec K={args.k}": lambda p: run_helix(engine, p, max_tokens, num_speculative_tokens=args.k),
+        "helix spec adaptive K": lambda p: run_helix(engine, p, max_tokens),
+        "helix K=0 (plain)": lambda p: run_helix(engine, p, max_tokens, speculative=False),
+        "HF greedy generate": lambda p: run_hf(engine, p, max_tokens, assisted=False),
+        "HF assisted generate": lambda p: run_hf(engine, p, max_tokens, assisted=True),
+    }
+    for fn in methods.values():  # warm-up: first calls pay one-off allocation and dispatch costs
+        fn(prompts[0])
+    runs: dict[str, list[dict]] = {name: [] for name in methods}
+    for _ in tqdm(range(repeats), desc="repeats"):
+        for prompt in prompts:
+            for name, fn in methods.items():
+                runs[name].append(fn(prompt))
+    rows = {name: summarize(r) for name, r in runs.items()}
+    cost = measure_cost_ratio(engine)
+    report(rows, cost, args, max_tokens, len(prompts) * repeats)
+
+
+def report(rows: dict, cost: dict, args, max_tokens: int, num_runs: int) -> None:
+    base, hf = rows["helix K=0 (plain)"]["tokens_per_s"], rows["HF greedy generate"]["tokens_per_s"]
+    assisted = rows["HF assisted generate"]["tokens_per_s"]
+    fixed = rows[f"helix spec K={args.k}"]
+    alpha, c = fixed.get("acceptance_rate", 0.0), cost["cost_ratio"]
+    theory = expected_speedup(alpha, args.k, c)
+    summary = {
+        "acceptance_rate_fixed_k": alpha, "cost_ratio_c": c, "k": args.k,
+        "theoretical_speedup": theory, "achieved_speedup_vs_k0": fixed["tokens_per_s"] / base,
+        "achieved_over_theory": fixed["tokens_per_s"] / base / theory,
+        "spec_over_hf_assisted": fixed["tokens_per_s"] / assisted,
+    }
+    print(f"\nbatch 1, {num_runs} runs x {max_tokens} tokens, dtype {args.dtype}, device {args.device}, "
+          f"{torch.get_num_threads()} threads")
+    print(f"{'method':24} {'tok/s':>8} {'vs K=0':>7} {'vs HF':>7} {'accept':>7} {'tok/step':>8} {'TTFT ms':>8}")
+    for name, r in rows.items():
+        fmt = lambda v, spec: format(v, spec) if v is not None else "-"
+        print(f"{name:24} {r['tokens_per_s']:8.1f} {r['tokens_per_s'] / base:7.2f} {r['tokens_per_s'] / hf:7.2f} "
+              f"{fmt(r.get('acceptance_rate'), '7.2f'):>7} {fmt(r.get('mean_accepted_length'), '8.2f'):>8} "
+              f"{fmt(r['ttft_ms_median'], '8.1f'):>8}")
+    print(f"\ncost ratio c = {c:.3f} (draft {cost['draft_step_s'] * 1e3:.2f} ms / target "
+          f"{cost['target_step_s'] * 1e3:.2f} ms per decode forward; target verify of 5 tokens "
+          f"{cost['target_verify5_s'] * 1e3:.2f} ms)")
+    print(f"theory at alpha={alpha:.3f}, K={args.k}, c={c:.3f}: {theory:.2f}x; achieved {summary['achieved_speedup_vs_k0']:.2f}x "
+          f"= {summary['achieved_over_theory']:.2f} of theory; spec / HF assisted = {summary['spec_over_hf_assisted']:.2f}x")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_speculative.json").write_text(json.dumps({"args": vars(args), "rows": rows, "cost": cost,
+                                                            "summary": summary}, indent=2))
+    plot(rows, summary, out / "bench_speculative.png")
+    print(f"wrote {out / 'bench_speculative.json'} and {out / 'bench_speculative.png'}")
+
+
+def plot(rows: dict, summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    names = list(rows)
+    ax.barh(names, [rows[n]["tokens_per_s"] for n in names], color=["#2a9d8f", "#52b69a", "#999", "#e76f51", "#f4a261"])
+    ax.invert_yaxis()
+    ax.set_xlabel("tokens / s (batch 1)")
+    ax.set_title(f"theory {summary['theoretical_speedup']:.2f}x at α={summary['acceptance_rate_fixed_k']:.2f}, "
+                 f"c={summary['cost_ratio_c']:.2f}; achieved {summary['achieved_speedup_vs_k0']:.2f}x vs K=0")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()

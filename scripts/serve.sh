@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Quick start: set up and serve the embedded default pair on http://127.0.0.1:8000 (Ctrl-C stops it).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
+exec .venv/bin/serve run "${1:-serve_config.yaml}"
