@@ -32,6 +32,10 @@ class RequestRejectedError(ValueError):
     """A request that this engine can never serve (empty, too long for the context or the KV pool)."""
 
 
+class PromptTooLongError(RequestRejectedError):
+    """The prompt alone fills the model's context."""
+
+
 @dataclass(slots=True)
 class RequestOutput:
     """What one step produced for one request: a delta, and the whole result once finished."""
@@ -105,7 +109,7 @@ class LLMEngine:
         if not token_ids:
             raise RequestRejectedError("the prompt is empty")
         if len(token_ids) >= self.max_model_len:
-            raise RequestRejectedError(
+            raise PromptTooLongError(
                 f"the prompt has {len(token_ids)} tokens; this model's context is {self.max_model_len} tokens"
             )
         vocab = self.pair.target.shape.vocab_size

@@ -14,5 +14,6 @@ from helix_serve.serving.ingress import HelixIngress
 def build_app(args: dict[str, Any]) -> Application:
     """Ingress → engine graph. Deployment options (CPUs, GPUs, replicas, batching) come from the YAML."""
     config = HelixAppArgs(**args)
+    config.engine_config()  # fail at deploy time, not in a replica, on inconsistent engine settings
     engine = HelixEngine.bind(config.model_dump())
     return HelixIngress.bind(engine, config.served_model_name, config.max_batch_prompts)

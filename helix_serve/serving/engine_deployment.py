@@ -12,7 +12,7 @@ from ray import serve
 from helix_serve.engine.llm_engine import LLMEngine
 from helix_serve.serving.app_config import BatchingConfig, HelixAppArgs
 from helix_serve.serving.protocol import EngineChunk, EngineRequest
-from helix_serve.serving.step_loop import StepLoop
+from helix_serve.serving.step_loop import DuplicateRequestError, StepLoop
 
 logger = logging.getLogger(__name__)
 DEFAULT_BATCHING = BatchingConfig()
@@ -49,7 +49,11 @@ class HelixEngine:
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineChunk]:
         """Stream one request: the admission chunk, then one chunk per engine step until finished."""
-        queue = self.loop.open(request.request_id)
+        try:
+            queue = self.loop.open(request.request_id)
+        except DuplicateRequestError as exc:
+            yield EngineChunk(request.request_id, finished=True, error=str(exc), status_code=409)
+            return
         try:
             await self._admit(request)
             while True:

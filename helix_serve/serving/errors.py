@@ -31,6 +31,8 @@ def _error(request: Request, status_code: int, message: str, error_type: str, pa
 def validation_message(exc: RequestValidationError) -> str:
     parts = []
     for err in exc.errors():
+        if err["type"] == "json_invalid":
+            return f"the body is not valid JSON: {err.get('ctx', {}).get('error', err['msg'])}"
         where = ".".join(str(p) for p in err["loc"] if p != "body") or "body"
         parts.append(f"{where}: {err['msg']}")
     return "; ".join(parts)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from helix_serve.engine.llm_engine import LLMEngine, RequestOutput, RequestRejectedError
+from helix_serve.engine.llm_engine import LLMEngine, PromptTooLongError, RequestOutput, RequestRejectedError
 from helix_serve.engine.sampling_params import SamplingParams
 from helix_serve.serving.prompting import prompt_token_ids
 from helix_serve.serving.protocol import EngineChunk, EngineRequest
@@ -42,6 +42,8 @@ class StepLoop:
 
     def open(self, request_id: str) -> asyncio.Queue[EngineChunk]:
         """Register a stream before admission, so a caller that leaves early can be told apart."""
+        if request_id in self._streams:
+            raise DuplicateRequestError(f"request id {request_id!r} is already running")
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="helix-step-loop")
         queue: asyncio.Queue[EngineChunk] = asyncio.Queue()
@@ -68,18 +70,20 @@ class StepLoop:
         try:
             token_ids = prompt_token_ids(self.engine.tokenizer, request)
             params = SamplingParams(**request.sampling)
-            self._check_lengths(len(token_ids), params)
+            self._check_lengths(params)
             self.engine.add_request(token_ids, params, request.request_id)
         except PromptTooLongError as exc:
             return EngineChunk(request.request_id, finished=True, error=str(exc), status_code=413)
         except (RequestRejectedError, ValueError, TypeError) as exc:
             return EngineChunk(request.request_id, finished=True, error=str(exc), status_code=400)
+        except Exception as exc:  # noqa: BLE001 - fail this request only, not the rest of its batch
+            logger.exception("could not admit request %s", request.request_id)
+            return EngineChunk(request.request_id, finished=True, error=f"{type(exc).__name__}: {exc}",
+                               status_code=500)
         return EngineChunk(request.request_id, num_prompt_tokens=len(token_ids))
 
-    def _check_lengths(self, num_prompt_tokens: int, params: SamplingParams) -> None:
+    def _check_lengths(self, params: SamplingParams) -> None:
         context = self.engine.max_model_len
-        if num_prompt_tokens >= context:
-            raise PromptTooLongError(f"the prompt has {num_prompt_tokens} tokens; this model's context is {context}")
         if params.max_tokens >= context:
             raise ValueError(f"max_tokens must be < the model's context length ({context})")
 
@@ -117,14 +121,9 @@ class StepLoop:
             self._deliver(EngineChunk(request_id, finished=True, finish_reason="error", error=error))
             self._executor.submit(self.engine.abort_request, request_id)
 
-    def shutdown(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-        self._executor.shutdown(wait=False, cancel_futures=True)
 
-
-class PromptTooLongError(ValueError):
-    """The prompt alone fills the model's context (HTTP 413)."""
+class DuplicateRequestError(ValueError):
+    """A request id that is still streaming (HTTP 409)."""
 
 
 def chunk_from_output(output: RequestOutput) -> EngineChunk:

@@ -1,0 +1,108 @@
+"""The replica's continuous-batching step loop, in-process (no Ray): joining, leaving, rejecting."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from helix_serve.config import EngineConfig
+from helix_serve.engine.llm_engine import LLMEngine
+from helix_serve.engine.sampling_params import SamplingParams
+from helix_serve.serving.protocol import EngineChunk, EngineRequest
+from helix_serve.serving.step_loop import DuplicateRequestError, StepLoop
+
+PROMPT = "the quick brown fox"
+
+
+@pytest.fixture(scope="module")
+def engine(llama_pair) -> LLMEngine:
+    target, draft = llama_pair
+    return LLMEngine(EngineConfig(str(target), str(draft), device="cpu", dtype="float32", num_kv_blocks=64))
+
+
+async def _run(loop: StepLoop, request: EngineRequest) -> list[EngineChunk]:
+    queue = loop.open(request.request_id)
+    await loop.admit([request])
+    chunks = [await queue.get()]
+    while not chunks[-1].finished:
+        chunks.append(await queue.get())
+    return chunks
+
+
+def test_chunks_add_up_to_the_engine_result(engine):
+    request = EngineRequest("r", {"max_tokens": 30, "ignore_eos": True}, prompt=PROMPT)
+    chunks = asyncio.run(_run(StepLoop(engine), request))
+    (expected,) = engine.generate([PROMPT], SamplingParams(max_tokens=30, ignore_eos=True))
+    admission, steps = chunks[0], chunks[1:]
+    assert admission.status_code is None and admission.num_prompt_tokens == len(engine.tokenizer(PROMPT).input_ids)
+    assert len(steps) > 1 and steps[-1].stats["tokens_generated"] == 30
+    assert "".join(c.text for c in steps) == expected.text
+    assert [t for c in steps for t in c.token_ids] == expected.token_ids
+
+
+def test_a_short_request_joins_and_leaves_before_a_long_one(engine):
+    async def scenario() -> list[str]:
+        loop, done = StepLoop(engine), []
+        long_queue = loop.open("long")
+        await loop.admit([EngineRequest("long", {"max_tokens": 300, "ignore_eos": True}, prompt=PROMPT)])
+        await long_queue.get()  # admission
+        await long_queue.get()  # the long one is generating
+
+        async def drain_long() -> None:
+            while not (await long_queue.get()).finished:
+                pass
+            done.append("long")
+
+        long = asyncio.create_task(drain_long())
+        await _run(loop, EngineRequest("short", {"max_tokens": 5, "ignore_eos": True}, prompt=PROMPT))
+        done.append("short")
+        await long
+        return done
+
+    assert asyncio.run(scenario()) == ["short", "long"]
+
+
+def test_closing_a_stream_aborts_and_frees_its_blocks(engine):
+    async def scenario() -> tuple[int, int]:
+        loop = StepLoop(engine)
+        queue = loop.open("gone")
+        await loop.admit([EngineRequest("gone", {"max_tokens": 300, "ignore_eos": True}, prompt=PROMPT)])
+        await queue.get()  # admission
+        await queue.get()  # first step
+        used_while_running = (await loop.run_on_engine(engine.kv_usage))["used_blocks"]
+        loop.close("gone")
+        used_after = (await loop.run_on_engine(engine.kv_usage))["used_blocks"]
+        return used_while_running, used_after
+
+    running, after = asyncio.run(scenario())
+    assert running > 0 and after == 0 and not engine.has_unfinished_requests()
+
+
+@pytest.mark.parametrize(("prompt", "sampling", "status", "needle"), [
+    ("fox " * 600, {"max_tokens": 4}, 413, "context"),
+    (PROMPT, {"max_tokens": 4000}, 400, "max_tokens"),
+    (PROMPT, {"max_tokens": 4, "num_speculative_tokens": 99}, 400, "num_speculative_tokens"),
+    (PROMPT, {"max_tokens": 4, "top_p": 0.0}, 400, "top_p"),
+])
+def test_rejections_come_back_as_an_admission_chunk(engine, prompt, sampling, status, needle):
+    (chunk,) = asyncio.run(_run(StepLoop(engine), EngineRequest("bad", sampling, prompt=prompt)))
+    assert chunk.finished and chunk.status_code == status and needle in chunk.error
+
+
+def test_chat_messages_use_the_fallback_template(engine):
+    messages = [{"role": "user", "content": "hello"}]
+    chunks = asyncio.run(_run(StepLoop(engine), EngineRequest("chat", {"max_tokens": 3}, messages=messages)))
+    expected = len(engine.tokenizer("user: hello\nassistant:", add_special_tokens=False).input_ids)
+    assert chunks[0].num_prompt_tokens == expected and chunks[-1].finished
+
+
+def test_a_running_request_id_cannot_be_reused(engine):
+    async def scenario() -> None:
+        loop = StepLoop(engine)
+        loop.open("same")
+        with pytest.raises(DuplicateRequestError):
+            loop.open("same")
+        loop.close("same")
+
+    asyncio.run(scenario())
