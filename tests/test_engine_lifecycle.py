@@ -1,4 +1,6 @@
-"""Stops, streaming deltas, abort and error paths: nothing leaks into the output, no block leaks."""
+"""Stops, streaming deltas, abort, error and deadline paths: nothing leaks into the output, no block leaks."""
+
+import time
 
 import pytest
 
@@ -132,3 +134,16 @@ def test_request_larger_than_the_whole_pool_is_rejected(llama_pair):
         small.add_request("the quick", SamplingParams(max_tokens=40))
     [out] = small.generate(["the quick"], SamplingParams(max_tokens=8, ignore_eos=True))
     assert len(out.token_ids) == 8 and small.kv_usage()["used_blocks"] == 0
+
+
+def test_deadline_ends_generation_and_frees_blocks(engine, greedy):
+    slow = engine.add_request(PROMPTS[3], SamplingParams(max_tokens=200, ignore_eos=True, timeout_s=0.05))
+    fast = engine.add_request(PROMPTS[0], SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True))
+    engine.step()
+    time.sleep(0.06)
+    finals = {}
+    while engine.has_unfinished_requests():
+        finals.update((o.request_id, o) for o in engine.step() if o.finished)
+    assert finals[slow].finish_reason == "timeout" and len(finals[slow].token_ids) < 200
+    assert finals[fast].token_ids == greedy.token_ids
+    assert engine.kv_usage()["used_blocks"] == 0

@@ -139,16 +139,29 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Advance every scheduled sequence by one speculative step."""
+        expired = self._expire_deadlines()
         seqs, ks = self.scheduler.schedule(self._choose_k)
         if not seqs:
-            return []
+            return expired
         try:
             out = self.decoder.step(seqs, ks)
         except Exception as exc:  # a failed step must not leak blocks or wedge other requests
             logger.exception("engine step failed for %d sequences", len(seqs))
-            return [self._fail(seq, f"{type(exc).__name__}: {exc}") for seq in seqs]
+            return expired + [self._fail(seq, f"{type(exc).__name__}: {exc}") for seq in seqs]
         self._observe_cost(out)
-        return [self._advance(seq, k, new, a) for seq, k, new, a in zip(seqs, ks, out.new_token_ids, out.num_accepted)]
+        return expired + [
+            self._advance(seq, k, new, a) for seq, k, new, a in zip(seqs, ks, out.new_token_ids, out.num_accepted)
+        ]
+
+    def _expire_deadlines(self) -> list[RequestOutput]:
+        """End requests past their deadline (running or still waiting) and free their blocks."""
+        now = time.perf_counter()
+        expired = [s for s in self.seqs.values()
+                   if s.params.timeout_s is not None and now - s.stats.arrival_time > s.params.timeout_s]
+        for seq in expired:
+            seq.finish_reason = "timeout"
+            self._finish(seq)
+        return [self._output(seq, [], 0, 0) for seq in expired]
 
     def _choose_k(self, seq: Sequence, num_running: int) -> int:
         params = seq.params

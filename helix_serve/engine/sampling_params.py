@@ -19,6 +19,7 @@ class SamplingParams:
     ignore_eos: bool = False
     speculative: bool = True
     num_speculative_tokens: int | None = None  # fixed K for this request; None = adaptive
+    timeout_s: float | None = None  # deadline from arrival; the request ends with finish_reason "timeout"
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -31,6 +32,8 @@ class SamplingParams:
             raise ValueError("top_k must be >= 0 (0 disables it)")
         if self.num_speculative_tokens is not None and self.num_speculative_tokens < 0:
             raise ValueError("num_speculative_tokens must be >= 0")
+        if self.timeout_s is not None and self.timeout_s <= 0:
+            raise ValueError("timeout_s must be > 0")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
 
