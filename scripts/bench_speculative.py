@@ -13,61 +13,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
 import torch
+from bench_common import PROMPTS, measure_cost_ratio, run_helix, save_figure, subplots, summarize
 from tqdm import tqdm
 
 from helix_serve.config import DEFAULT_DRAFT, DEFAULT_TARGET, EngineConfig
 from helix_serve.engine.adaptive_k import expected_speedup
 from helix_serve.engine.llm_engine import LLMEngine
-from helix_serve.engine.sampling_params import SamplingParams
-
-PROMPTS = [
-    "ROMEO:\nBut soft, what light",
-    "KING HENRY:\nOnce more unto the breach",
-    "HAMLET:\nTo be, or not to be",
-    "First Citizen:\nBefore we proceed any further, hear me speak.",
-    "JULIET:\nO Romeo, Romeo! wherefore art thou",
-    "MACBETH:\nIs this a dagger which I see before me",
-    "PORTIA:\nThe quality of mercy is not strain'd",
-    "Enter a Messenger.\n\nMessenger:\n",
-]
-
-
-def measure_cost_ratio(engine: LLMEngine, context: int = 64, repeats: int = 30) -> dict:
-    """c = one draft decode forward / one target decode forward, both with `context` cached tokens."""
-    table: list[int] = []
-    engine.block_manager.ensure_slots(table, context + 8)
-    tokens = [int(t) % engine.pair.target.shape.vocab_size for t in range(1, context + 1)]
-    runners = {"draft": engine.decoder.draft, "target": engine.decoder.target}
-    times: dict[str, float] = {}
-    for name, runner in runners.items():
-        runner.logits([table], [tokens], [0], [1])  # prefill the context
-        samples = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            runner.logits([table], [tokens[-1:]], [context], [1])
-            samples.append(time.perf_counter() - start)
-        times[name] = statistics.median(samples)
-    verify = []
-    for _ in range(repeats):  # a verify pass of 5 tokens (K = 4) costs about one decode pass on small models
-        start = time.perf_counter()
-        engine.decoder.target.logits([table], [tokens[-5:]], [context - 4], [5])
-        verify.append(time.perf_counter() - start)
-    engine.block_manager.release(table)
-    return {"draft_step_s": times["draft"], "target_step_s": times["target"],
-            "target_verify5_s": statistics.median(verify), "cost_ratio": times["draft"] / times["target"]}
-
-
-def run_helix(engine: LLMEngine, prompt: str, max_tokens: int, **params) -> dict:
-    [out] = engine.generate([prompt], SamplingParams(max_tokens=max_tokens, ignore_eos=True, **params))
-    s = out.stats
-    return {"seconds": s["time_seconds"], "tokens": s["tokens_generated"], "ttft": s["time_to_first_token"],
-            "drafted": s["num_drafted"], "accepted": s["num_accepted"], "target_steps": s["num_target_steps"]}
-
 
 def run_hf(engine: LLMEngine, prompt: str, max_tokens: int, assisted: bool) -> dict:
     target = engine.pair.target.hf_model
@@ -79,18 +34,6 @@ def run_hf(engine: LLMEngine, prompt: str, max_tokens: int, assisted: bool) -> d
                               min_new_tokens=max_tokens, do_sample=False, pad_token_id=engine.tokenizer.eos_token_id,
                               **extra)
     return {"seconds": time.perf_counter() - start, "tokens": out.shape[1] - ids.shape[1], "ttft": None}
-
-
-def summarize(runs: list[dict]) -> dict:
-    tokens, seconds = sum(r["tokens"] for r in runs), sum(r["seconds"] for r in runs)
-    row = {"tokens_per_s": tokens / seconds, "tokens": tokens, "seconds": seconds}
-    ttfts = [r["ttft"] for r in runs if r["ttft"] is not None]
-    row["ttft_ms_median"] = 1000 * statistics.median(ttfts) if ttfts else None
-    drafted = sum(r.get("drafted", 0) for r in runs)
-    if drafted:
-        row["acceptance_rate"] = sum(r["accepted"] for r in runs) / drafted
-        row["mean_accepted_length"] = tokens / sum(r["target_steps"] for r in runs)
-    return row
 
 
 def main() -> None:
@@ -134,21 +77,22 @@ def report(rows: dict, cost: dict, args, max_tokens: int, num_runs: int) -> None
     base, hf = rows["helix K=0 (plain)"]["tokens_per_s"], rows["HF greedy generate"]["tokens_per_s"]
     assisted = rows["HF assisted generate"]["tokens_per_s"]
     fixed = rows[f"helix spec K={args.k}"]
-    alpha, c = fixed.get("acceptance_rate", 0.0), cost["cost_ratio"]
+    alpha, c = fixed.get("alpha", 0.0), cost["cost_ratio"]
     theory = expected_speedup(alpha, args.k, c)
     summary = {
-        "acceptance_rate_fixed_k": alpha, "cost_ratio_c": c, "k": args.k,
+        "alpha_fixed_k": alpha, "acceptance_rate_fixed_k": fixed.get("acceptance_rate"), "cost_ratio_c": c, "k": args.k,
         "theoretical_speedup": theory, "achieved_speedup_vs_k0": fixed["tokens_per_s"] / base,
         "achieved_over_theory": fixed["tokens_per_s"] / base / theory,
         "spec_over_hf_assisted": fixed["tokens_per_s"] / assisted,
     }
     print(f"\nbatch 1, {num_runs} runs x {max_tokens} tokens, dtype {args.dtype}, device {args.device}, "
           f"{torch.get_num_threads()} threads")
-    print(f"{'method':24} {'tok/s':>8} {'vs K=0':>7} {'vs HF':>7} {'accept':>7} {'tok/step':>8} {'TTFT ms':>8}")
+    print(f"{'method':24} {'tok/s':>8} {'vs K=0':>7} {'vs HF':>7} {'alpha':>7} {'accept':>7} {'tok/step':>8} "
+          f"{'TTFT ms':>8}")
     for name, r in rows.items():
         fmt = lambda v, spec: format(v, spec) if v is not None else "-"
         print(f"{name:24} {r['tokens_per_s']:8.1f} {r['tokens_per_s'] / base:7.2f} {r['tokens_per_s'] / hf:7.2f} "
-              f"{fmt(r.get('acceptance_rate'), '7.2f'):>7} {fmt(r.get('mean_accepted_length'), '8.2f'):>8} "
+              f"{fmt(r.get('alpha'), '7.2f'):>7} {fmt(r.get('acceptance_rate'), '7.2f'):>7} {fmt(r.get('mean_accepted_length'), '8.2f'):>8} "
               f"{fmt(r['ttft_ms_median'], '8.1f'):>8}")
     print(f"\ncost ratio c = {c:.3f} (draft {cost['draft_step_s'] * 1e3:.2f} ms / target "
           f"{cost['target_step_s'] * 1e3:.2f} ms per decode forward; target verify of 5 tokens "
@@ -164,20 +108,14 @@ def report(rows: dict, cost: dict, args, max_tokens: int, num_runs: int) -> None
 
 
 def plot(rows: dict, summary: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = subplots(figsize=(8, 4))
     names = list(rows)
     ax.barh(names, [rows[n]["tokens_per_s"] for n in names], color=["#2a9d8f", "#52b69a", "#999", "#e76f51", "#f4a261"])
     ax.invert_yaxis()
     ax.set_xlabel("tokens / s (batch 1)")
-    ax.set_title(f"theory {summary['theoretical_speedup']:.2f}x at α={summary['acceptance_rate_fixed_k']:.2f}, "
+    ax.set_title(f"theory {summary['theoretical_speedup']:.2f}x at α={summary['alpha_fixed_k']:.2f}, "
                  f"c={summary['cost_ratio_c']:.2f}; achieved {summary['achieved_speedup_vs_k0']:.2f}x vs K=0")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -110,7 +110,8 @@ def test_stats_are_consistent(engine):
     [out] = engine.generate([PROMPTS[4]], SamplingParams(max_tokens=20, ignore_eos=True))
     s = out.stats
     assert s["tokens_generated"] == 20 and 0 < s["time_to_first_token"] <= s["time_seconds"]
-    assert s["num_accepted"] <= s["num_drafted"] and s["mean_accepted_length"] >= 1.0
+    assert s["num_accepted"] <= s["num_judged"] <= s["num_drafted"] and s["mean_accepted_length"] >= 1.0
+    assert s["acceptance_rate"] <= s["alpha"] <= 1.0  # α ignores drafts after the first rejection
     assert s["per_position_acceptance"] and all(0 <= a <= 1 for a in s["per_position_acceptance"])
 
 

@@ -49,6 +49,7 @@ class SequenceStats:
         end = self.finish_time or time.perf_counter()
         elapsed = end - self.arrival_time
         ttft = None if self.first_token_time is None else self.first_token_time - self.arrival_time
+        judged = sum(self.per_position_drafted)
         return {
             "tokens_generated": num_generated,
             "time_seconds": elapsed,
@@ -57,7 +58,11 @@ class SequenceStats:
             "num_drafted": self.num_drafted,
             "num_accepted": self.num_accepted,
             "num_target_steps": self.num_target_steps,
+            # accepted / drafted (vLLM's definition; drafts after the first rejection count as not accepted)
             "acceptance_rate": self.num_accepted / self.num_drafted if self.num_drafted else None,
+            # α of Leviathan et al.: accepted / judged positions (positions up to the first rejection)
+            "num_judged": judged,
+            "alpha": sum(self.per_position_accepted) / judged if judged else None,
             # tokens emitted per target forward (accepted drafts + the target's own token); 1.0 = plain decoding
             "mean_accepted_length": num_generated / self.num_target_steps if self.num_target_steps else None,
             "per_position_acceptance": [

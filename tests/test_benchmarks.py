@@ -1,0 +1,34 @@
+"""The benchmark scripts run end to end in --quick mode and write their JSON and PNG (no timing asserted)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(script: str, out: Path, *args: str) -> dict:
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / script), "--quick", "--out", str(out), *args],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    name = script.removesuffix(".py")
+    assert (out / f"{name}.png").stat().st_size > 0
+    return json.loads((out / f"{name}.json").read_text())
+
+
+@pytest.mark.parametrize("script", ["bench_speculative.py", "bench_sweep.py"])
+def test_pair_benchmarks_quick(script, llama_pair, tmp_path):
+    target, draft = llama_pair
+    result = _run(script, tmp_path, "--target", str(target), "--draft", str(draft))
+    assert result["rows"]
+
+
+def test_scale_benchmark_quick_reports_controlled_alpha(tmp_path):
+    result = _run("bench_scale.py", tmp_path, "--dtype", "float32", "--alphas", "0.9")
+    assert result["alpha"] == "controlled"
+    [row] = result["rows"]
+    assert row["identical_to_plain_greedy"]  # fp32: speculative greedy equals the target alone
+    assert row["alpha_observed"] > 0.6
