@@ -75,7 +75,9 @@ def test_abort_frees_blocks_and_leaves_others_untouched(engine, greedy):
     keeper = engine.add_request(PROMPTS[0], SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True))
     engine.step()
     engine.step()
-    assert engine.kv_usage()["used_blocks"] > 0
+    usage = engine.kv_usage()
+    assert usage["used_blocks"] > 0 and usage["num_running"] == 2
+    assert 0 < usage["live_tokens"] * usage["bytes_per_token"] <= usage["reserved_bytes"]
     assert engine.abort_request(victim) and not engine.abort_request(victim)
     finals = []
     while engine.has_unfinished_requests():

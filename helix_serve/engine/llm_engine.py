@@ -229,11 +229,18 @@ class LLMEngine:
         return [finals[i] for i in ids]
 
     def kv_usage(self) -> dict:
+        """Pool occupancy, and how much of the reserved memory holds live tokens (both models)."""
         bm = self.block_manager
+        bytes_per_token = self.kv_bytes // (bm.allocator.num_blocks * bm.block_size)
         return {
             "num_blocks": bm.allocator.num_blocks,
             "used_blocks": bm.num_used_blocks,
             "free_blocks": bm.num_free_blocks,
             "block_size": bm.block_size,
             "pool_bytes": self.kv_bytes,
+            "bytes_per_token": bytes_per_token,
+            "reserved_bytes": bm.num_used_blocks * bm.block_size * bytes_per_token,
+            "live_tokens": sum(s.num_target_cached for s in self.scheduler.running),
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
         }
