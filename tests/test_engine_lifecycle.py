@@ -3,6 +3,7 @@
 import time
 
 import pytest
+import torch
 
 from helix_serve.engine.llm_engine import RequestRejectedError
 from helix_serve.engine.sampling_params import SamplingParams
@@ -149,4 +150,33 @@ def test_deadline_ends_generation_and_frees_blocks(engine, greedy):
         finals.update((o.request_id, o) for o in engine.step() if o.finished)
     assert finals[slow].finish_reason == "timeout" and len(finals[slow].token_ids) < 200
     assert finals[fast].token_ids == greedy.token_ids
+    assert engine.kv_usage()["used_blocks"] == 0
+
+
+def test_device_oom_mid_step_preempts_and_every_request_finishes_correctly(llama_pair, monkeypatch):
+    engine = make_engine(llama_pair, num_speculative_tokens=3, max_num_seqs=8)
+    reference = engine.generate(PROMPTS, SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True))
+    target = engine.decoder.target
+    real_logits, calls = target.logits, {"n": 0}
+
+    def flaky_logits(tables, chunks, starts, num_logits):
+        calls["n"] += 1
+        if calls["n"] in (3, 4, 9) and len(chunks) > 1:  # big batches fail, as a real device would
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+        return real_logits(tables, chunks, starts, num_logits)
+
+    monkeypatch.setattr(target, "logits", flaky_logits)
+    outputs = engine.generate(PROMPTS, SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True))
+    assert [o.token_ids for o in outputs] == [r.token_ids for r in reference]
+    assert sum(o.stats["num_preemptions"] for o in outputs) > 0
+    assert engine.kv_usage()["used_blocks"] == 0
+
+
+def test_oom_on_a_lone_sequence_fails_it_clearly(engine, monkeypatch):
+    def always_oom(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(engine.decoder.target, "logits", always_oom)
+    [out] = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=8))
+    assert out.finish_reason == "error" and out.error.startswith("out of memory")
     assert engine.kv_usage()["used_blocks"] == 0

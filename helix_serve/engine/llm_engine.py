@@ -26,6 +26,13 @@ from helix_serve.model.loader import ModelPair, load_model_pair
 from helix_serve.model.paged_llm import KVCache
 
 logger = logging.getLogger(__name__)
+OOM_REGROW_STEPS = 16
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Device allocation failures: torch's OOM error type (CUDA, newer backends) or its message."""
+    oom_type = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # torch.OutOfMemoryError: 2.5+
+    return isinstance(exc, oom_type) or "out of memory" in str(exc).lower()
 
 
 class RequestRejectedError(ValueError):
@@ -73,6 +80,7 @@ class LLMEngine:
         self.cost_ratio = config.draft_cost_ratio if config.draft_cost_ratio is not None else 0.3
         self.stop_checker = StopChecker(self.tokenizer, self._eos_ids(), self.max_model_len)
         self.seqs: dict[str, Sequence] = {}
+        self._steps_since_oom = 0
         self._seed_rng = torch.Generator().manual_seed(config.seed)
 
     def _runner(self, model, vocab: int) -> ModelRunner:
@@ -146,12 +154,37 @@ class LLMEngine:
         try:
             out = self.decoder.step(seqs, ks)
         except Exception as exc:  # a failed step must not leak blocks or wedge other requests
+            if is_out_of_memory(exc):
+                return expired + self._recover_from_oom(seqs, exc)
             logger.exception("engine step failed for %d sequences", len(seqs))
             return expired + [self._fail(seq, f"{type(exc).__name__}: {exc}") for seq in seqs]
+        self._regrow_batch()
         self._observe_cost(out)
         return expired + [
             self._advance(seq, k, new, a) for seq, k, new, a in zip(seqs, ks, out.new_token_ids, out.num_accepted)
         ]
+
+    def _recover_from_oom(self, seqs: list[Sequence], exc: Exception) -> list[RequestOutput]:
+        """The device ran out of memory mid-step. Nothing was committed (KV counters move only after a
+        step succeeds), so: free cached allocator memory, halve the batch by preempting the largest
+        sequences for recompute, and go on. A sequence that fails alone gets a clear error."""
+        logger.warning("out of memory in a step of %d sequences: %s", len(seqs), exc)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if len(seqs) == 1:
+            return [self._fail(seqs[0], f"out of memory: {exc}")]
+        self.scheduler.max_num_seqs = max(1, len(seqs) // 2)
+        self._steps_since_oom = 0
+        for seq in sorted(seqs, key=lambda s: s.num_tokens, reverse=True)[: len(seqs) - self.scheduler.max_num_seqs]:
+            self.scheduler.preempt(seq)
+        return []
+
+    def _regrow_batch(self) -> None:
+        """After an OOM, let the batch grow back by one sequence every OOM_REGROW_STEPS good steps."""
+        if self.scheduler.max_num_seqs < self.config.max_num_seqs:
+            self._steps_since_oom += 1
+            if self._steps_since_oom % OOM_REGROW_STEPS == 0:
+                self.scheduler.max_num_seqs += 1
 
     def _expire_deadlines(self) -> list[RequestOutput]:
         """End requests past their deadline (running or still waiting) and free their blocks."""

@@ -58,10 +58,12 @@ class SpeculativeDecoder:
         k_tensor = torch.tensor(ks, device=self.device)
         result = rejection_sample(draft_ids, draft_probs, target_probs, k_tensor, uniforms.accept, uniforms.final)
         num_accepted, next_ids = result.num_accepted.tolist(), result.next_token_ids.tolist()
+        # KV counters change only once the whole step succeeded, so a failed step leaves them consistent.
         for seq, k, a in zip(seqs, ks, num_accepted):
             # Rollback is a length change: K/V past the accepted prefix is simply overwritten later.
             seq.num_target_cached = seq.num_tokens + a
-            seq.num_draft_cached = min(seq.num_draft_cached, seq.num_tokens + a)
+            if k > 0:  # the draft saw everything up to its last proposal but one; keep the accepted part
+                seq.num_draft_cached = seq.num_tokens + min(k - 1, a)
         new_ids = [d[:a] + [t] for d, a, t in zip(draft_lists, num_accepted, next_ids)]
         return StepOutput(new_ids, num_accepted, drafted - start, time.perf_counter() - drafted, max(ks))
 
@@ -87,9 +89,6 @@ class SpeculativeDecoder:
             tokens = sample_from_probs(probs, uniforms[index.cpu(), j])
             draft_ids[index, j], draft_probs[index, j] = tokens, probs
             previous = dict(zip(rows, tokens.tolist()))
-        for seq, k in zip(seqs, ks):
-            if k > 0:  # the draft has now seen everything up to its last proposal but one
-                seq.num_draft_cached = seq.num_tokens + k - 1
         return draft_ids, draft_probs
 
     def _score(
