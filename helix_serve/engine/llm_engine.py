@@ -276,4 +276,5 @@ class LLMEngine:
             "live_tokens": sum(s.num_target_cached for s in self.scheduler.running),
             "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting),
+            "max_model_len": self.max_model_len,  # what a contiguous per-sequence cache would reserve
         }

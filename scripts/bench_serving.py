@@ -1,0 +1,200 @@
+"""Serving under load: N concurrent SSE streams against the running Serve app, speculative vs not,
+plus KV memory (reserved vs live bytes, and a contiguous max-length cache for comparison).
+
+Loopback only, bounded: each concurrency level sends `--requests-per-stream` requests per stream.
+
+    python scripts/bench_serving.py                          # starts the app on the embedded pair itself
+    python scripts/bench_serving.py --url http://127.0.0.1:8000   # an app started with serve run
+    python scripts/bench_serving.py --quick                  # small smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import time
+from pathlib import Path
+
+import httpx
+from bench_common import PROMPTS, save_figure, subplots
+from tqdm import tqdm
+
+
+async def one_stream(client: httpx.AsyncClient, prompt: str, max_tokens: int, speculative: bool) -> dict:
+    """One /generate/stream request: TTFT, per-token gaps, tokens."""
+    body = {"prompt": prompt, "max_tokens": max_tokens, "speculative": speculative, "ignore_eos": True}
+    start = time.perf_counter()
+    last, ttft, gaps, tokens, event = start, None, [], 0, None
+    async with client.stream("POST", "/generate/stream", json=body) as resp:
+        resp.raise_for_status()
+        async for line in resp.aiter_lines():
+            if line.startswith("event:"):
+                event = line.split(":", 1)[1].strip()
+            elif line.startswith("data:") and event == "chunk":
+                n = len(json.loads(line[5:]).get("token_ids", []))
+                if not n:
+                    continue
+                now = time.perf_counter()
+                if ttft is None:
+                    ttft = now - start
+                else:  # tokens of one chunk arrive together: spread the gap over them
+                    gaps += [(now - last) / n] * n
+                last, tokens = now, tokens + n
+    return {"ttft": ttft, "gaps": gaps, "tokens": tokens, "latency": time.perf_counter() - start}
+
+
+async def kv_sampler(client: httpx.AsyncClient, samples: list[dict], stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        try:
+            samples.append(find_kv((await client.get("/health", timeout=5)).json()))
+        except (httpx.HTTPError, ValueError):
+            pass
+        await asyncio.sleep(0.2)
+
+
+def find_kv(obj) -> dict:
+    """The first KV-usage dict in a /health answer (single pool or per-pool layouts)."""
+    if isinstance(obj, dict):
+        if "used_blocks" in obj:
+            return obj
+        for value in obj.values():
+            found = find_kv(value)
+            if found:
+                return found
+    if isinstance(obj, list):
+        for value in obj:
+            found = find_kv(value)
+            if found:
+                return found
+    return {}
+
+
+async def level(url: str, concurrency: int, per_stream: int, max_tokens: int, speculative: bool) -> dict:
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        kv: list[dict] = []
+        stop = asyncio.Event()
+        sampler = asyncio.create_task(kv_sampler(client, kv, stop))
+
+        async def worker(w: int) -> list[dict]:
+            return [await one_stream(client, PROMPTS[(w + i) % len(PROMPTS)], max_tokens, speculative)
+                    for i in range(per_stream)]
+
+        start = time.perf_counter()
+        results = [r for rs in await asyncio.gather(*(worker(w) for w in range(concurrency))) for r in rs]
+        elapsed = time.perf_counter() - start
+        stop.set()
+        await sampler
+    gaps = sorted(g for r in results for g in r["gaps"])
+    ttfts = sorted(r["ttft"] for r in results if r["ttft"] is not None)
+    pct = lambda xs, q: xs[min(len(xs) - 1, int(q * len(xs)))] if xs else None  # noqa: E731
+    return {
+        "concurrency": concurrency, "speculative": speculative, "requests": len(results),
+        "tokens_per_s": sum(r["tokens"] for r in results) / elapsed, "requests_per_s": len(results) / elapsed,
+        "ttft_p50_ms": 1e3 * pct(ttfts, 0.5), "ttft_p99_ms": 1e3 * pct(ttfts, 0.99),
+        "itl_p50_ms": 1e3 * pct(gaps, 0.5) if gaps else None, "itl_p99_ms": 1e3 * pct(gaps, 0.99) if gaps else None,
+        "kv": kv_summary(kv),
+    }
+
+
+def kv_summary(samples: list[dict]) -> dict:
+    """Peak reserved vs live KV bytes, and what contiguous max-length caches would reserve."""
+    busy = [s for s in samples if s.get("num_running")]
+    if not busy:
+        return {}
+    peak = max(busy, key=lambda s: s["reserved_bytes"])
+    bpt = peak["bytes_per_token"]
+    waste = [1 - s["live_tokens"] * bpt / s["reserved_bytes"] for s in busy if s["reserved_bytes"]]
+    return {"peak_reserved_bytes": peak["reserved_bytes"], "peak_live_bytes": peak["live_tokens"] * bpt,
+            "mean_waste_pct": 100 * statistics.mean(waste) if waste else None,
+            "contiguous_bytes_at_peak": peak["num_running"] * peak.get("max_model_len", 0) * bpt,
+            "peak_running": peak["num_running"]}
+
+
+def start_app(args) -> tuple[str, object]:
+    """serve.run the app in this process on a free loopback port."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+    from ray import serve
+
+    from helix_serve.serving.app import build_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
+    app_args = {"device": "cpu", "dtype": "float32", "max_num_seqs": 32, "torch_threads": args.engine_threads}
+    if args.target:
+        app_args.update(target_model=args.target, draft_model=args.draft)
+    serve.run(build_app(app_args), name="helix-bench", route_prefix="/")
+    return f"http://127.0.0.1:{port}", (ray, serve)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--url", help="an app already running (default: start one here)")
+    parser.add_argument("--target")
+    parser.add_argument("--draft")
+    parser.add_argument("--engine-threads", type=int, default=1)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
+    parser.add_argument("--requests-per-stream", type=int, default=2)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--quick", action="store_true", help="concurrency 1 and 4, 16 tokens")
+    parser.add_argument("--out", default="bench_results")
+    args = parser.parse_args()
+    if args.quick:
+        args.concurrency, args.max_tokens, args.requests_per_stream = [1, 4], 16, 1
+    url, started = (args.url, None) if args.url else start_app(args)
+    try:
+        rows = []
+        for concurrency in tqdm(args.concurrency, desc="concurrency"):
+            for speculative in (True, False):
+                rows.append(asyncio.run(level(url, concurrency, args.requests_per_stream, args.max_tokens,
+                                              speculative)))
+    finally:
+        if started:
+            ray, serve = started
+            serve.shutdown()
+            ray.shutdown()
+    report(rows, args)
+
+
+def report(rows: list[dict], args) -> None:
+    print(f"\nserving load, {args.max_tokens} tokens per request, {args.requests_per_stream} requests per stream")
+    print(f"{'streams':>7} {'spec':>5} {'tok/s':>8} {'req/s':>6} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} "
+          f"{'ITL p99':>8} {'KV waste':>8} {'KV paged/contig':>15}")
+    for r in rows:
+        kv = r["kv"]
+        ratio = (f"{kv['peak_reserved_bytes'] / kv['contiguous_bytes_at_peak']:.2f}"
+                 if kv.get("contiguous_bytes_at_peak") else "-")
+        waste = f"{kv['mean_waste_pct']:.1f}%" if kv.get("mean_waste_pct") is not None else "-"
+        fmt = lambda v: f"{v:.1f}" if v is not None else "-"  # noqa: E731
+        print(f"{r['concurrency']:7d} {str(r['speculative']):>5} {r['tokens_per_s']:8.1f} {r['requests_per_s']:6.2f} "
+              f"{fmt(r['ttft_p50_ms']):>9} {fmt(r['ttft_p99_ms']):>9} {fmt(r['itl_p50_ms']):>8} "
+              f"{fmt(r['itl_p99_ms']):>8} {waste:>8} {ratio:>15}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_serving.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+    fig, (left, right) = subplots(1, 2, figsize=(11, 4))
+    for spec, style in ((True, "o-"), (False, "s--")):
+        sel = [r for r in rows if r["speculative"] is spec]
+        label = "speculative" if spec else "plain (K=0)"
+        left.plot([r["concurrency"] for r in sel], [r["tokens_per_s"] for r in sel], style, label=label)
+        right.plot([r["concurrency"] for r in sel], [r["itl_p50_ms"] or 0 for r in sel], style, label=f"{label} p50")
+        right.plot([r["concurrency"] for r in sel], [r["itl_p99_ms"] or 0 for r in sel], style, alpha=0.4,
+                   label=f"{label} p99")
+    left.set(xscale="log", xlabel="concurrent streams", ylabel="tokens / s", title="throughput")
+    right.set(xscale="log", yscale="log", xlabel="concurrent streams", ylabel="ms per token",
+              title="inter-token latency")
+    left.legend()
+    right.legend()
+    save_figure(fig, out / "bench_serving.png")
+    print(f"wrote {out / 'bench_serving.json'} and {out / 'bench_serving.png'}")
+
+
+if __name__ == "__main__":
+    main()
