@@ -144,13 +144,14 @@ def draft_target_cost(engine: LLMEngine, prompt: list[int], repeats: int = 5) ->
 def report(rows: list[dict], cost: dict, args, shapes: dict, max_tokens: int) -> None:
     print(f"\nCONTROLLED acceptance (α is set, not measured): target {shapes['target']}, draft {shapes['draft']}, "
           f"{args.dtype}, CPU, {torch.get_num_threads()} threads, {max_tokens} tokens, K={args.k}")
-    print(f"c = {cost['c']:.3f} (draft {cost['draft_s'] * 1e3:.1f} ms, target {cost['target_s'] * 1e3:.1f} ms per forward)")
+    print(f"c = {cost['c']:.3f} (draft {cost['draft_s'] * 1e3:.1f} ms, "
+          f"target {cost['target_s'] * 1e3:.1f} ms per forward)")
     print(f"{'α set':>6} {'α seen':>7} {'spec tok/s':>10} {'plain tok/s':>11} {'speedup':>8} {'theory':>7} "
           f"{'ratio':>6} {'same text':>9}")
     for r in rows:
         print(f"{r['alpha_controlled']:6.2f} {r['alpha_observed']:7.3f} {r['spec_tokens_per_s']:10.2f} "
-              f"{r['plain_tokens_per_s']:11.2f} {r['speedup']:8.2f} {r['theory']:7.2f} {r['achieved_over_theory']:6.2f} "
-              f"{str(r['identical_to_plain_greedy']):>9}")
+              f"{r['plain_tokens_per_s']:11.2f} {r['speedup']:8.2f} {r['theory']:7.2f} "
+              f"{r['achieved_over_theory']:6.2f} {str(r['identical_to_plain_greedy']):>9}")
     print("theory uses the observed α (equal to the set α while the output follows the reference)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

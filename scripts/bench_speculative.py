@@ -24,6 +24,7 @@ from helix_serve.config import DEFAULT_DRAFT, DEFAULT_TARGET, EngineConfig
 from helix_serve.engine.adaptive_k import expected_speedup
 from helix_serve.engine.llm_engine import LLMEngine
 
+
 def run_hf(engine: LLMEngine, prompt: str, max_tokens: int, assisted: bool) -> dict:
     target = engine.pair.target.hf_model
     ids = engine.tokenizer(prompt, return_tensors="pt").input_ids.to(engine.device)
@@ -73,6 +74,10 @@ def main() -> None:
     report(rows, cost, args, max_tokens, len(prompts) * repeats)
 
 
+def fmt(value: float | None, spec: str) -> str:
+    return format(value, spec) if value is not None else "-"
+
+
 def report(rows: dict, cost: dict, args, max_tokens: int, num_runs: int) -> None:
     base, hf = rows["helix K=0 (plain)"]["tokens_per_s"], rows["HF greedy generate"]["tokens_per_s"]
     assisted = rows["HF assisted generate"]["tokens_per_s"]
@@ -90,15 +95,16 @@ def report(rows: dict, cost: dict, args, max_tokens: int, num_runs: int) -> None
     print(f"{'method':24} {'tok/s':>8} {'vs K=0':>7} {'vs HF':>7} {'alpha':>7} {'accept':>7} {'tok/step':>8} "
           f"{'TTFT ms':>8}")
     for name, r in rows.items():
-        fmt = lambda v, spec: format(v, spec) if v is not None else "-"
         print(f"{name:24} {r['tokens_per_s']:8.1f} {r['tokens_per_s'] / base:7.2f} {r['tokens_per_s'] / hf:7.2f} "
-              f"{fmt(r.get('alpha'), '7.2f'):>7} {fmt(r.get('acceptance_rate'), '7.2f'):>7} {fmt(r.get('mean_accepted_length'), '8.2f'):>8} "
+              f"{fmt(r.get('alpha'), '7.2f'):>7} {fmt(r.get('acceptance_rate'), '7.2f'):>7} "
+              f"{fmt(r.get('mean_accepted_length'), '8.2f'):>8} "
               f"{fmt(r['ttft_ms_median'], '8.1f'):>8}")
     print(f"\ncost ratio c = {c:.3f} (draft {cost['draft_step_s'] * 1e3:.2f} ms / target "
           f"{cost['target_step_s'] * 1e3:.2f} ms per decode forward; target verify of 5 tokens "
           f"{cost['target_verify5_s'] * 1e3:.2f} ms)")
-    print(f"theory at alpha={alpha:.3f}, K={args.k}, c={c:.3f}: {theory:.2f}x; achieved {summary['achieved_speedup_vs_k0']:.2f}x "
-          f"= {summary['achieved_over_theory']:.2f} of theory; spec / HF assisted = {summary['spec_over_hf_assisted']:.2f}x")
+    print(f"theory at alpha={alpha:.3f}, K={args.k}, c={c:.3f}: {theory:.2f}x; "
+          f"achieved {summary['achieved_speedup_vs_k0']:.2f}x = {summary['achieved_over_theory']:.2f} of theory; "
+          f"spec / HF assisted = {summary['spec_over_hf_assisted']:.2f}x")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_speculative.json").write_text(json.dumps({"args": vars(args), "rows": rows, "cost": cost,

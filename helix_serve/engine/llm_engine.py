@@ -252,7 +252,9 @@ class LLMEngine:
 
     # ---- conveniences ---------------------------------------------------------------------------
 
-    def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams]) -> list[RequestOutput]:
+    def generate(
+        self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams]
+    ) -> list[RequestOutput]:
         """Run prompts to completion; one final RequestOutput per prompt, in order."""
         params_list = params if isinstance(params, list) else [params] * len(prompts)
         ids = [self.add_request(p, sp) for p, sp in zip(prompts, params_list)]

@@ -33,7 +33,8 @@ class Scheduler:
     def schedule(self, choose_k: ChooseK) -> tuple[list[Sequence], list[int]]:
         """The sequences of the next step and their K."""
         scheduled, ks = self._schedule_running(choose_k)
-        budget = self.max_num_batched_tokens - sum(s.num_tokens - s.num_target_cached + k for s, k in zip(scheduled, ks))
+        used = sum(s.num_tokens - s.num_target_cached + k for s, k in zip(scheduled, ks))
+        budget = self.max_num_batched_tokens - used
         while self.waiting and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             need = seq.num_tokens - seq.num_target_cached
