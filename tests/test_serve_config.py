@@ -1,17 +1,33 @@
-"""The shipped Serve YAML files are valid Ray Serve deploy configs with valid Helix args."""
+"""The shipped Serve YAML files are valid Ray Serve deploy configs with valid Helix args and pools."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
+from ray._common.ray_option_utils import validate_actor_options
 from ray.serve.schema import ServeDeploySchema
 
-from helix_serve.serving.app_config import BatchingConfig, HelixAppArgs
+from helix_serve.serving.app import build_app
+from helix_serve.serving.app_config import DEFAULT_POOL, INGRESS_NAME, BatchingConfig, HelixAppArgs
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = [ROOT / "serve_config.yaml", ROOT / "configs" / "cpu.yaml", ROOT / "configs" / "cuda.yaml"]
+CONFIGS = [ROOT / "serve_config.yaml", *sorted((ROOT / "configs").glob("*.yaml"))]
+
+
+def _app(path: Path) -> dict[str, Any]:
+    return yaml.safe_load(path.read_text())["applications"][0]
+
+
+def _deployment(path: Path, name: str) -> dict[str, Any]:
+    return next(d for d in _app(path)["deployments"] if d["name"] == name)
+
+
+def test_every_variant_is_checked():
+    assert {p.name for p in CONFIGS} == {"serve_config.yaml", "cpu.yaml", "cuda.yaml", "directml.yaml",
+                                         "mixed-cluster.yaml"}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -21,20 +37,57 @@ def test_config_is_a_valid_serve_deploy_config(path: Path):
     assert app.import_path == "helix_serve.serving.app:build_app"
     args = HelixAppArgs(**app.args)
     deployments = {d.name: d for d in app.deployments}
-    assert set(deployments) == {"HelixIngress", "HelixEngine"}
-    engine = deployments["HelixEngine"]
-    batching = BatchingConfig(**engine.user_config)
-    assert engine.max_ongoing_requests >= max(batching.max_batch_size, args.max_num_seqs)
-    assert deployments["HelixIngress"].ray_actor_options.num_cpus < 1  # fractional: fits 2-core machines
+    # Serve refuses a YAML entry for a deployment the builder did not bind, so names must match the pools.
+    assert set(deployments) == {INGRESS_NAME, *args.engine_pools()}
+    for name in args.engine_pools():
+        engine = deployments[name]
+        batching = BatchingConfig(**engine.user_config)
+        assert engine.max_ongoing_requests >= max(batching.max_batch_size, args.max_num_seqs)
+    assert deployments[INGRESS_NAME].ray_actor_options.num_cpus < 1  # fractional: fits 2-core machines
 
 
-def test_cpu_and_cuda_variants_pick_their_device():
-    cuda = yaml.safe_load((ROOT / "configs" / "cuda.yaml").read_text())["applications"][0]
-    engine = next(d for d in cuda["deployments"] if d["name"] == "HelixEngine")
-    assert (cuda["args"]["device"], cuda["args"]["dtype"], engine["ray_actor_options"]["num_gpus"]) == \
-        ("cuda", "bfloat16", 1)
-    for path in CONFIGS[:2]:
-        assert yaml.safe_load(path.read_text())["applications"][0]["args"]["device"] == "cpu"
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_ray_actor_options_are_valid_actor_options(path: Path):
+    # ServeDeploySchema lets unknown keys through here; only a deploy would catch a typo.
+    for deployment in _app(path)["deployments"]:
+        validate_actor_options(deployment["ray_actor_options"], in_options=False)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_builder_binds_one_engine_deployment_per_pool(path: Path):
+    args = _app(path)["args"]
+    ingress = build_app(args)._bound_deployment
+    engines = ingress.init_args[0]
+    assert ingress.name == INGRESS_NAME
+    assert {name: app._bound_deployment.name for name, app in engines.items()} == \
+        {name: name for name in HelixAppArgs(**args).engine_pools()}
+
+
+def test_single_pool_variants_keep_the_helix_engine_deployment():
+    cuda = _app(ROOT / "configs" / "cuda.yaml")
+    assert (cuda["args"]["device"], cuda["args"]["dtype"]) == ("cuda", "bfloat16")
+    assert _deployment(ROOT / "configs" / "cuda.yaml", DEFAULT_POOL)["ray_actor_options"]["num_gpus"] == 1
+    for path in (ROOT / "serve_config.yaml", ROOT / "configs" / "cpu.yaml"):
+        assert "pools" not in _app(path)["args"] and _app(path)["args"]["device"] == "cpu"
+
+
+def test_directml_pools_need_a_directml_node_and_do_not_silently_run_on_cpu():
+    for path in (ROOT / "configs" / "directml.yaml", ROOT / "configs" / "mixed-cluster.yaml"):
+        pool = HelixAppArgs(**_app(path)["args"]).engine_pools()["engine_directml"]
+        assert (pool.device, pool.fallback) == ("directml", None)
+        options = _deployment(path, "engine_directml")["ray_actor_options"]
+        assert options["resources"] == {"directml": 1} and options["label_selector"] == {"accel": "directml"}
+
+
+def test_mixed_cluster_pins_each_pool_to_its_kind_of_node():
+    path = ROOT / "configs" / "mixed-cluster.yaml"
+    pools = HelixAppArgs(**_app(path)["args"]).engine_pools()
+    assert {name: pool.device for name, pool in pools.items()} == \
+        {"engine_cuda": "cuda", "engine_directml": "directml", "engine_cpu": "cpu"}
+    assert pools["engine_cuda"].capacity > pools["engine_directml"].capacity > pools["engine_cpu"].capacity
+    assert _deployment(path, "engine_cuda")["ray_actor_options"]["num_gpus"] == 1
+    # Without a selector the CPU pool would also spread onto the GPU and DirectML nodes.
+    assert _deployment(path, "engine_cpu")["ray_actor_options"]["label_selector"] == {"accel": "cpu"}
 
 
 def test_unknown_args_are_refused():

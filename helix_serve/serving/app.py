@@ -12,8 +12,13 @@ from helix_serve.serving.ingress import HelixIngress
 
 
 def build_app(args: dict[str, Any]) -> Application:
-    """Ingress → engine graph. Deployment options (CPUs, GPUs, replicas, batching) come from the YAML."""
+    """Ingress → one engine deployment per pool. Replicas, resources and batching per pool come from the YAML,
+    which addresses each pool's deployment by the pool's name."""
     config = HelixAppArgs(**args)
     config.engine_config()  # fail at deploy time, not in a replica, on inconsistent engine settings
-    engine = HelixEngine.bind(config.model_dump())
-    return HelixIngress.bind(engine, config.served_model_name, config.max_batch_prompts)
+    pools = config.engine_pools()
+    dumped = config.model_dump(exclude_unset=True)  # what was given: defaults can't trip the pools check
+    engines = {name: HelixEngine.options(name=name).bind(dumped, name) for name in pools}
+    capacities = {name: pool.capacity for name, pool in pools.items()}
+    return HelixIngress.bind(engines, capacities, config.routing, config.served_model_name,
+                             config.max_batch_prompts, config.security)

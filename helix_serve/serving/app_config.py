@@ -2,9 +2,39 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from helix_serve.config import DEFAULT_DRAFT, DEFAULT_TARGET, EngineConfig
+from helix_serve.serving.security import SecurityConfig
+
+INGRESS_NAME = "HelixIngress"
+DEFAULT_POOL = "HelixEngine"  # the one pool of a config without `pools`: pre-pool YAML files stay valid
+DEVICE_PATTERN = r"^(auto|directml|cuda|cpu|cuda:\d+)$"  # what helix_serve.device.resolve_device accepts
+PoolName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")]
+
+
+class PoolConfig(BaseModel):
+    """One engine pool: a deployment of HelixEngine, named in the YAML, whose replicas share a device kind."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    device: str = Field("auto", pattern=DEVICE_PATTERN, description="auto: DirectML, then CUDA, then CPU")
+    capacity: float = Field(1.0, gt=0, description="relative throughput; load = ongoing requests / capacity")
+    fallback: Literal["cpu"] | None = Field(None, description="cpu: start on CPU (with a warning) when the "
+                                            "pool's device is unavailable, instead of failing")
+
+
+class RoutingConfig(BaseModel):
+    """How the ingress spreads requests over pools and notices a pool without a serving replica."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    admission_timeout_s: float = Field(10.0, gt=0, description="wait this long for a pool to admit a request "
+                                       "before trying another pool")
+    probe_timeout_s: float = Field(5.0, gt=0, description="a pool that does not answer `info` within this is down")
+    probe_interval_s: float = Field(5.0, gt=0)
 
 
 class HelixAppArgs(BaseModel):
@@ -29,6 +59,26 @@ class HelixAppArgs(BaseModel):
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads per engine replica")
     served_model_name: str = Field("helix", min_length=1)
     max_batch_prompts: int = Field(16, ge=1, description="most prompts one /generate/batch call may carry")
+    pools: dict[PoolName, PoolConfig] | None = Field(None, description="engine pools by deployment name; "
+                                                     f"none: one pool, {DEFAULT_POOL}, on `device`")
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    security: SecurityConfig = Field(default_factory=SecurityConfig, description="API keys and request limits")
+
+    @model_validator(mode="after")
+    def _check_pools(self) -> HelixAppArgs:
+        if self.pools is None:
+            return self
+        if not self.pools:
+            raise ValueError("pools: name at least one pool (or leave `pools` out for the single default pool)")
+        if "device" in self.model_fields_set:
+            raise ValueError("with `pools`, set `device` on each pool, not at the top level")
+        if INGRESS_NAME in self.pools:
+            raise ValueError(f"pools: {INGRESS_NAME!r} is the ingress deployment's name")
+        return self
+
+    def engine_pools(self) -> dict[str, PoolConfig]:
+        """The pools to bind, by deployment name."""
+        return self.pools or {DEFAULT_POOL: PoolConfig(device=self.device)}
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(

@@ -1,16 +1,25 @@
-"""The ingress side of the engine: streams over a DeploymentHandle, turned into results and metrics."""
+"""The ingress side of the engine: streams from a chosen engine pool, turned into results and metrics."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
+from helix_serve.serving.app_config import RoutingConfig
 from helix_serve.serving.metrics import HelixMetrics
+from helix_serve.serving.pools import Pool, PoolRouter
 from helix_serve.serving.protocol import EngineChunk, EngineRequest
+
+# Failures that say "this pool cannot take a request now", not "this request is bad": try another pool.
+POOL_UNAVAILABLE = (TimeoutError, RayActorError, BackPressureError, DeploymentUnavailableError,
+                    ReplicaUnavailableError)
 
 
 class EngineRejectedError(Exception):
@@ -20,6 +29,13 @@ class EngineRejectedError(Exception):
         super().__init__(message)
         self.status_code = status_code
         self.message = message
+
+
+class EnginesUnavailableError(EngineRejectedError):
+    """No engine pool could admit the request: a 503."""
+
+    def __init__(self, message: str):
+        super().__init__(503, message)
 
 
 @dataclass(slots=True)
@@ -39,9 +55,11 @@ class EngineStream:
     """An admitted generation. Iterate `chunks()`; leaving early aborts the sequence in the engine."""
 
     def __init__(self, response: DeploymentResponseGenerator, admission: EngineChunk, route: str,
-                 metrics: HelixMetrics, started: float):
+                 metrics: HelixMetrics, started: float, pool: Pool):
         self.request_id = admission.request_id
         self.num_prompt_tokens = admission.num_prompt_tokens
+        self.pool_name = pool.name
+        self._pool: Pool | None = pool
         self._response = response
         self._route = route
         self._metrics = metrics
@@ -62,6 +80,12 @@ class EngineStream:
         finally:
             if not finished:  # client gone or error here: cancellation reaches the replica, which aborts
                 self._response.cancel()
+            self._release()
+
+    def _release(self) -> None:
+        if self._pool is not None:
+            self._pool.ongoing -= 1
+            self._pool = None
 
     async def collect(self) -> Generation:
         text, token_ids, last = [], [], None
@@ -75,25 +99,59 @@ class EngineStream:
 
 
 class EngineClient:
-    def __init__(self, handle: DeploymentHandle, metrics: HelixMetrics):
-        self._handle = handle
+    """Opens generations on the least-loaded live pool, retrying on another before anything streamed."""
+
+    def __init__(self, router: PoolRouter, metrics: HelixMetrics, admission_timeout_s: float):
+        self._router = router
         self._metrics = metrics
+        self._admission_timeout_s = admission_timeout_s
+
+    @classmethod
+    def for_pools(cls, engines: dict[str, DeploymentHandle], capacities: dict[str, float], routing: RoutingConfig,
+                  metrics: HelixMetrics) -> EngineClient:
+        pools = [Pool(name, handle, capacities[name]) for name, handle in engines.items()]
+        return cls(PoolRouter(pools, routing.probe_timeout_s, routing.probe_interval_s), metrics,
+                   routing.admission_timeout_s)
 
     async def open(self, request: EngineRequest, route: str) -> EngineStream:
         """Start a generation; raises EngineRejectedError before any output if the engine refuses it."""
+        self._router.start_probing()
+        tried: set[str] = set()
+        failures: list[str] = []
+        while (pool := self._router.pick(tried)) is not None:
+            tried.add(pool.name)
+            try:
+                return await self._open_on(pool, request, route)
+            except POOL_UNAVAILABLE as exc:
+                pool.mark_down(exc)
+                failures.append(f"{pool.name}: {type(exc).__name__}")
+        raise EnginesUnavailableError(f"no engine pool could take the request ({'; '.join(failures)})")
+
+    async def _open_on(self, pool: Pool, request: EngineRequest, route: str) -> EngineStream:
         started = time.perf_counter()
-        response = self._handle.generate.options(stream=True).remote(request)
+        response = pool.handle.generate.options(stream=True).remote(request)
+        pool.ongoing += 1
         try:
-            admission: EngineChunk = await response.__anext__()
+            # NOTE: a pool with no running replica queues the call forever: the timeout moves it elsewhere.
+            admission: EngineChunk = await asyncio.wait_for(response.__anext__(), self._admission_timeout_s)
         except BaseException:
+            pool.ongoing -= 1
             response.cancel()
             raise
         if admission.status_code is not None:
+            pool.ongoing -= 1
             raise EngineRejectedError(admission.status_code, admission.error or "request rejected")
-        return EngineStream(response, admission, route, self._metrics, started)
+        pool.served += 1
+        self._metrics.pool_requests.labels(pool.name).inc()
+        return EngineStream(response, admission, route, self._metrics, started, pool)
 
     async def generate(self, request: EngineRequest, route: str) -> Generation:
         return await (await self.open(request, route)).collect()
 
     async def info(self) -> dict[str, Any]:
-        return await self._handle.info.remote()
+        """Probe every pool now: the engine-wide view, with each pool's own under `pools`."""
+        self._router.start_probing()
+        await self._router.probe_all()
+        health = self._router.health()
+        self._metrics.set_pools(health["pools"])
+        return health

@@ -1,21 +1,50 @@
-"""The engine deployment: one LLMEngine per replica, fed by `@serve.batch`, driven by a StepLoop."""
+"""The engine deployment: one LLMEngine per replica, fed by `@serve.batch`, driven by a StepLoop.
+
+The class is bound once per engine pool (`HelixEngine.options(name=pool)`); each replica picks its device
+from its pool's settings.
+"""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
+import ray
 import torch
 from ray import serve
 
+from helix_serve.device import DeviceUnavailableError, resolve_device
 from helix_serve.engine.llm_engine import LLMEngine
-from helix_serve.serving.app_config import BatchingConfig, HelixAppArgs
+from helix_serve.model.loader import load_model_pair
+from helix_serve.serving.app_config import BatchingConfig, HelixAppArgs, PoolConfig
 from helix_serve.serving.protocol import EngineChunk, EngineRequest
 from helix_serve.serving.step_loop import DuplicateRequestError, StepLoop
 
 logger = logging.getLogger(__name__)
 DEFAULT_BATCHING = BatchingConfig()
+
+
+@dataclass(frozen=True, slots=True)
+class PoolDevice:
+    """The device a pool's replica runs on; `fallback_reason` says why it is not the one asked for."""
+
+    device: torch.device
+    requested: str
+    fallback_reason: str | None = None
+
+
+def select_device(pool_name: str, pool: PoolConfig) -> PoolDevice:
+    """The pool's device (HELIX_DEVICE still overrides); CPU instead only when the pool says `fallback: cpu`."""
+    try:
+        return PoolDevice(resolve_device(pool.device), pool.device)
+    except DeviceUnavailableError as exc:
+        if pool.fallback != "cpu":
+            raise DeviceUnavailableError(f"engine pool {pool_name!r}: {exc}. Install the device's support on "
+                                         "this node, or set `fallback: cpu` on the pool to run on CPU") from exc
+        logger.warning("engine pool %r: %s; running on CPU as the pool's `fallback: cpu` allows", pool_name, exc)
+        return PoolDevice(torch.device("cpu"), pool.device, str(exc))
 
 
 @serve.deployment(
@@ -27,12 +56,18 @@ DEFAULT_BATCHING = BatchingConfig()
     health_check_period_s=10,
 )
 class HelixEngine:
-    def __init__(self, args: dict[str, Any]):
+    def __init__(self, args: dict[str, Any], pool_name: str):
         self.args = HelixAppArgs(**args)
+        self.pool_name = pool_name
         torch.set_num_threads(self.args.torch_threads)
-        engine = LLMEngine(self.args.engine_config())
+        self.placement = select_device(pool_name, self.args.engine_pools()[pool_name])
+        config = self.args.engine_config()
+        pair = load_model_pair(config.target_model, config.draft_model, self.placement.device, config.dtype)
+        engine = LLMEngine(config, pair)
         self.loop = StepLoop(engine)
-        logger.info("engine ready on %s (draft: %s)", engine.device, engine.has_draft)
+        self.node_id = ray.get_runtime_context().get_node_id()
+        logger.info("engine pool %s ready on %s (asked for %r) on node %s (draft: %s)", pool_name, engine.device,
+                    self.placement.requested, self.node_id, engine.has_draft)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         batching = BatchingConfig(**(user_config or {}))
@@ -65,15 +100,15 @@ class HelixEngine:
             self.loop.close(request.request_id)
 
     async def info(self) -> dict[str, Any]:
-        """Model, device and KV pool usage, read on the engine thread."""
+        """Model, pool, device, node and KV pool usage (read on the engine thread)."""
         engine = self.loop.engine
         kv = await self.loop.run_on_engine(engine.kv_usage)
         return {
             "target_model": self.args.target_model, "draft_model": self.args.draft_model,
             "has_draft": engine.has_draft, "device": str(engine.device), "max_model_len": engine.max_model_len,
-            "kv_cache": kv,
+            "kv_cache": kv, "pool": self.pool_name, "device_requested": self.placement.requested,
+            "device_fallback": self.placement.fallback_reason, "node_id": self.node_id,
         }
 
-    def check_health(self) -> None:
-        if not self.loop.alive:
-            raise RuntimeError("the engine step loop has stopped")
+    async def check_health(self) -> None:
+        await self.loop.check_health(timeout_s=20)  # under Serve's 30 s health-check timeout

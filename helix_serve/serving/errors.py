@@ -18,14 +18,34 @@ class OpenAIError(Exception):
         self.status_code, self.message, self.error_type, self.param = status_code, message, error_type, param
 
 
-def _is_openai(request: Request) -> bool:
-    return request.url.path.startswith("/v1/")
+OUT_OF_MEMORY = "out of memory"  # the engine's error message for a request that failed for lack of memory
+RETRY_AFTER_S = "1"
+
+
+class GenerationFailedError(Exception):
+    """The engine ended a request with an error before the reply began: 503 if it ran out of memory
+    (worth retrying), else 500."""
+
+    def __init__(self, error: str | None):
+        super().__init__(error)
+        self.message = f"generation failed: {error}"
+        self.out_of_memory = (error or "").startswith(OUT_OF_MEMORY)
+
+
+def _is_openai(path: str) -> bool:
+    return path.startswith("/v1/")
+
+
+def error_response(path: str, status_code: int, message: str, error_type: str, param: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    """The error body a client of `path` expects (OpenAI's shape on /v1, FastAPI's `detail` elsewhere)."""
+    if _is_openai(path):
+        return JSONResponse(openai_format.error_body(message, error_type, status_code, param), status_code, headers)
+    return JSONResponse({"detail": message}, status_code, headers)
 
 
 def _error(request: Request, status_code: int, message: str, error_type: str, param: str | None = None):
-    if _is_openai(request):
-        return JSONResponse(openai_format.error_body(message, error_type, status_code, param), status_code)
-    return JSONResponse({"detail": message}, status_code)
+    return error_response(request.url.path, status_code, message, error_type, param)
 
 
 def validation_message(exc: RequestValidationError) -> str:
@@ -40,12 +60,22 @@ def validation_message(exc: RequestValidationError) -> str:
 
 async def _on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
     # 422 is FastAPI's convention on native routes; OpenAI clients expect 400 for a bad request.
-    status = 400 if _is_openai(request) else 422
+    status = 400 if _is_openai(request.url.path) else 422
     return _error(request, status, validation_message(exc), "invalid_request_error")
 
 
 async def _on_rejected(request: Request, exc: EngineRejectedError) -> JSONResponse:
+    if exc.status_code >= 500:  # no pool could take it: a server condition, worth retrying
+        return error_response(request.url.path, exc.status_code, exc.message, "server_error",
+                              headers={"Retry-After": RETRY_AFTER_S})
     return _error(request, exc.status_code, exc.message, "invalid_request_error")
+
+
+async def _on_generation_failed(request: Request, exc: GenerationFailedError) -> JSONResponse:
+    if exc.out_of_memory:
+        return error_response(request.url.path, 503, exc.message, "server_error",
+                              headers={"Retry-After": RETRY_AFTER_S})
+    return _error(request, 500, exc.message, "server_error")
 
 
 async def _on_openai(request: Request, exc: OpenAIError) -> JSONResponse:
@@ -56,3 +86,4 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _on_validation)
     app.add_exception_handler(EngineRejectedError, _on_rejected)
     app.add_exception_handler(OpenAIError, _on_openai)
+    app.add_exception_handler(GenerationFailedError, _on_generation_failed)

@@ -17,19 +17,28 @@ from ray.serve.handle import DeploymentHandle
 from sse_starlette import EventSourceResponse
 
 from helix_serve.serving import openai_format, sse_streams
+from helix_serve.serving.app_config import RoutingConfig
+from helix_serve.serving.auth import ApiKeyMiddleware
 from helix_serve.serving.engine_client import EngineClient, EngineRejectedError, Generation
-from helix_serve.serving.errors import OpenAIError, install_error_handlers
+from helix_serve.serving.errors import GenerationFailedError, OpenAIError, install_error_handlers
+from helix_serve.serving.limits import RequestLimitMiddleware
 from helix_serve.serving.metrics import HelixMetrics, RequestCountMiddleware
+from helix_serve.serving.playground import playground_router
 from helix_serve.serving.protocol import EngineRequest
 from helix_serve.serving.schemas import (BatchGenerateRequest, BatchGenerateResponse, ChatCompletionRequest,
                                          CompletionRequest, GenerateRequest, GenerateResponse)
+from helix_serve.serving.security import Guard, SecurityConfig
 
 OPENAI_DEFAULT_MAX_TOKENS = 16  # OpenAI's documented default for /v1/completions
 METRICS = HelixMetrics()  # one per ingress process, shared with the middleware
+GUARD = Guard()  # API keys and limits, configured when the replica starts
 
 app = FastAPI(title="Helix", description="Speculative-decoding LLM inference server")
-app.add_middleware(RequestCountMiddleware, metrics=METRICS)
+app.add_middleware(RequestLimitMiddleware, guard=GUARD)
+app.add_middleware(ApiKeyMiddleware, guard=GUARD)  # outside the limits: nothing is read before the key check
+app.add_middleware(RequestCountMiddleware, metrics=METRICS)  # outermost: 401s and 413s are counted too
 install_error_handlers(app)
+app.include_router(playground_router)
 
 
 def request_id(request: Request) -> str:
@@ -39,7 +48,7 @@ def request_id(request: Request) -> str:
 
 def generate_response(generation: Generation) -> GenerateResponse:
     if generation.finish_reason == "error":
-        raise HTTPException(500, f"generation failed: {generation.error}")
+        raise GenerationFailedError(generation.error)
     s = generation.stats
     return GenerateResponse(
         request_id=generation.request_id, generated_text=generation.text, finish_reason=generation.finish_reason,
@@ -54,8 +63,10 @@ def generate_response(generation: Generation) -> GenerateResponse:
 @serve.deployment(name="HelixIngress", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=256)
 @serve.ingress(app)
 class HelixIngress:
-    def __init__(self, engine: DeploymentHandle, served_model_name: str, max_batch_prompts: int):
-        self.engine = EngineClient(engine, METRICS)
+    def __init__(self, engines: dict[str, DeploymentHandle], capacities: dict[str, float], routing: RoutingConfig,
+                 served_model_name: str, max_batch_prompts: int, security: SecurityConfig | None = None):
+        GUARD.configure(security or SecurityConfig(), max_batch_prompts)
+        self.engine = EngineClient.for_pools(engines, capacities, routing, METRICS)
         self.model_name = served_model_name
         self.max_batch_prompts = max_batch_prompts
         self.created = int(time.time())
@@ -84,7 +95,7 @@ class HelixIngress:
     @app.post("/generate/stream")
     async def generate_stream(self, body: GenerateRequest, request: Request) -> EventSourceResponse:
         engine_request = EngineRequest(request_id(request), body.sampling(), prompt=body.prompt)
-        stream = await self.engine.open(engine_request, "/generate/stream")  # rejections: a 4xx, not an event
+        stream = await sse_streams.started(await self.engine.open(engine_request, "/generate/stream"))
         return EventSourceResponse(sse_streams.native_events(stream))
 
     async def _generate_all(self, requests: list[EngineRequest], route: str) -> list[Generation]:
@@ -121,7 +132,8 @@ class HelixIngress:
         if body.stream:
             if len(body.prompts) != 1:
                 raise OpenAIError(400, "streaming supports a single prompt", "invalid_request_error", "prompt")
-            stream = await self.engine.open(EngineRequest(base, sampling, prompt=body.prompts[0]), "/v1/completions")
+            opened = await self.engine.open(EngineRequest(base, sampling, prompt=body.prompts[0]), "/v1/completions")
+            stream = await sse_streams.started(opened)  # failures before the first token: a status, not an event
 
             def build(text: str, reason: str | None, usage: dict | None = None) -> dict[str, Any]:
                 return openai_format.completion_chunk(response_id, self.model_name, created, text, reason, usage)
@@ -141,7 +153,7 @@ class HelixIngress:
         if not body.stream:
             generation = self._check_generations([await self.engine.generate(engine_request, "/v1/chat/completions")])
             return openai_format.chat_completion(response_id, self.model_name, created, generation[0])
-        stream = await self.engine.open(engine_request, "/v1/chat/completions")
+        stream = await sse_streams.started(await self.engine.open(engine_request, "/v1/chat/completions"))
 
         def build(text: str, reason: str | None, usage: dict | None = None) -> dict[str, Any]:
             delta = {"content": text} if text else {}
@@ -155,7 +167,7 @@ class HelixIngress:
     def _check_generations(generations: list[Generation]) -> list[Generation]:
         for g in generations:
             if g.finish_reason == "error":
-                raise OpenAIError(500, f"generation failed: {g.error}", "server_error")
+                raise GenerationFailedError(g.error)
         return generations
 
     # ---- operations -----------------------------------------------------------------------------

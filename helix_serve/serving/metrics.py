@@ -36,6 +36,14 @@ class HelixMetrics:
         self.accepted = Counter("helix_accepted_draft_tokens", "Draft tokens the target accepted", registry=r)
         self.kv_blocks = Gauge("helix_kv_blocks", "KV cache blocks of the engine replica last asked", ["state"],
                                registry=r)
+        self.pool_requests = Counter("helix_pool_requests", "Requests admitted, by engine pool", ["pool"],
+                                     registry=r)
+        self.pool_healthy = Gauge("helix_pool_healthy", "1 if the engine pool answered its last probe", ["pool"],
+                                  registry=r)
+        self.pool_ongoing = Gauge("helix_pool_ongoing_requests", "Generations this ingress has open, by pool",
+                                  ["pool"], registry=r)
+        self.pool_device = Gauge("helix_pool_device_info", "1 per pool: the device its probed replica runs on",
+                                 ["pool", "device", "requested", "fallback"], registry=r)
 
     def observe_generation(self, route: str, ttft_s: float | None, e2e_s: float, stats: dict[str, Any]) -> None:
         if ttft_s is not None:
@@ -48,6 +56,15 @@ class HelixMetrics:
     def set_kv_usage(self, kv: dict[str, int]) -> None:
         self.kv_blocks.labels("used").set(kv["used_blocks"])
         self.kv_blocks.labels("free").set(kv["free_blocks"])
+
+    def set_pools(self, pools: dict[str, dict[str, Any]]) -> None:
+        self.pool_device.clear()  # a pool's device labels change when it falls back or recovers
+        for name, pool in pools.items():
+            self.pool_healthy.labels(name).set(int(pool["healthy"]))
+            self.pool_ongoing.labels(name).set(pool["ongoing_requests"])
+            if "device" in pool:
+                fallback = "cpu" if pool["device_fallback"] else ""
+                self.pool_device.labels(name, pool["device"], pool["device_requested"], fallback).set(1)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -8,8 +8,9 @@ from helix_serve.serving.engine_client import Generation
 
 
 def finish_reason(reason: str | None) -> str | None:
-    """OpenAI knows 'stop' and 'length'; Helix's 'abort'/'error' never reach a successful response."""
-    return "length" if reason == "length" else ("stop" if reason else None)
+    """OpenAI's 'stop' and 'length', plus Helix's 'timeout' (the request's `timeout_s` deadline passed);
+    'error' never reaches a successful response."""
+    return reason if reason in ("length", "timeout") else ("stop" if reason else None)
 
 
 def usage(num_prompt_tokens: int, num_completion_tokens: int) -> dict[str, int]:

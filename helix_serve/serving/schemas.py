@@ -7,7 +7,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 SAMPLING_FIELDS = {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos", "speculative",
-                   "num_speculative_tokens"}
+                   "num_speculative_tokens", "timeout_s"}
+
+TIMEOUT_HELP = "deadline in seconds from arrival; generation then ends with finish_reason 'timeout'"
 
 
 def _non_blank(value: str, name: str) -> str:
@@ -37,6 +39,7 @@ class SamplingFields(BaseModel):
     ignore_eos: bool = False
     speculative: bool = True
     num_speculative_tokens: int | None = Field(None, ge=0, description="fixed K; None = adaptive")
+    timeout_s: float | None = Field(None, gt=0, description=TIMEOUT_HELP)
 
     @field_validator("stop")
     @classmethod
@@ -116,6 +119,7 @@ class OpenAISamplingFields(BaseModel):
     ignore_eos: bool = False
     speculative: bool = True
     num_speculative_tokens: int | None = Field(None, ge=0)
+    timeout_s: float | None = Field(None, gt=0, description=TIMEOUT_HELP)  # a Helix extension (extra_body)
 
     @field_validator("stop")
     @classmethod

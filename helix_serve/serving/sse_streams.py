@@ -8,14 +8,51 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, Protocol
 
 from helix_serve.serving import openai_format
 from helix_serve.serving.engine_client import EngineStream
+from helix_serve.serving.errors import GenerationFailedError
+from helix_serve.serving.protocol import EngineChunk
 
 logger = logging.getLogger(__name__)
 DONE = {"data": "[DONE]"}
 Event = dict[str, str]
+
+
+class ChunkStream(Protocol):
+    request_id: str
+    num_prompt_tokens: int
+
+    def chunks(self) -> AsyncIterator[EngineChunk]: ...
+
+
+class StartedStream:
+    """An EngineStream whose first output was read before the reply began."""
+
+    def __init__(self, stream: EngineStream, rest: AsyncIterator[EngineChunk], first: EngineChunk):
+        self.request_id, self.num_prompt_tokens = stream.request_id, stream.num_prompt_tokens
+        self._rest, self._first = rest, first
+
+    async def chunks(self) -> AsyncIterator[EngineChunk]:
+        yield self._first
+        async for chunk in self._rest:
+            yield chunk
+
+
+async def started(stream: EngineStream) -> StartedStream:
+    """Wait for the first engine output, so a failure there (e.g. out of memory in the prefill) is still
+    an HTTP status (503 for memory) rather than an error event in a 200 stream."""
+    chunks = stream.chunks()
+    try:
+        first = await anext(chunks)
+    except BaseException:  # client gone (cancelled) or engine unreachable: abort the sequence
+        await chunks.aclose()
+        raise
+    if first.finished and first.error:
+        await chunks.aclose()
+        raise GenerationFailedError(first.error)
+    return StartedStream(stream, chunks, first)
 
 
 def _event(payload: dict[str, Any], event: str | None = None) -> Event:
@@ -23,7 +60,7 @@ def _event(payload: dict[str, Any], event: str | None = None) -> Event:
     return {**message, "event": event} if event else message
 
 
-async def native_events(stream: EngineStream) -> AsyncIterator[Event]:
+async def native_events(stream: ChunkStream) -> AsyncIterator[Event]:
     """`chunk` events per accepted chunk, then `final` with the stats (or `error`), then `[DONE]`."""
     try:
         async for chunk in stream.chunks():
@@ -44,7 +81,7 @@ async def native_events(stream: EngineStream) -> AsyncIterator[Event]:
 ChunkBuilder = Callable[..., dict[str, Any]]  # (text, finish_reason, usage=None) -> one OpenAI chunk
 
 
-async def openai_events(stream: EngineStream, build: ChunkBuilder, include_usage: bool,
+async def openai_events(stream: ChunkStream, build: ChunkBuilder, include_usage: bool,
                         preamble: list[dict[str, Any]] = ()) -> AsyncIterator[Event]:
     """OpenAI chunks (`data: {...}`) ending in `data: [DONE]`; a failure mid-stream is an error object."""
     num_tokens = 0

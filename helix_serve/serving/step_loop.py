@@ -40,6 +40,13 @@ class StepLoop:
     def alive(self) -> bool:
         return self._task is None or not self._task.done()
 
+    async def check_health(self, timeout_s: float) -> None:
+        """Raise unless the step loop runs and the engine thread answers within `timeout_s` (a wedged
+        step makes Serve replace the replica)."""
+        if not self.alive:
+            raise RuntimeError("the engine step loop has stopped")
+        await asyncio.wait_for(self.run_on_engine(self.engine.kv_usage), timeout_s)
+
     def open(self, request_id: str) -> asyncio.Queue[EngineChunk]:
         """Register a stream before admission, so a caller that leaves early can be told apart."""
         if request_id in self._streams:

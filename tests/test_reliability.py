@@ -1,0 +1,184 @@
+"""Reliability over HTTP: bad input, deadlines, disconnects, overload and a killed engine replica, each
+followed by a check that no KV blocks leaked. Plus the out-of-memory → 503 mapping, without Ray."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlparse
+
+import httpx
+import openai
+import pytest
+
+from helix_serve.serving.errors import GenerationFailedError
+from helix_serve.serving.protocol import EngineChunk
+from helix_serve.serving.sse_streams import started
+from tests.serve_harness import MODEL, PROMPT, app_args, build_test_app, kv_used, local_serve, wait_kv_free
+
+LONG = {"prompt": PROMPT, "max_tokens": 490, "ignore_eos": True, "speculative": False}  # seconds of decoding
+ENGINE = {"ray_actor_options": {"num_cpus": 0.5}, "health_check_period_s": 1, "health_check_timeout_s": 5}
+# A deliberately tiny ingress: 4 requests at a time, 4 waiting, the rest refused at once.
+INGRESS = {"max_ongoing_requests": 4, "max_queued_requests": 4,
+           "backpressure_config": {"status_code": 503, "retry_after_s": 1}}
+
+
+@pytest.fixture(scope="module")
+def base_url(llama_pair):
+    with local_serve(build_test_app(app_args(llama_pair), ENGINE, INGRESS)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def http(base_url):
+    with httpx.Client(base_url=base_url, timeout=60) as client:
+        yield client
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_blocks(request):
+    yield
+    if "http" in request.fixturenames:
+        assert wait_kv_free(request.getfixturevalue("http")) == 0
+
+
+@pytest.mark.parametrize(("route", "content", "status", "needle"), [
+    ("/generate", b'{"prompt": "\xff\xfe bad utf-8"}', 422, "not valid UTF-8"),
+    ("/v1/completions", b'{"model": "helix-test", "prompt": "\xff"}', 400, "not valid UTF-8"),
+    ("/generate", b'{"prompt": ', 422, "not valid JSON"),
+    ("/generate", b'[1, 2]', 422, ""),
+    ("/generate", b'{"max_tokens": 3}', 422, "prompt: Field required"),
+    ("/generate", b'{"prompt": "hi", "timeout_s": 0}', 422, "timeout_s"),
+    ("/generate", b'{"prompt": "hi", "timeout_s": "soon"}', 422, "timeout_s"),
+    ("/generate", b'{"prompt": "hi", "stop": [""]}', 422, "stop"),
+    ("/generate", b'{"prompt": "hi", "stop": "x"}', 422, "stop"),
+    ("/generate/batch", b'{"prompts": []}', 422, "prompts"),
+    ("/generate/batch", b'{"prompts": "one"}', 422, "prompts"),
+    ("/v1/completions", b'{"model": "nope", "prompt": "hi"}', 404, "nope"),
+    ("/v1/completions", b'{"model": "helix-test", "prompt": "hi", "top_p": 0}', 400, "top_p"),
+    ("/v1/completions", b'{"model": "helix-test", "prompt": "hi", "temperature": 3}', 400, "temperature"),
+    ("/v1/completions", b'{"model": "helix-test", "prompt": "hi", "max_tokens": -1}', 400, "max_tokens"),
+    ("/v1/completions", b'{"model": "helix-test", "prompt": "hi", "stop": 7}', 400, "stop"),
+    ("/v1/chat/completions", b'{"model": "helix-test", "messages": [{"role": "robot", "content": "x"}]}', 400,
+     "role"),
+    ("/v1/chat/completions", b'{"model": "helix-test", "messages": [{"role": "user", "content": "  "}]}', 400,
+     "non-empty"),
+])
+def test_malformed_input_is_a_clear_4xx(http, route, content, status, needle):
+    response = http.post(route, content=content, headers={"Content-Type": "application/json"})
+    assert response.status_code == status, response.text
+    body = response.json()
+    message = body["error"]["message"] if route.startswith("/v1") else body["detail"]
+    assert message and needle in message
+
+
+def test_deadline_ends_generation_with_timeout(http, base_url):
+    started_at = time.perf_counter()
+    body = http.post("/generate", json={**LONG, "timeout_s": 0.3}).json()
+    assert body["finish_reason"] == "timeout" and body["tokens_generated"] < 490
+    assert time.perf_counter() - started_at < 3
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0)
+    completion = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=490, extra_body={
+        "timeout_s": 0.3, "ignore_eos": True, "speculative": False})
+    assert completion.choices[0].finish_reason == "timeout"
+
+
+def test_non_streaming_disconnect_frees_blocks(http, base_url):
+    url = urlparse(base_url)
+    payload = httpx.Request("POST", f"{base_url}/generate", json=LONG)
+    head = (f"POST /generate HTTP/1.1\r\nHost: {url.netloc}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(payload.content)}\r\n\r\n").encode()
+    with socket.create_connection((url.hostname, url.port)) as sock:
+        sock.sendall(head + payload.content)
+        deadline = time.monotonic() + 10
+        while kv_used(http) == 0:  # generating (its blocks are held) ...
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    # ... then the client hangs up long before ~490 decoding steps could finish.
+    assert wait_kv_free(http, timeout_s=2) == 0
+
+
+def test_overload_is_a_fast_503_with_retry_after(http, base_url):
+    def one(_: int) -> tuple[int, float, str | None]:
+        started_at = time.perf_counter()
+        with httpx.Client(base_url=base_url, timeout=120) as client:
+            response = client.post("/generate", json={**LONG, "max_tokens": 150})
+        return response.status_code, time.perf_counter() - started_at, response.headers.get("retry-after")
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(one, range(16)))
+    refused = [r for r in results if r[0] == 503]
+    served = [r for r in results if r[0] == 200]
+    assert len(refused) + len(served) == 16, results
+    assert len(refused) >= 4 and len(served) >= 4, results
+    assert all(elapsed < 2 and retry == "1" for _, elapsed, retry in refused), refused
+
+
+def test_killed_engine_replica_is_replaced_while_serving(http, llama_pair):
+    import ray
+    from ray import serve
+
+    engine = {**ENGINE, "num_replicas": 2}
+    serve.run(build_test_app(app_args(llama_pair), engine, INGRESS), name="helix", route_prefix="/")
+    names = replica_names()
+    assert len(names) == 2
+    ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
+    statuses = [http.post("/generate", json={"prompt": PROMPT, "max_tokens": 4}).status_code for _ in range(20)]
+    assert statuses.count(200) >= 18, statuses  # the survivor serves (a stale route may fail once or twice)
+    deadline = time.monotonic() + 40
+    while not (len(replica_names()) == 2 and names[0] not in replica_names() and app_running(serve)):
+        assert time.monotonic() < deadline, "no replacement replica"
+        time.sleep(0.5)
+    statuses = [http.post("/generate", json={"prompt": PROMPT, "max_tokens": 4}).status_code for _ in range(10)]
+    assert statuses == [200] * 10
+
+
+def replica_names() -> list[str]:
+    import ray
+
+    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                  if a["name"].startswith("SERVE_REPLICA::helix#HelixEngine#"))
+
+
+def app_running(serve) -> bool:
+    deployment = serve.status().applications["helix"].deployments["HelixEngine"]
+    return deployment.status == "HEALTHY" and deployment.replica_states.get("RUNNING", 0) == 2
+
+
+# ---- out of memory before the reply began: a 503, not a 200 stream with an error event ------------
+
+
+class FakeStream:
+    request_id, num_prompt_tokens = "r", 3
+
+    def __init__(self, chunks: list[EngineChunk]):
+        self._chunks = chunks
+        self.closed = False
+
+    async def chunks(self):
+        try:
+            for chunk in self._chunks:
+                yield chunk
+        finally:
+            self.closed = True
+
+
+def test_out_of_memory_before_streaming_raises_503_error():
+    oom = EngineChunk("r", finished=True, finish_reason="error", error="out of memory: CUDA out of memory")
+    stream = FakeStream([oom])
+    with pytest.raises(GenerationFailedError) as info:
+        asyncio.run(started(stream))
+    assert info.value.out_of_memory and stream.closed
+    assert not GenerationFailedError("RuntimeError: boom").out_of_memory
+
+
+def test_started_stream_replays_its_first_chunk():
+    chunks = [EngineChunk("r", text="a", token_ids=[1]), EngineChunk("r", text="b", token_ids=[2], finished=True)]
+
+    async def collect():
+        stream = await started(FakeStream(chunks))
+        return [c.text async for c in stream.chunks()]
+
+    assert asyncio.run(collect()) == ["a", "b"]
