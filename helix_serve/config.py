@@ -26,7 +26,8 @@ class EngineConfig:
     num_speculative_tokens: int | None = None  # fixed K for every request; None: adaptive
     k_min: int = 0
     k_max: int = 8
-    draft_cost_ratio: float | None = None  # None: measured while running
+    draft_cost_ratio: float | None = None  # c for adaptive K; None: measured at start (calibration.py)
+    verify_cost_ratio: float | None = None  # v for adaptive K; None: measured at start
     seed: int = 0
 
     def __post_init__(self) -> None:

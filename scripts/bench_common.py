@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import statistics
-import time
 from pathlib import Path
 
+from helix_serve.engine.calibration import measure_step_costs
 from helix_serve.engine.llm_engine import LLMEngine
 from helix_serve.engine.sampling_params import SamplingParams
 
@@ -21,29 +21,12 @@ PROMPTS = [
 ]
 
 
-def measure_cost_ratio(engine: LLMEngine, context: int = 64, repeats: int = 30) -> dict:
-    """c = one draft decode forward / one target decode forward, both with `context` cached tokens."""
-    table: list[int] = []
-    engine.block_manager.ensure_slots(table, context + 8)
-    tokens = [int(t) % engine.pair.target.shape.vocab_size for t in range(1, context + 1)]
-    runners = {"draft": engine.decoder.draft, "target": engine.decoder.target}
-    times: dict[str, float] = {}
-    for name, runner in runners.items():
-        runner.logits([table], [tokens], [0], [1])  # prefill the context
-        samples = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            runner.logits([table], [tokens[-1:]], [context], [1])
-            samples.append(time.perf_counter() - start)
-        times[name] = statistics.median(samples)
-    verify = []
-    for _ in range(repeats):  # a verify pass of 5 tokens (K = 4) costs about one decode pass on small models
-        start = time.perf_counter()
-        engine.decoder.target.logits([table], [tokens[-5:]], [context - 4], [5])
-        verify.append(time.perf_counter() - start)
-    engine.block_manager.release(table)
-    return {"draft_step_s": times["draft"], "target_step_s": times["target"],
-            "target_verify5_s": statistics.median(verify), "cost_ratio": times["draft"] / times["target"]}
+def step_costs(engine: LLMEngine) -> dict:
+    """The engine's start-up calibration (c, v) plus a fresh measurement after the runs."""
+    costs = measure_step_costs(engine.decoder.target, engine.decoder.draft, engine.block_manager, repeats=15)
+    return {"draft_step_s": costs.draft_decode_s, "target_step_s": costs.target_decode_s,
+            "target_verify5_s": costs.target_verify_s, "cost_ratio": costs.draft_ratio,
+            "verify_ratio": costs.verify_ratio}
 
 
 def run_helix(engine: LLMEngine, prompt: str, max_tokens: int, **params) -> dict:

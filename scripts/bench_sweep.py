@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from bench_common import PROMPTS, measure_cost_ratio, run_helix, save_figure, subplots, summarize
+from bench_common import PROMPTS, run_helix, save_figure, step_costs, subplots, summarize
 from tqdm import tqdm
 
 from helix_serve.config import DEFAULT_DRAFT, DEFAULT_TARGET, EngineConfig
@@ -55,24 +55,28 @@ def main() -> None:
     k_t = args.k_for_temperature
     configs = sorted({(k, 0.0) for k in ks} | {(0, t) for t in temps} | {(k_t, t) for t in temps})
     rows = sweep(engine, prompts, configs, max_tokens, args.repeats)
-    c = measure_cost_ratio(engine)["cost_ratio"]
+    costs = step_costs(engine)
+    c, v = costs["cost_ratio"], costs["verify_ratio"]
 
     def speedup(k: int, t: float) -> float:
         return rows[(k, t)]["tokens_per_s"] / rows[(0, t)]["tokens_per_s"]
 
-    print(f"\ncost ratio c = {c:.3f}; {len(prompts) * args.repeats} prompts x {max_tokens} tokens per configuration")
-    print(f"{'K':>3} {'T':>4} {'tok/s':>8} {'alpha':>7} {'speedup':>8} {'theory':>7}")
+    print(f"\ncost ratios c = {c:.3f}, v = {v:.3f}; "
+          f"{len(prompts) * args.repeats} prompts x {max_tokens} tokens per configuration")
+    print(f"{'K':>3} {'T':>4} {'tok/s':>8} {'alpha':>7} {'speedup':>8} {'theory':>7} {'theory+v':>9}")
     table = []
     for k, t in configs:
         row = rows[(k, t)]
         alpha = row.get("alpha", 0.0)
-        theory = expected_speedup(alpha, k, c) if k else 1.0
-        table.append({"k": k, "temperature": t, **row, "speedup": speedup(k, t), "theory": theory})
-        print(f"{k:3d} {t:4.1f} {row['tokens_per_s']:8.1f} {alpha:7.3f} {speedup(k, t):8.2f} {theory:7.2f}")
+        theory, theory_v = expected_speedup(alpha, k, c), expected_speedup(alpha, k, c, v)
+        table.append({"k": k, "temperature": t, **row, "speedup": speedup(k, t), "theory": theory,
+                      "theory_with_verify_cost": theory_v})
+        print(f"{k:3d} {t:4.1f} {row['tokens_per_s']:8.1f} {alpha:7.3f} {speedup(k, t):8.2f} {theory:7.2f} "
+              f"{theory_v:9.2f}")
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_sweep.json").write_text(json.dumps({"args": vars(args), "cost_ratio": c, "rows": table}, indent=2))
+    (out / "bench_sweep.json").write_text(json.dumps({"args": vars(args), "costs": costs, "rows": table}, indent=2))
     plot(table, ks, temps, k_t, out / "bench_sweep.png")
     print(f"wrote {out / 'bench_sweep.json'} and {out / 'bench_sweep.png'}")
 
@@ -81,7 +85,8 @@ def plot(table: list[dict], ks: list[int], temps: list[float], k_t: int, path: P
     by = {(r["k"], r["temperature"]): r for r in table}
     fig, (left, right) = subplots(1, 2, figsize=(11, 4))
     left.plot(ks, [by[(k, 0.0)]["speedup"] for k in ks], "o-", label="measured")
-    left.plot(ks, [by[(k, 0.0)]["theory"] for k in ks], "s--", label="theory (measured α, c)")
+    left.plot(ks, [by[(k, 0.0)]["theory"] for k in ks], "s--", label="Leviathan (measured α, c)")
+    left.plot(ks, [by[(k, 0.0)]["theory_with_verify_cost"] for k in ks], "^:", label="with verify cost v")
     left.set(xlabel="K (draft tokens)", ylabel="speedup vs K=0", title="greedy, batch 1")
     left.legend()
     right.plot(temps, [by[(k_t, t)].get("alpha", 0) for t in temps], "o-", label="acceptance α")

@@ -55,3 +55,13 @@ def test_load_caps_k_to_the_token_budget():
     assert policy.choose(seq, 0.05, num_running=1) == 8
     assert policy.choose(seq, 0.05, num_running=16) == 3  # 16 sequences x (3 + 1) = 64 tokens
     assert policy.choose(seq, 0.05, num_running=64) == 0
+
+
+def test_verify_cost_makes_speculation_more_conservative():
+    policy, seq = AdaptiveK(k_min=0, k_max=8), _seq()
+    for _ in range(20):
+        policy.update(seq, 4, 2)  # α ≈ 0.67
+    leviathan = policy.choose(seq, 0.3, 1)
+    with_verify = policy.choose(seq, 0.3, 1, verify_ratio=0.1)
+    assert expected_speedup(0.67, 2, 0.3, 0.1) < expected_speedup(0.67, 2, 0.3)
+    assert with_verify <= leviathan and leviathan >= 1

@@ -180,3 +180,10 @@ def test_oom_on_a_lone_sequence_fails_it_clearly(engine, monkeypatch):
     [out] = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=8))
     assert out.finish_reason == "error" and out.error.startswith("out of memory")
     assert engine.kv_usage()["used_blocks"] == 0
+
+
+def test_start_up_calibration_measures_costs(engine):
+    costs = engine.step_costs
+    assert costs is not None and costs.target_decode_s > 0 and costs.draft_decode_s > 0
+    assert engine.cost_ratios == (costs.draft_ratio, costs.verify_ratio)
+    assert engine.kv_usage()["used_blocks"] == 0  # the scratch sequence gave its blocks back

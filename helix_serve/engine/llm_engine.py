@@ -16,17 +16,19 @@ from helix_serve.config import EngineConfig
 from helix_serve.device import resolve_device
 from helix_serve.engine.adaptive_k import AdaptiveK
 from helix_serve.engine.block_manager import BlockManager
+from helix_serve.engine.calibration import StepCosts, measure_step_costs
 from helix_serve.engine.model_runner import ModelRunner
 from helix_serve.engine.sampling_params import SamplingParams
 from helix_serve.engine.scheduler import Scheduler
 from helix_serve.engine.sequence import Sequence
-from helix_serve.engine.speculative import SpeculativeDecoder, StepOutput
+from helix_serve.engine.speculative import SpeculativeDecoder
 from helix_serve.engine.stop_checker import StopChecker
 from helix_serve.model.loader import ModelPair, load_model_pair
 from helix_serve.model.paged_llm import KVCache
 
 logger = logging.getLogger(__name__)
 OOM_REGROW_STEPS = 16
+DEFAULT_DRAFT_COST_RATIO = 0.3  # only when calibration could not run
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -77,11 +79,33 @@ class LLMEngine:
         self.decoder = SpeculativeDecoder(target_runner, draft_runner)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.adaptive_k = AdaptiveK(config.k_min, config.k_max, max_num_batched_tokens=config.max_num_batched_tokens)
-        self.cost_ratio = config.draft_cost_ratio if config.draft_cost_ratio is not None else 0.3
+        self.step_costs = self._calibrate() if draft_runner is not None else None
         self.stop_checker = StopChecker(self.tokenizer, self._eos_ids(), self.max_model_len)
         self.seqs: dict[str, Sequence] = {}
         self._steps_since_oom = 0
         self._seed_rng = torch.Generator().manual_seed(config.seed)
+
+    def _calibrate(self) -> StepCosts | None:
+        """Measure c and v for adaptive K (skipped when both are configured or the pool is tiny)."""
+        if self.config.draft_cost_ratio is not None and self.config.verify_cost_ratio is not None:
+            return None
+        try:
+            costs = measure_step_costs(self.decoder.target, self.decoder.draft, self.block_manager)
+        except ValueError:
+            return None
+        logger.info("step costs: c=%.3f v=%.3f (target %.2f ms)", costs.draft_ratio, costs.verify_ratio,
+                    costs.target_decode_s * 1e3)
+        return costs
+
+    @property
+    def cost_ratios(self) -> tuple[float, float]:
+        """(c, v) used by adaptive K: configured values win, else the start-up calibration."""
+        c, v = self.config.draft_cost_ratio, self.config.verify_cost_ratio
+        if c is None:
+            c = self.step_costs.draft_ratio if self.step_costs else DEFAULT_DRAFT_COST_RATIO
+        if v is None:
+            v = self.step_costs.verify_ratio if self.step_costs else 0.0
+        return c, v
 
     def _runner(self, model, vocab: int) -> ModelRunner:
         kv = KVCache.allocate(model.shape, self.config.num_kv_blocks, self.config.block_size, model.dtype, model.device)
@@ -159,7 +183,6 @@ class LLMEngine:
             logger.exception("engine step failed for %d sequences", len(seqs))
             return expired + [self._fail(seq, f"{type(exc).__name__}: {exc}") for seq in seqs]
         self._regrow_batch()
-        self._observe_cost(out)
         return expired + [
             self._advance(seq, k, new, a) for seq, k, new, a in zip(seqs, ks, out.new_token_ids, out.num_accepted)
         ]
@@ -204,15 +227,10 @@ class LLMEngine:
         if k is None:
             k = self.config.num_speculative_tokens
         if k is None:
-            k = self.adaptive_k.choose(seq, self.cost_ratio, num_running)
+            c, v = self.cost_ratios
+            k = self.adaptive_k.choose(seq, c, num_running, v)
         room = min(params.max_tokens - seq.num_output_tokens, self.max_model_len - seq.num_tokens) - 1
         return max(0, min(k, room))
-
-    def _observe_cost(self, out: StepOutput) -> None:
-        """Track c = draft forward time / target forward time (exponential moving average)."""
-        if self.config.draft_cost_ratio is None and out.num_draft_passes > 0 and out.target_seconds > 0:
-            ratio = out.draft_seconds / out.num_draft_passes / out.target_seconds
-            self.cost_ratio = 0.9 * self.cost_ratio + 0.1 * ratio
 
     def _advance(self, seq: Sequence, k: int, new_ids: list[int], num_accepted: int) -> RequestOutput:
         now = time.perf_counter()

@@ -56,6 +56,8 @@ def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor)
 def logits_to_probs(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     """[N, V] fp32 logits → [N, V] probabilities under each row's settings."""
     greedy = t.temperature == 0
+    if bool(greedy.all()):  # the common greedy batch: skip the softmax entirely
+        return torch.zeros_like(logits).scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
     scaled = logits / torch.where(greedy, 1.0, t.temperature)[:, None]
     if bool((t.top_k > 0).any()) or bool((t.top_p < 1).any()):
         scaled = _top_k_top_p(scaled, t.top_k, t.top_p)

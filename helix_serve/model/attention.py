@@ -96,8 +96,12 @@ def paged_attention(
     write_kv(key, value, k_cache, v_cache, meta.slot_mapping)
     num_seqs, _, max_q, max_ctx = meta.attn_mask.shape
     num_heads, head_dim = query.shape[1], query.shape[2]
-    q = query.new_zeros(num_seqs, max_q, num_heads, head_dim)
-    q[meta.query_batch_idx, meta.query_offset] = query
+    uniform = query.shape[0] == num_seqs * max_q  # every sequence has max_q queries: no padding needed
+    if uniform:
+        q = query.view(num_seqs, max_q, num_heads, head_dim)
+    else:
+        q = query.new_zeros(num_seqs, max_q, num_heads, head_dim)
+        q[meta.query_batch_idx, meta.query_offset] = query
 
     # Gather each sequence's context through its block table: [B, max_ctx, kv_heads, head_dim].
     k = k_cache[meta.block_tables].flatten(1, 2)[:, :max_ctx]
@@ -108,5 +112,5 @@ def paged_attention(
         v = v.repeat_interleave(group, dim=2)
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=meta.attn_mask, scale=scale
-    )  # [B, heads, max_q, head_dim]
-    return out.transpose(1, 2)[meta.query_batch_idx, meta.query_offset]
+    ).transpose(1, 2)  # [B, max_q, heads, head_dim]
+    return out.reshape(-1, num_heads, head_dim) if uniform else out[meta.query_batch_idx, meta.query_offset]

@@ -55,6 +55,7 @@ class HelixAppArgs(BaseModel):
     k_min: int = Field(0, ge=0)
     k_max: int = Field(8, ge=0)
     draft_cost_ratio: float | None = Field(None, gt=0)
+    verify_cost_ratio: float | None = Field(None, ge=0)
     seed: int = 0
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads per engine replica")
     served_model_name: str = Field("helix", min_length=1)
@@ -86,7 +87,7 @@ class HelixAppArgs(BaseModel):
             block_size=self.block_size, num_kv_blocks=self.num_kv_blocks, max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens, max_model_len=self.max_model_len,
             num_speculative_tokens=self.num_speculative_tokens, k_min=self.k_min, k_max=self.k_max,
-            draft_cost_ratio=self.draft_cost_ratio, seed=self.seed,
+            draft_cost_ratio=self.draft_cost_ratio, verify_cost_ratio=self.verify_cost_ratio, seed=self.seed,
         )
 
 
