@@ -53,18 +53,21 @@ def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor)
     return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
 
 
+def _one_hot_argmax(logits: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(logits).scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
+
+
 def logits_to_probs(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     """[N, V] fp32 logits → [N, V] probabilities under each row's settings."""
     greedy = t.temperature == 0
     if bool(greedy.all()):  # the common greedy batch: skip the softmax entirely
-        return torch.zeros_like(logits).scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
+        return _one_hot_argmax(logits)
     scaled = logits / torch.where(greedy, 1.0, t.temperature)[:, None]
     if bool((t.top_k > 0).any()) or bool((t.top_p < 1).any()):
         scaled = _top_k_top_p(scaled, t.top_k, t.top_p)
     probs = scaled.softmax(dim=-1)
     if bool(greedy.any()):
-        one_hot = torch.zeros_like(probs).scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
-        probs = torch.where(greedy[:, None], one_hot, probs)
+        probs = torch.where(greedy[:, None], _one_hot_argmax(logits), probs)
     return probs
 
 
