@@ -13,7 +13,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from helix_serve.serving.app_config import RoutingConfig
-from helix_serve.serving.metrics import HelixMetrics
+from helix_serve.serving.metrics import CURRENT_REQUEST, HelixMetrics
 from helix_serve.serving.pools import Pool, PoolRouter
 from helix_serve.serving.protocol import EngineChunk, EngineRequest
 
@@ -64,23 +64,39 @@ class EngineStream:
         self._route = route
         self._metrics = metrics
         self._started = started
+        self._record = CURRENT_REQUEST.get()  # the HTTP request this generation belongs to, if any
+        self._first_token_at: float | None = None
+        self._last_token_at = started
 
     async def chunks(self) -> AsyncIterator[EngineChunk]:
-        ttft_s: float | None = None
         finished = False
         try:
             async for chunk in self._response:
-                if ttft_s is None and chunk.token_ids:
-                    ttft_s = time.perf_counter() - self._started
+                self._observe(chunk)
                 finished = chunk.finished
-                if finished:
-                    self._metrics.observe_generation(self._route, ttft_s, time.perf_counter() - self._started,
-                                                     chunk.stats or {})
                 yield chunk
         finally:
             if not finished:  # client gone or error here: cancellation reaches the replica, which aborts
                 self._response.cancel()
             self._release()
+
+    def _observe(self, chunk: EngineChunk) -> None:
+        now = time.perf_counter()
+        if chunk.num_drafted:
+            self._metrics.speculative_k.observe(chunk.num_drafted)
+        if chunk.token_ids:
+            if self._first_token_at is None:
+                self._first_token_at = now
+            else:
+                self._metrics.observe_tokens(self._route, now - self._last_token_at, len(chunk.token_ids))
+            self._last_token_at = now
+        if chunk.finished:
+            ttft_s = None if self._first_token_at is None else self._first_token_at - self._started
+            stats = chunk.stats or {}
+            self._metrics.observe_generation(self._route, ttft_s, now - self._started, stats)
+            if self._record is not None:
+                self._record.add_generation(self.pool_name, self.num_prompt_tokens, chunk.finish_reason, ttft_s,
+                                            stats)
 
     def _release(self) -> None:
         if self._pool is not None:

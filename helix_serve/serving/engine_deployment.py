@@ -19,8 +19,9 @@ from helix_serve.device import DeviceUnavailableError, resolve_device
 from helix_serve.engine.llm_engine import LLMEngine
 from helix_serve.model.loader import load_model_pair
 from helix_serve.serving.app_config import BatchingConfig, HelixAppArgs, PoolConfig
+from helix_serve.serving.metrics import EngineMetrics
 from helix_serve.serving.protocol import EngineChunk, EngineRequest
-from helix_serve.serving.step_loop import DuplicateRequestError, StepLoop
+from helix_serve.serving.step_loop import DuplicateRequestError, StepLoop, StepSummary
 
 logger = logging.getLogger(__name__)
 DEFAULT_BATCHING = BatchingConfig()
@@ -64,7 +65,8 @@ class HelixEngine:
         config = self.args.engine_config()
         pair = load_model_pair(config.target_model, config.draft_model, self.placement.device, config.dtype)
         engine = LLMEngine(config, pair)
-        self.loop = StepLoop(engine)
+        self.metrics = EngineMetrics(pool_name, config.k_max)  # Ray's metrics export, for the dashboard
+        self.loop = StepLoop(engine, on_step=self.metrics.record_step)
         self.node_id = ray.get_runtime_context().get_node_id()
         logger.info("engine pool %s ready on %s (asked for %r) on node %s (draft: %s)", pool_name, engine.device,
                     self.placement.requested, self.node_id, engine.has_draft)
@@ -100,14 +102,17 @@ class HelixEngine:
             self.loop.close(request.request_id)
 
     async def info(self) -> dict[str, Any]:
-        """Model, pool, device, node and KV pool usage (read on the engine thread)."""
+        """Model, pool, device, node, KV pool usage (read on the engine thread) and the last step's K."""
         engine = self.loop.engine
         kv = await self.loop.run_on_engine(engine.kv_usage)
+        self.metrics.set_kv_usage(kv)  # also after aborts and when idle, when no step reports
+        last_step = self.loop.last_step or StepSummary([], 0, kv)
         return {
             "target_model": self.args.target_model, "draft_model": self.args.draft_model,
             "has_draft": engine.has_draft, "device": str(engine.device), "max_model_len": engine.max_model_len,
             "kv_cache": kv, "pool": self.pool_name, "device_requested": self.placement.requested,
             "device_fallback": self.placement.fallback_reason, "node_id": self.node_id,
+            "last_step": last_step.info(),
         }
 
     async def check_health(self) -> None:

@@ -22,7 +22,7 @@ from helix_serve.serving.auth import ApiKeyMiddleware
 from helix_serve.serving.engine_client import EngineClient, EngineRejectedError, Generation
 from helix_serve.serving.errors import GenerationFailedError, OpenAIError, install_error_handlers
 from helix_serve.serving.limits import RequestLimitMiddleware
-from helix_serve.serving.metrics import HelixMetrics, RequestCountMiddleware
+from helix_serve.serving.metrics import HelixMetrics, RequestObserverMiddleware
 from helix_serve.serving.playground import playground_router
 from helix_serve.serving.protocol import EngineRequest
 from helix_serve.serving.schemas import (BatchGenerateRequest, BatchGenerateResponse, ChatCompletionRequest,
@@ -36,13 +36,15 @@ GUARD = Guard()  # API keys and limits, configured when the replica starts
 app = FastAPI(title="Helix", description="Speculative-decoding LLM inference server")
 app.add_middleware(RequestLimitMiddleware, guard=GUARD)
 app.add_middleware(ApiKeyMiddleware, guard=GUARD)  # outside the limits: nothing is read before the key check
-app.add_middleware(RequestCountMiddleware, metrics=METRICS)  # outermost: 401s and 413s are counted too
+# outermost: 401s and 413s are counted too, and every generation request gets its log line
+app.add_middleware(RequestObserverMiddleware, metrics=METRICS)
 install_error_handlers(app)
 app.include_router(playground_router)
 
 
 def request_id(request: Request) -> str:
-    """Serve's proxy puts an X-Request-ID on every request (and echoes it on the response)."""
+    """Serve's proxy puts an X-Request-ID on every request (and echoes it on the response); the observer
+    middleware adds one where it is missing, so the log line and the engine use the same id."""
     return request.headers.get("x-request-id") or uuid.uuid4().hex
 
 

@@ -1,22 +1,41 @@
-"""Prometheus metrics kept by the ingress: HTTP requests, latency, and the engine stats it gets back.
+"""Metrics and the one log line per generation request.
 
-Engine replicas are separate processes, so their token and acceptance counts arrive here inside each
-finished generation's stats, and the KV gauges are refreshed from the engine when /metrics is scraped.
-With more than one ingress replica each one reports its own share.
+The ingress keeps prometheus-client metrics in its own registry, served at /metrics: HTTP requests,
+latencies, and the engine stats that each finished generation carries back. Engine replicas are separate
+processes: their live state (sequences running and waiting, K, KV blocks) is exported with Ray's metrics
+API by `EngineMetrics` (Ray's Prometheus export, names prefixed `ray_`), and mirrored per pool into the
+ingress's registry from the `info` probes. With more than one ingress replica each one reports its own share.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import logging
+import time
+import uuid
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+if TYPE_CHECKING:
+    from helix_serve.serving.step_loop import StepSummary
+
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+K_BUCKETS = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16)
+RATE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 ROUTES = frozenset({
     "/generate", "/generate/batch", "/generate/stream", "/v1/completions", "/v1/chat/completions", "/v1/models",
     "/health", "/ping", "/metrics", "/docs", "/openapi.json",
 })
+GENERATION_ROUTES = frozenset({"/generate", "/generate/batch", "/generate/stream", "/v1/completions",
+                               "/v1/chat/completions"})
+REQUEST_ID_HEADER = b"x-request-id"  # Serve's proxy sets it and echoes it as the response's X-Request-ID
+# A child of Serve's logger: its lines land in the replica's Serve log file, as JSON with `encoding: JSON`.
+request_logger = logging.getLogger("ray.serve.helix")
 
 
 class HelixMetrics:
@@ -29,13 +48,38 @@ class HelixMetrics:
                                 registry=r)
         self.ttft = Histogram("helix_time_to_first_token_seconds", "Time to the first generated token, as the "
                               "ingress sees it", ["route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("helix_inter_token_latency_seconds", "Time between generated tokens after the first; "
+                             "a chunk of n tokens counts n gaps of (time since the last chunk) / n", ["route"],
+                             buckets=ITL_BUCKETS, registry=r)
         self.e2e = Histogram("helix_request_latency_seconds", "End-to-end generation latency", ["route"],
                              buckets=LATENCY_BUCKETS, registry=r)
         self.generated = Counter("helix_generated_tokens", "Tokens generated", ["route"], registry=r)
         self.drafted = Counter("helix_draft_tokens", "Draft tokens proposed for verification", registry=r)
         self.accepted = Counter("helix_accepted_draft_tokens", "Draft tokens the target accepted", registry=r)
+        self.acceptance_rate = Gauge("helix_draft_acceptance_rate", "Accepted / drafted tokens of the generations "
+                                     "this ingress finished", registry=r)
+        self.request_acceptance = Histogram("helix_request_acceptance_rate", "Accepted / drafted tokens per "
+                                            "speculative generation", buckets=RATE_BUCKETS, registry=r)
+        self.speculative_k = Histogram("helix_speculative_k", "K (draft tokens proposed) per verify step of one "
+                                       "sequence", buckets=K_BUCKETS, registry=r)
         self.kv_blocks = Gauge("helix_kv_blocks", "KV cache blocks of the engine replica last asked", ["state"],
                                registry=r)
+        self._engine_gauges(r)
+        self._pool_gauges(r)
+        self._num_drafted = self._num_accepted = 0
+
+    def _engine_gauges(self, r: CollectorRegistry) -> None:
+        """Per pool, from the last `info` a replica of it answered (Ray's own export has every replica)."""
+        self.engine_running = Gauge("helix_engine_running_sequences", "Sequences the engine is stepping",
+                                    ["pool"], registry=r)
+        self.engine_waiting = Gauge("helix_engine_waiting_sequences", "Sequences queued for KV blocks or a batch "
+                                    "slot", ["pool"], registry=r)
+        self.engine_kv_blocks = Gauge("helix_engine_kv_blocks", "KV cache blocks by state", ["pool", "state"],
+                                      registry=r)
+        self.engine_mean_k = Gauge("helix_engine_mean_k", "Mean K of the sequences that speculated in the "
+                                   "engine's last step (0 if none did)", ["pool"], registry=r)
+
+    def _pool_gauges(self, r: CollectorRegistry) -> None:
         self.pool_requests = Counter("helix_pool_requests", "Requests admitted, by engine pool", ["pool"],
                                      registry=r)
         self.pool_healthy = Gauge("helix_pool_healthy", "1 if the engine pool answered its last probe", ["pool"],
@@ -50,8 +94,19 @@ class HelixMetrics:
             self.ttft.labels(route).observe(ttft_s)
         self.e2e.labels(route).observe(e2e_s)
         self.generated.labels(route).inc(stats.get("tokens_generated", 0))
-        self.drafted.inc(stats.get("num_drafted", 0))
-        self.accepted.inc(stats.get("num_accepted", 0))
+        num_drafted, num_accepted = stats.get("num_drafted", 0), stats.get("num_accepted", 0)
+        self.drafted.inc(num_drafted)
+        self.accepted.inc(num_accepted)
+        if num_drafted:
+            self.request_acceptance.observe(num_accepted / num_drafted)
+            self._num_drafted += num_drafted
+            self._num_accepted += num_accepted
+            self.acceptance_rate.set(self._num_accepted / self._num_drafted)
+
+    def observe_tokens(self, route: str, gap_s: float, num_tokens: int) -> None:
+        """A chunk of `num_tokens` that arrived `gap_s` after the previous one."""
+        for _ in range(num_tokens):
+            self.itl.labels(route).observe(gap_s / num_tokens)
 
     def set_kv_usage(self, kv: dict[str, int]) -> None:
         self.kv_blocks.labels("used").set(kv["used_blocks"])
@@ -65,13 +120,131 @@ class HelixMetrics:
             if "device" in pool:
                 fallback = "cpu" if pool["device_fallback"] else ""
                 self.pool_device.labels(name, pool["device"], pool["device_requested"], fallback).set(1)
+            self._set_engine_state(name, pool)
+
+    def _set_engine_state(self, name: str, pool: dict[str, Any]) -> None:
+        kv = pool.get("kv_cache") or {}
+        if "num_running" in kv:
+            self.engine_running.labels(name).set(kv["num_running"])
+            self.engine_waiting.labels(name).set(kv["num_waiting"])
+            self.engine_kv_blocks.labels(name, "used").set(kv["used_blocks"])
+            self.engine_kv_blocks.labels(name, "free").set(kv["free_blocks"])
+        if "last_step" in pool:
+            self.engine_mean_k.labels(name).set(pool["last_step"]["mean_k"])
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
 
-class RequestCountMiddleware:
-    """Pure ASGI (unlike BaseHTTPMiddleware it leaves streaming and disconnects alone)."""
+class EngineMetrics:
+    """An engine replica's live state in Ray's metrics export (tagged with pool, deployment and replica)."""
+
+    def __init__(self, pool_name: str, k_max: int):
+        from ray.serve import metrics  # NOTE: imported here so the ingress never needs Ray's metrics module
+
+        tags = ("pool",)
+        self.running = metrics.Gauge("helix_engine_running_sequences", "Sequences the engine is stepping", tags)
+        self.waiting = metrics.Gauge("helix_engine_waiting_sequences", "Sequences queued for KV blocks or a "
+                                     "batch slot", tags)
+        self.kv_blocks = metrics.Gauge("helix_engine_kv_blocks", "KV cache blocks by state", (*tags, "state"))
+        self.mean_k = metrics.Gauge("helix_engine_mean_k", "Mean K of the sequences that speculated in the last "
+                                    "step (0 if none did)", tags)
+        self.k = metrics.Histogram("helix_engine_speculative_k", "K per verify step of one sequence",
+                                   [float(k) for k in range(1, max(k_max, 1) + 1)], tags)
+        self.steps = metrics.Counter("helix_engine_steps", "Engine steps that produced output", tags)
+        self.drafted = metrics.Counter("helix_engine_draft_tokens", "Draft tokens proposed", tags)
+        self.accepted = metrics.Counter("helix_engine_accepted_draft_tokens", "Draft tokens accepted", tags)
+        for metric in (self.running, self.waiting, self.kv_blocks, self.mean_k, self.k, self.steps, self.drafted,
+                       self.accepted):
+            metric.set_default_tags({"pool": pool_name})
+
+    def set_kv_usage(self, kv: dict[str, int]) -> None:
+        self.running.set(kv["num_running"])
+        self.waiting.set(kv["num_waiting"])
+        self.kv_blocks.set(kv["used_blocks"], {"state": "used"})
+        self.kv_blocks.set(kv["free_blocks"], {"state": "free"})
+
+    def record_step(self, step: StepSummary) -> None:
+        self.set_kv_usage(step.kv)
+        self.mean_k.set(step.mean_k)
+        self.steps.inc()
+        for k in step.ks:
+            self.k.observe(k)
+        if step.num_drafted:
+            self.drafted.inc(step.num_drafted)
+        if step.num_accepted:
+            self.accepted.inc(step.num_accepted)
+
+
+# ---- the per-request record and log line ---------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """One HTTP request as the ingress saw it; the engine streams it opened add their results."""
+
+    request_id: str
+    path: str
+    started: float
+    status_code: int | None = None
+    finish_reasons: list[str] = field(default_factory=list)
+    pools: list[str] = field(default_factory=list)
+    num_prompt_tokens: int = 0
+    tokens_generated: int = 0
+    num_drafted: int = 0
+    num_accepted: int = 0
+    ttft_s: float | None = None  # the first token of any of its generations
+
+    def add_generation(self, pool: str, num_prompt_tokens: int, finish_reason: str | None, ttft_s: float | None,
+                       stats: dict[str, Any]) -> None:
+        self.pools.append(pool)
+        self.finish_reasons.append(finish_reason or "none")
+        self.num_prompt_tokens += num_prompt_tokens
+        self.tokens_generated += stats.get("tokens_generated", 0)
+        self.num_drafted += stats.get("num_drafted", 0)
+        self.num_accepted += stats.get("num_accepted", 0)
+        if ttft_s is not None and (self.ttft_s is None or ttft_s < self.ttft_s):
+            self.ttft_s = ttft_s
+
+    def fields(self, e2e_s: float) -> dict[str, Any]:
+        rate = self.num_accepted / self.num_drafted if self.num_drafted else None
+        return {
+            "request_id": self.request_id, "path": self.path, "status_code": self.status_code,
+            "finish_reason": ",".join(self.finish_reasons) or None, "pool": ",".join(sorted(set(self.pools))) or None,
+            "num_prompt_tokens": self.num_prompt_tokens, "tokens_generated": self.tokens_generated,
+            "num_drafted": self.num_drafted, "num_accepted": self.num_accepted, "acceptance_rate": rate,
+            "ttft_s": self.ttft_s, "e2e_s": e2e_s,
+        }
+
+
+CURRENT_REQUEST: ContextVar[RequestRecord | None] = ContextVar("helix_request", default=None)
+
+
+def log_request(record: RequestRecord, e2e_s: float) -> None:
+    """One line: readable `key=value` text, and the same fields as JSON keys under `encoding: JSON`."""
+    fields = record.fields(e2e_s)
+    text = " ".join(f"{key}={_format(value)}" for key, value in fields.items())
+    request_logger.info("request finished %s", text, extra=fields)
+
+
+def _format(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def ensure_request_id(scope: Scope) -> str:
+    """The request's X-Request-ID; one is added if missing, so the handlers and the log use the same."""
+    for key, value in scope["headers"]:
+        if key == REQUEST_ID_HEADER:
+            return value.decode("latin-1")
+    request_id = uuid.uuid4().hex
+    scope["headers"] = [*scope["headers"], (REQUEST_ID_HEADER, request_id.encode())]
+    return request_id
+
+
+class RequestObserverMiddleware:
+    """Counts every request by route and status, and logs one line per generation request once its reply
+    (streamed or not) has ended. Pure ASGI (unlike BaseHTTPMiddleware it leaves streaming and disconnects
+    alone)."""
 
     def __init__(self, app: ASGIApp, metrics: HelixMetrics) -> None:
         self.app = app
@@ -82,10 +255,28 @@ class RequestCountMiddleware:
             await self.app(scope, receive, send)
             return
         route = scope["path"] if scope["path"] in ROUTES else "other"  # bounded label values
+        record = RequestRecord(ensure_request_id(scope), route, time.perf_counter())
+        token = CURRENT_REQUEST.set(record)
 
-        async def counting_send(message: Message) -> None:
+        async def observing_send(message: Message) -> None:
             if message["type"] == "http.response.start":
-                self.metrics.requests.labels(route, str(message["status"])).inc()
+                self._count(record, message["status"])
             await send(message)
 
-        await self.app(scope, receive, counting_send)
+        try:
+            await self.app(scope, receive, observing_send)
+        except asyncio.CancelledError:  # the client left before the reply ended
+            self._count(record, 499)
+            raise
+        except Exception:  # Starlette's outermost handler answers 500
+            self._count(record, 500)
+            raise
+        finally:
+            CURRENT_REQUEST.reset(token)
+            if route in GENERATION_ROUTES:
+                log_request(record, time.perf_counter() - record.started)
+
+    def _count(self, record: RequestRecord, status_code: int) -> None:
+        if record.status_code is None:
+            record.status_code = status_code
+            self.metrics.requests.labels(record.path, str(status_code)).inc()

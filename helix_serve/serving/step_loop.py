@@ -10,6 +10,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from helix_serve.engine.llm_engine import LLMEngine, PromptTooLongError, RequestOutput, RequestRejectedError
@@ -22,11 +23,40 @@ T = TypeVar("T")
 IDLE_BACKOFF_S = 0.002  # when sequences wait for KV blocks, don't spin the engine thread
 
 
+@dataclass(slots=True)
+class StepSummary:
+    """What one engine step did, for metrics: the K of each sequence that speculated, and KV usage after it."""
+
+    ks: list[int]
+    num_accepted: int
+    kv: dict[str, int]
+
+    @classmethod
+    def of(cls, outputs: list[RequestOutput], kv: dict[str, int]) -> StepSummary:
+        # NOTE: an output's num_drafted is the K its sequence used this step (0: prefill or plain decoding).
+        speculated = [o for o in outputs if o.num_drafted > 0]
+        return cls([o.num_drafted for o in speculated], sum(o.num_accepted for o in speculated), kv)
+
+    @property
+    def num_drafted(self) -> int:
+        return sum(self.ks)
+
+    @property
+    def mean_k(self) -> float:
+        return self.num_drafted / len(self.ks) if self.ks else 0.0
+
+    def info(self) -> dict[str, Any]:
+        return {"mean_k": self.mean_k, "num_speculating": len(self.ks), "num_drafted": self.num_drafted,
+                "num_accepted": self.num_accepted}
+
+
 class StepLoop:
     """Owns the engine: admits batches of requests, steps, and streams each request's chunks."""
 
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: LLMEngine, on_step: Callable[[StepSummary], None] | None = None):
         self.engine = engine
+        self.last_step: StepSummary | None = None  # the last step that produced output
+        self._on_step = on_step
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="helix-engine")
         self._streams: dict[str, asyncio.Queue[EngineChunk]] = {}
         self._wakeup = asyncio.Event()
@@ -99,21 +129,32 @@ class StepLoop:
             await self._wakeup.wait()
             self._wakeup.clear()  # cleared before stepping: an admit during the step sets it again
             try:
-                outputs, busy = await self.run_on_engine(self._step)
+                outputs, busy, kv = await self.run_on_engine(self._step)
             except Exception as exc:  # noqa: BLE001 - one broken step must not leave callers waiting forever
                 logger.exception("engine step loop failed")
                 self._fail_all(f"{type(exc).__name__}: {exc}")
                 continue
             for output in outputs:
                 self._deliver(chunk_from_output(output))
+            if outputs:
+                self._record(StepSummary.of(outputs, kv))
             if busy:
                 self._wakeup.set()
                 if not outputs:
                     await asyncio.sleep(IDLE_BACKOFF_S)
 
-    def _step(self) -> tuple[list[RequestOutput], bool]:
+    def _step(self) -> tuple[list[RequestOutput], bool, dict[str, int]]:
         outputs = self.engine.step()
-        return outputs, self.engine.has_unfinished_requests()
+        return outputs, self.engine.has_unfinished_requests(), self.engine.kv_usage()
+
+    def _record(self, step: StepSummary) -> None:
+        self.last_step = step
+        if self._on_step is not None:
+            try:
+                self._on_step(step)
+            except Exception:  # noqa: BLE001 - metrics must never stop generation (nor flood the log)
+                logger.exception("recording engine step metrics failed; no more step metrics from this replica")
+                self._on_step = None
 
     def _deliver(self, chunk: EngineChunk) -> None:
         queue = self._streams.get(chunk.request_id)
