@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import socket
 import statistics
 import time
 from pathlib import Path
@@ -114,26 +112,6 @@ def kv_summary(samples: list[dict]) -> dict:
             "peak_running": peak["num_running"]}
 
 
-def start_app(args) -> tuple[str, object]:
-    """serve.run the app in this process on a free loopback port."""
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    import ray
-    from ray import serve
-
-    from helix_serve.serving.app import build_app
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
-    app_args = {"device": "cpu", "dtype": "float32", "max_num_seqs": 32, "torch_threads": args.engine_threads}
-    if args.target:
-        app_args.update(target_model=args.target, draft_model=args.draft)
-    serve.run(build_app(app_args), name="helix-bench", route_prefix="/")
-    return f"http://127.0.0.1:{port}", (ray, serve)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", help="an app already running (default: start one here)")
@@ -148,19 +126,23 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.concurrency, args.max_tokens, args.requests_per_stream = [1, 4], 16, 1
-    url, started = (args.url, None) if args.url else start_app(args)
-    try:
-        rows = []
-        for concurrency in tqdm(args.concurrency, desc="concurrency"):
-            for speculative in (True, False):
-                rows.append(asyncio.run(level(url, concurrency, args.requests_per_stream, args.max_tokens,
-                                              speculative)))
-    finally:
-        if started:
-            ray, serve = started
-            serve.shutdown()
-            ray.shutdown()
+    if args.url:
+        rows = run_levels(args.url, args)
+    else:
+        from helix_serve.serving.app import build_app
+        from helix_serve.serving.local import local_serve
+
+        app_args = {"device": "cpu", "dtype": "float32", "max_num_seqs": 32, "torch_threads": args.engine_threads}
+        if args.target:
+            app_args.update(target_model=args.target, draft_model=args.draft)
+        with local_serve(build_app(app_args), log_to_driver=False) as url:
+            rows = run_levels(url, args)
     report(rows, args)
+
+
+def run_levels(url: str, args) -> list[dict]:
+    return [asyncio.run(level(url, concurrency, args.requests_per_stream, args.max_tokens, speculative))
+            for concurrency in tqdm(args.concurrency, desc="concurrency") for speculative in (True, False)]
 
 
 def report(rows: list[dict], args) -> None:

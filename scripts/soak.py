@@ -13,13 +13,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import statistics
 import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
@@ -130,28 +130,14 @@ def model_args(workdir: Path) -> dict:
 
 
 @contextmanager
-def local_app(workdir: Path):
-    """A private local cluster (never another session's) serving build_app on loopback; yields its URL."""
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    import socket
-
-    import ray
-    from ray import serve
-
+def local_app(workdir: Path) -> Iterator[str]:
+    """The app on the embedded pair (or a tiny random pair) on a private local cluster; yields its URL."""
     from helix_serve.serving.app import build_app
+    from helix_serve.serving.local import local_serve
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     args = {"device": "cpu", "dtype": "float32", "num_kv_blocks": 256, **model_args(workdir)}
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
-        serve.run(build_app(args), name="helix", route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with local_serve(build_app(args), log_to_driver=False) as url:
+        yield url
 
 
 def main() -> None:

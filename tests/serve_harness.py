@@ -3,24 +3,16 @@
 
 from __future__ import annotations
 
-import os
-import socket
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from helix_serve.serving.local import free_port, local_serve  # noqa: F401  (re-exported for the tests)
+
 MODEL = "helix-test"
 PROMPT = "the quick brown fox"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def app_args(pair: tuple[Path, Path], **overrides: Any) -> dict[str, Any]:
@@ -43,27 +35,6 @@ def build_test_app(args: dict[str, Any], engine_options: dict[str, Any] | None =
     return HelixIngress.options(**(ingress_options or {})).bind(
         {DEFAULT_POOL: engine}, {DEFAULT_POOL: 1.0}, config.routing, config.served_model_name,
         config.max_batch_prompts, config.security)
-
-
-@contextmanager
-def local_serve(app, env: dict[str, str] | None = None) -> Iterator[str]:
-    """Start a private local cluster (never another session's), serve `app`, yield its base URL."""
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    os.environ.update(env or {})  # inherited by the raylet, so by every replica
-    import ray
-    from ray import serve
-
-    port = free_port()
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
-        serve.run(app, name="helix", route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        for name in env or {}:
-            os.environ.pop(name, None)
 
 
 def kv_used(http: httpx.Client, headers: dict[str, str] | None = None) -> int:

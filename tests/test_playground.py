@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +12,9 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
+
+from helix_serve.serving.app import build_app
+from tests.serve_harness import app_args, local_serve
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -27,32 +28,10 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   "--window-size=1400,1000"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def base_url(llama_pair):
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    import ray
-    from ray import serve
-
-    from helix_serve.serving.app import build_app
-
-    target, draft = llama_pair
-    args = {"target_model": str(target), "draft_model": str(draft), "device": "cpu", "dtype": "float32",
-            "num_kv_blocks": 128, "served_model_name": "helix-test", "max_batch_prompts": 4}
-    port = _free_port()
-    ray.init(address="local", num_cpus=2, include_dashboard=False)  # never join a cluster started elsewhere
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
-        serve.run(build_app(args), name="helix", route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with local_serve(build_app(app_args(llama_pair))) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

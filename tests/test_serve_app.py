@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import openai
@@ -18,40 +15,14 @@ import torch
 from helix_serve.config import EngineConfig
 from helix_serve.engine.llm_engine import LLMEngine
 from helix_serve.engine.sampling_params import SamplingParams
-
-PROMPT = "the quick brown fox"
-MODEL = "helix-test"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _app_args(target: Path, draft: Path) -> dict:
-    # Replicas import helix_serve from the installed package, never `tests`: pass paths, not fixtures.
-    return {"target_model": str(target), "draft_model": str(draft), "device": "cpu", "dtype": "float32",
-            "num_kv_blocks": 128, "served_model_name": MODEL, "max_batch_prompts": 4}
+from helix_serve.serving.app import build_app
+from tests.serve_harness import MODEL, PROMPT, app_args, local_serve
 
 
 @pytest.fixture(scope="module")
 def base_url(llama_pair):
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    import ray
-    from ray import serve
-
-    from helix_serve.serving.app import build_app
-
-    port = _free_port()
-    ray.init(num_cpus=2, include_dashboard=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
-        serve.run(build_app(_app_args(*llama_pair)), name="helix", route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with local_serve(build_app(app_args(llama_pair))) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
