@@ -544,6 +544,10 @@ python scripts/train_pair.py --eval-only   # re-measures the numbers above into 
 python scripts/train_pair.py               # full retrain (~{(tr['target_seconds'] + tr['draft_seconds']) / 60:.0f} min at {tr['threads']} thread)
 ```
 
+The Helix engine measures the same pair itself (α, accepted/drafted, tokens per target forward and
+speed at K = 0..8 and several temperatures): `python scripts/bench_sweep.py`; results in
+`docs/BENCHMARKS.md`.
+
 ## Samples from helix-target
 
 Continuations in ⟪…⟫ (80 new tokens, sampled ones with seed {tr['seed']}, no top-k/top-p).
