@@ -77,3 +77,40 @@ def test_pools_are_bound_by_name():
 def test_bad_pool_settings_are_refused(settings, needle):
     with pytest.raises(ValueError, match=needle):
         HelixAppArgs(**settings)
+
+
+class _LoadFailsOffCpu:
+    """Stands in for load_model_pair: the accelerator runs out of memory, the CPU load works."""
+
+    def __init__(self):
+        self.devices: list[torch.device] = []
+
+    def __call__(self, target, draft, device, dtype):
+        self.devices.append(device)
+        if device.type != "cpu":
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return "pair-on-cpu"
+
+
+def test_load_failure_on_the_device_fails_loudly_without_fallback(monkeypatch):
+    from helix_serve.serving import engine_deployment
+
+    monkeypatch.setattr(engine_deployment, "load_model_pair", _LoadFailsOffCpu())
+    placement = PoolDevice(torch.device("meta"), "cuda")  # stands in for a real accelerator
+    with pytest.raises(torch.OutOfMemoryError):
+        engine_deployment.load_pair_for_pool("engine_cuda", PoolConfig(device="cuda"), placement,
+                                             HelixAppArgs().engine_config())
+
+
+def test_load_failure_falls_back_to_cpu_when_allowed(monkeypatch, caplog):
+    from helix_serve.serving import engine_deployment
+
+    loader = _LoadFailsOffCpu()
+    monkeypatch.setattr(engine_deployment, "load_model_pair", loader)
+    placement = PoolDevice(torch.device("meta"), "cuda")
+    with caplog.at_level(logging.WARNING):
+        pair, ended_on = engine_deployment.load_pair_for_pool(
+            "engine_cuda", PoolConfig(device="cuda", fallback="cpu"), placement, HelixAppArgs().engine_config())
+    assert pair == "pair-on-cpu" and ended_on.device.type == "cpu" and ended_on.requested == "cuda"
+    assert "out of memory" in ended_on.fallback_reason and "fallback: cpu" in caplog.text
+    assert [d.type for d in loader.devices] == ["meta", "cpu"]

@@ -15,6 +15,7 @@ import ray
 import torch
 from ray import serve
 
+from helix_serve.config import EngineConfig
 from helix_serve.device import DeviceUnavailableError, resolve_device
 from helix_serve.engine.llm_engine import LLMEngine
 from helix_serve.model.loader import load_model_pair
@@ -48,6 +49,20 @@ def select_device(pool_name: str, pool: PoolConfig) -> PoolDevice:
         return PoolDevice(torch.device("cpu"), pool.device, str(exc))
 
 
+def load_pair_for_pool(pool_name: str, pool: PoolConfig, placement: PoolDevice, config: EngineConfig):
+    """Load the pair on the pool's device; if that fails (e.g. out of device memory), fail loudly, or load on
+    CPU with a warning only when the pool says `fallback: cpu`. Returns (pair, the placement it ended on)."""
+    try:
+        return load_model_pair(config.target_model, config.draft_model, placement.device, config.dtype), placement
+    except Exception as exc:
+        if pool.fallback != "cpu" or placement.device.type == "cpu":
+            raise
+        reason = f"loading the pair on {placement.device} failed: {type(exc).__name__}: {exc}"
+        logger.warning("engine pool %r: %s; running on CPU as the pool's `fallback: cpu` allows", pool_name, reason)
+        cpu = PoolDevice(torch.device("cpu"), placement.requested, reason)
+        return load_model_pair(config.target_model, config.draft_model, cpu.device, config.dtype), cpu
+
+
 @serve.deployment(
     name="HelixEngine",
     ray_actor_options={"num_cpus": 1},
@@ -61,9 +76,9 @@ class HelixEngine:
         self.args = HelixAppArgs(**args)
         self.pool_name = pool_name
         torch.set_num_threads(self.args.torch_threads)
-        self.placement = select_device(pool_name, self.args.engine_pools()[pool_name])
+        pool = self.args.engine_pools()[pool_name]
         config = self.args.engine_config()
-        pair = load_model_pair(config.target_model, config.draft_model, self.placement.device, config.dtype)
+        pair, self.placement = load_pair_for_pool(pool_name, pool, select_device(pool_name, pool), config)
         engine = LLMEngine(config, pair)
         self.metrics = EngineMetrics(pool_name, config.k_max)  # Ray's metrics export, for the dashboard
         self.loop = StepLoop(engine, on_step=self.metrics.record_step)
