@@ -100,7 +100,6 @@ class Sequence:
     # detokenization state
     output_text: str = ""
     num_text_emitted: int = 0
-    num_tokens_emitted: int = 0
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -3,7 +3,6 @@ pass, keep the accepted prefix plus one recovered/bonus token. K_i = 0 is plain 
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
@@ -18,9 +17,6 @@ from helix_serve.engine.sequence import Sequence
 class StepOutput:
     new_token_ids: list[list[int]]  # per sequence: accepted drafts + one target token
     num_accepted: list[int]
-    draft_seconds: float
-    target_seconds: float
-    num_draft_passes: int
 
 
 @dataclass(slots=True)
@@ -50,9 +46,7 @@ class SpeculativeDecoder:
     def step(self, seqs: list[Sequence], ks: list[int]) -> StepOutput:
         sampling = SamplingTensors.from_params([s.params for s in seqs], self.device)
         uniforms = _Uniforms.draw(seqs, ks)
-        start = time.perf_counter()
         draft_ids, draft_probs = self._propose(seqs, ks, sampling, uniforms.draft)
-        drafted = time.perf_counter()
         draft_lists = draft_ids.tolist()
         target_probs = self._score(seqs, ks, draft_lists, sampling)
         k_tensor = torch.tensor(ks, device=self.device)
@@ -65,7 +59,7 @@ class SpeculativeDecoder:
             if k > 0:  # the draft saw everything up to its last proposal but one; keep the accepted part
                 seq.num_draft_cached = seq.num_tokens + min(k - 1, a)
         new_ids = [d[:a] + [t] for d, a, t in zip(draft_lists, num_accepted, next_ids)]
-        return StepOutput(new_ids, num_accepted, drafted - start, time.perf_counter() - drafted, max(ks))
+        return StepOutput(new_ids, num_accepted)
 
     def _propose(
         self, seqs: list[Sequence], ks: list[int], sampling: SamplingTensors, uniforms: torch.Tensor
