@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlparse
@@ -101,10 +102,13 @@ def test_non_streaming_disconnect_frees_blocks(http, base_url):
 
 
 def test_overload_is_a_fast_503_with_retry_after(http, base_url):
+    all_ready = threading.Barrier(16)  # arrive together, so no slot frees up before the last one is sent
+
     def one(_: int) -> tuple[int, float, str | None]:
-        started_at = time.perf_counter()
         with httpx.Client(base_url=base_url, timeout=120) as client:
-            response = client.post("/generate", json={**LONG, "max_tokens": 150})
+            all_ready.wait()
+            started_at = time.perf_counter()
+            response = client.post("/generate", json={**LONG, "max_tokens": 300})
         return response.status_code, time.perf_counter() - started_at, response.headers.get("retry-after")
 
     with ThreadPoolExecutor(16) as pool:
