@@ -5,6 +5,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from helix_serve.config import DEFAULT_DRAFT, DEFAULT_TARGET
 from helix_serve.engine.calibration import measure_step_costs
 from helix_serve.engine.llm_engine import LLMEngine
 from helix_serve.engine.sampling_params import SamplingParams
@@ -19,6 +20,14 @@ PROMPTS = [
     "PORTIA:\nThe quality of mercy is not strain'd",
     "Enter a Messenger.\n\nMessenger:\n",
 ]
+
+
+def add_pair_args(parser) -> None:
+    """The model pair and how it runs: the same flags in every engine benchmark."""
+    parser.add_argument("--target", default=DEFAULT_TARGET)
+    parser.add_argument("--draft", default=DEFAULT_DRAFT)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--device", default="cpu")
 
 
 def step_costs(engine: LLMEngine) -> dict:

@@ -13,10 +13,10 @@ import argparse
 import json
 from pathlib import Path
 
-from bench_common import PROMPTS, run_helix, save_figure, step_costs, subplots, summarize
+from bench_common import PROMPTS, add_pair_args, run_helix, save_figure, step_costs, subplots, summarize
 from tqdm import tqdm
 
-from helix_serve.config import DEFAULT_DRAFT, DEFAULT_TARGET, EngineConfig
+from helix_serve.config import EngineConfig
 from helix_serve.engine.adaptive_k import expected_speedup
 from helix_serve.engine.llm_engine import LLMEngine
 
@@ -35,10 +35,7 @@ def sweep(engine: LLMEngine, prompts: list[str], configs: list[tuple[int, float]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--target", default=DEFAULT_TARGET)
-    parser.add_argument("--draft", default=DEFAULT_DRAFT)
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--device", default="cpu")
+    add_pair_args(parser)
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--k-for-temperature", type=int, default=4)
