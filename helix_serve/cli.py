@@ -29,12 +29,40 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="auto", help="auto | cpu | cuda | directml (HELIX_DEVICE overrides)")
     gen.add_argument("--dtype", default="auto")
     gen.add_argument("--json", action="store_true", help="print text, token_ids and stats as JSON")
+
+    dist = commands.add_parser("distill", help="train a draft model for TARGET (self-distillation)")
+    dist.add_argument("--target", default=DEFAULT_TARGET, help="target model: hub id, local dir or .gguf file")
+    dist.add_argument("--out", required=True, help="directory for the draft, its model card and checkpoints")
+    dist.add_argument("--budget-minutes", type=float, default=110.0, help="wall-clock budget for the whole run")
+    dist.add_argument("--resume", action="store_true", help="continue from the answers and checkpoint in --out")
+    dist.add_argument("--seed", type=int, default=0)
+    dist.add_argument("--layers", type=int, default=2, help="draft layers (the target's first ones, retrained)")
+    dist.add_argument("--draft-vocab", type=int, default=8192, help="size of the draft's sub-vocabulary")
+    dist.add_argument("--batch-size", type=int, default=16, help="training batch (sequences)")
+    dist.add_argument("--threads", type=int, default=2, help="torch threads")
     return parser
+
+
+def _distill(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from pathlib import Path
+
+    from helix_serve.distill.run import DistillArgs, distill  # training code loads only for this command
+
+    command = "helix " + " ".join(argv if argv is not None else sys.argv[1:])
+    facts = distill(DistillArgs(
+        target=args.target, out=Path(args.out), budget_minutes=args.budget_minutes, resume=args.resume,
+        seed=args.seed, num_layers=args.layers, draft_vocab_size=args.draft_vocab, batch_size=args.batch_size,
+        threads=args.threads, command=command,
+    ))
+    print(json.dumps({k: facts[k] for k in ("greedy", "t0.8", "draft_cost_ratio", "verify_cost_ratio")}, indent=2))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.command == "distill":
+            return _distill(args, argv)
         params = SamplingParams(
             max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
             seed=args.seed, stop=args.stop, speculative=not args.no_speculative, num_speculative_tokens=args.k,

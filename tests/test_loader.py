@@ -4,6 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
+from helix_serve.device import preferred_cpu_dtype
 from helix_serve.model.loader import IncompatiblePairError, load_model_pair, resolve_dtype
 from tests.model_factory import make_model, make_tokenizer
 
@@ -38,18 +39,23 @@ def test_unsupported_architecture_is_refused(tmp_path):
 
 
 def test_dtype_resolution():
-    assert resolve_dtype("auto", torch.bfloat16, CPU) == torch.bfloat16
-    assert resolve_dtype("auto", torch.float16, CPU) == torch.float32  # fp16 matmuls are slow/missing on CPU
+    native_bf16, avx2_only = {"avx2", "avx512f", "avx512_bf16"}, {"avx", "avx2", "fma"}
+    for checkpoint_dtype in (torch.bfloat16, torch.float16, torch.float32, None):
+        assert resolve_dtype("auto", checkpoint_dtype, CPU, native_bf16) == torch.bfloat16
+        assert resolve_dtype("auto", checkpoint_dtype, CPU, avx2_only) == torch.float32  # bf16 would be emulated
+    assert resolve_dtype("auto", torch.bfloat16, CPU, {"amx_bf16", "amx_tile"}) == torch.bfloat16
     assert resolve_dtype("auto", torch.float16, torch.device("cuda")) == torch.float16
+    assert resolve_dtype("fp32", torch.bfloat16, CPU, native_bf16) == torch.float32
     assert resolve_dtype("bf16", None, CPU) == torch.bfloat16
     with pytest.raises(ValueError, match="unknown dtype"):
         resolve_dtype("int3", None, CPU)
 
 
-def test_bf16_checkpoint_loads_in_its_own_dtype(tmp_path, llama_pair):
+def test_bf16_checkpoint_on_cpu_loads_in_the_cpu_s_dtype(tmp_path, llama_pair):
     target, _ = llama_pair
     model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.bfloat16)
     model.save_pretrained(tmp_path / "bf16")
     make_tokenizer().save_pretrained(tmp_path / "bf16")
     pair = load_model_pair(str(tmp_path / "bf16"), None, CPU)
-    assert pair.target.dtype == torch.bfloat16 and pair.draft is None
+    assert pair.target.dtype == preferred_cpu_dtype() and pair.draft is None  # bf16 only where it is native
+    assert load_model_pair(str(tmp_path / "bf16"), None, CPU, "bfloat16").target.dtype == torch.bfloat16

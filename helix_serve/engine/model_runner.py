@@ -6,6 +6,7 @@ import torch
 
 from helix_serve.model.attention import AttentionMetadata
 from helix_serve.model.paged_llm import KVCache, PagedCausalLM
+from helix_serve.model.vocab_map import VocabMap
 
 
 class ModelRunner:
@@ -15,8 +16,10 @@ class ModelRunner:
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = block_size
-        self.vocab_size = vocab_size  # the target's: draft logits are padded or cut to it
+        self.vocab_size = vocab_size  # the target's: draft logits are mapped onto it
         self.device = model.device
+        rows = model.embed_tokens.num_embeddings
+        self.vocab_map = VocabMap.for_model(model.hf_model.config, rows, vocab_size, self.device)
 
     @torch.inference_mode()
     def logits(
@@ -30,14 +33,7 @@ class ModelRunner:
         context_lens = [s + n for s, n in zip(starts, query_lens)]
         meta = AttentionMetadata.build(block_tables, context_lens, query_lens, self.block_size, self.device)
         input_ids = torch.tensor([t for c in chunks for t in c], dtype=torch.long, device=self.device)
-        hidden = self.model(input_ids, meta, self.kv_cache)  # [T, hidden]
+        hidden = self.model(self.vocab_map.inputs(input_ids), meta, self.kv_cache)  # [T, hidden]
         ends = torch.tensor(query_lens).cumsum(0)
         index = torch.cat([torch.arange(int(e) - n, int(e)) for e, n in zip(ends, num_logits)])
-        return self._align_vocab(self.model.compute_logits(hidden[index.to(self.device)]))
-
-    def _align_vocab(self, logits: torch.Tensor) -> torch.Tensor:
-        """Tokens the target can emit but the draft cannot get probability 0 in the draft."""
-        extra = self.vocab_size - logits.shape[-1]
-        if extra > 0:
-            return torch.nn.functional.pad(logits, (0, extra), value=float("-inf"))
-        return logits[:, : self.vocab_size]
+        return self.vocab_map.logits(self.model.compute_logits(hidden[index.to(self.device)]))

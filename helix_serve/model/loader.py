@@ -1,4 +1,4 @@
-"""Load a target/draft pair (hub id or local directory) with transformers' own loading code."""
+"""Load a target/draft pair (hub id, local directory or GGUF file) with transformers' own loading code."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from helix_serve.device import preferred_cpu_dtype
 from helix_serve.model.paged_llm import SUPPORTED_MODEL_TYPES, PagedCausalLM
+from helix_serve.model.sources import ModelSource, ModelSourceError, resolve_source
 
 logger = logging.getLogger(__name__)
 
@@ -31,33 +33,58 @@ class ModelPair:
     draft_name: str | None
 
 
-def resolve_dtype(name: str, config_dtype: torch.dtype | None, device: torch.device) -> torch.dtype:
-    """'auto' takes the checkpoint's dtype, except fp16 on CPU (slow or missing kernels) which runs in fp32."""
+def resolve_dtype(
+    name: str, config_dtype: torch.dtype | None, device: torch.device, cpu_flags: set[str] | None = None
+) -> torch.dtype:
+    """'auto': on a CPU, bf16 where it computes bf16 natively (AVX512_BF16 / AMX) and fp32 elsewhere, whatever
+    the checkpoint's dtype (emulated bf16 and fp16 GEMMs are several times slower than fp32); on an
+    accelerator, the checkpoint's dtype."""
     if name != "auto":
         if name not in DTYPES:
             raise ValueError(f"unknown dtype {name!r}; expected auto or one of {sorted(DTYPES)}")
         return DTYPES[name]
-    dtype = config_dtype if isinstance(config_dtype, torch.dtype) else torch.float32
-    if dtype == torch.float16 and device.type == "cpu":
-        return torch.float32
-    return dtype
+    if device.type == "cpu":
+        return preferred_cpu_dtype(cpu_flags)
+    return config_dtype if isinstance(config_dtype, torch.dtype) else torch.float32
 
 
 def _check_architecture(name: str, config) -> None:
     if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"{name}: architecture {config.model_type!r} is not supported ({SUPPORTED_MODEL_TYPES})")
+        raise ModelSourceError(
+            f"{name}: architecture {config.model_type!r} is not supported (Helix runs {', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
     if getattr(config, "use_sliding_window", False):
-        raise ValueError(f"{name}: sliding-window attention is not supported")
+        raise ModelSourceError(f"{name}: sliding-window attention is not supported")
+
+
+def _load_config(source: ModelSource):
+    """The model's config; a GGUF that transformers cannot read becomes a clear error."""
+    if not source.gguf_file:
+        return AutoConfig.from_pretrained(source.path)
+    try:
+        return AutoConfig.from_pretrained(source.path, **source.kwargs)
+    except Exception as exc:  # transformers raises ValueError/KeyError/struct errors for bad or unsupported GGUFs
+        raise ModelSourceError(
+            f"{source.name}: transformers cannot read this GGUF file ({type(exc).__name__}: {exc}); "
+            f"Helix supports GGUF files of the {', '.join(SUPPORTED_MODEL_TYPES)} architectures"
+        ) from exc
+
+
+def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    """The tokenizer of a named model (from the GGUF metadata for a GGUF file)."""
+    source = resolve_source(name)
+    return AutoTokenizer.from_pretrained(source.path, **source.kwargs)
 
 
 def load_model(name: str, device: torch.device, dtype: str = "auto") -> PagedCausalLM:
-    """Load one causal LM by hub id or local path and wrap it for paged attention."""
-    config = AutoConfig.from_pretrained(name)
+    """Load one causal LM by hub id, local path or GGUF file and wrap it for paged attention."""
+    source = resolve_source(name)
+    config = _load_config(source)
     _check_architecture(name, config)
     torch_dtype = resolve_dtype(dtype, getattr(config, "dtype", None) or getattr(config, "torch_dtype", None), device)
-    hf_model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype)
+    hf_model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch_dtype, **source.model_kwargs)
     hf_model.to(device).eval()
-    logger.info("loaded %s (%s, %s) on %s", name, config.model_type, torch_dtype, device)
+    logger.info("loaded %s (%s) on %s in %s (dtype %s)", name, config.model_type, device, torch_dtype, dtype)
     return PagedCausalLM(hf_model)
 
 
@@ -72,9 +99,9 @@ def check_compatible(target_tok, draft_tok, target_name: str, draft_name: str) -
 
 def load_model_pair(target: str, draft: str | None, device: torch.device, dtype: str = "auto") -> ModelPair:
     """Load the target and (optionally) the draft, refusing a pair whose vocabularies differ."""
-    tokenizer = AutoTokenizer.from_pretrained(target)
+    tokenizer = load_tokenizer(target)
     if draft is not None:
-        check_compatible(tokenizer, AutoTokenizer.from_pretrained(draft), target, draft)
+        check_compatible(tokenizer, load_tokenizer(draft), target, draft)
     target_model = load_model(target, device, dtype)
     draft_model = load_model(draft, device, dtype) if draft is not None else None
     return ModelPair(target_model, draft_model, tokenizer, target, draft)

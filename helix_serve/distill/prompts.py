@@ -1,0 +1,122 @@
+"""An offline prompt set for self-distillation: chat requests of the kinds users send.
+
+Templates × fillers, shuffled with a seed; a fixed share is held out (by a hash of the text, so the
+split does not depend on the seed or the order) to measure acceptance on prompts the draft never saw.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import random
+
+COUNTRIES = ["France", "Japan", "Brazil", "Canada", "Egypt", "India", "Italy", "Kenya", "Mexico", "Norway",
+             "Peru", "Spain", "Germany", "Australia", "China", "Greece", "Turkey", "Vietnam", "Chile", "Poland"]
+CONCEPTS = ["photosynthesis", "gravity", "inflation", "machine learning", "the water cycle", "democracy",
+            "a black hole", "compound interest", "evolution", "climate change", "the internet", "vaccines",
+            "electricity", "recursion", "supply and demand", "the immune system", "plate tectonics", "DNA",
+            "a neural network", "the stock market", "renewable energy", "the moon's phases", "an algorithm",
+            "blockchain", "the greenhouse effect", "probability", "a rainbow", "sleep", "memory", "friction"]
+TOPICS = ["the ocean", "autumn", "a cat", "friendship", "the city at night", "coffee", "mountains", "rain",
+          "a lighthouse", "the stars", "a garden", "winter mornings", "a library", "trains", "the sea breeze",
+          "a quiet forest", "music", "childhood", "the desert", "a rainy Sunday"]
+ACTIVITIES = ["staying focused while studying", "sleeping better", "learning a new language", "saving money",
+              "starting to run", "cooking healthy meals", "public speaking", "writing a resume", "reducing stress",
+              "keeping a plant alive", "working from home", "making friends in a new city", "reading more books",
+              "preparing for a job interview", "learning to code", "traveling on a budget", "drinking more water",
+              "organizing a small kitchen", "taking better photos", "managing time"]
+PAIRS = [("a virus", "a bacterium"), ("weather", "climate"), ("a list", "a tuple in Python"), ("RAM", "storage"),
+         ("an alligator", "a crocodile"), ("speed", "velocity"), ("a lake", "a pond"), ("HTTP", "HTTPS"),
+         ("a comet", "an asteroid"), ("baking soda", "baking powder"), ("a frog", "a toad"),
+         ("socialism", "capitalism"), ("an atom", "a molecule"), ("a simile", "a metaphor"),
+         ("TCP", "UDP"), ("a democracy", "a monarchy"), ("mass", "weight"), ("a CPU", "a GPU")]
+CODE_TASKS = ["reverses a string", "checks whether a number is prime", "returns the factorial of n",
+              "counts the vowels in a string", "finds the largest number in a list", "sorts a list of names",
+              "computes the Fibonacci numbers up to n", "removes duplicates from a list",
+              "checks whether a word is a palindrome", "converts Celsius to Fahrenheit",
+              "sums the even numbers in a list", "reads a file and counts its lines",
+              "merges two dictionaries", "returns the average of a list of numbers",
+              "capitalizes every word in a sentence"]
+WORDS = ["serendipity", "ephemeral", "resilience", "ubiquitous", "empathy", "paradigm", "nostalgia", "entropy",
+         "metaphor", "algorithm", "sustainability", "irony", "bias", "momentum", "hypothesis"]
+PEOPLE = ["Albert Einstein", "Marie Curie", "Isaac Newton", "Leonardo da Vinci", "William Shakespeare",
+          "Ada Lovelace", "Nelson Mandela", "Charles Darwin", "Cleopatra", "Galileo Galilei", "Mozart",
+          "Alan Turing", "Jane Austen", "Nikola Tesla", "Mahatma Gandhi"]
+PASSAGES = [
+    "The Amazon rainforest covers much of the Amazon basin of South America. It is home to millions of species "
+    "of insects, plants, birds and other animals, and it produces a large share of the world's oxygen.",
+    "The Great Wall of China is a series of fortifications built across the northern borders of ancient Chinese "
+    "states. Construction began in the 7th century BC and continued for centuries.",
+    "Honey bees live in colonies with a single queen, thousands of female workers and a few hundred male drones. "
+    "Workers collect nectar and pollen and turn nectar into honey stored in wax combs.",
+    "The printing press, developed by Johannes Gutenberg around 1440, made books cheaper and faster to produce, "
+    "which helped spread literacy and new ideas across Europe.",
+    "Volcanoes form where molten rock, called magma, rises to the surface. When pressure builds up, the magma "
+    "erupts as lava, ash and gas, which can change the landscape and the climate.",
+    "Regular exercise strengthens the heart and lungs, improves mood, and lowers the risk of many diseases. "
+    "Adults are advised to get at least 150 minutes of moderate activity every week.",
+    "The Moon is Earth's only natural satellite. Its gravity causes the ocean tides, and it always shows the "
+    "same face to Earth because its rotation matches its orbit.",
+    "Recycling turns waste such as paper, glass and plastic into new products. It saves energy and raw "
+    "materials and reduces the amount of rubbish sent to landfills.",
+]
+
+TEMPLATES: list[tuple[str, list]] = [
+    ("What is the capital of {}?", COUNTRIES),
+    ("Tell me three interesting facts about {}.", COUNTRIES),
+    ("What language do people speak in {}?", COUNTRIES),
+    ("Explain {} in simple terms.", CONCEPTS),
+    ("What is {}?", CONCEPTS),
+    ("Explain {} to a ten-year-old.", CONCEPTS),
+    ("Why is {} important?", CONCEPTS),
+    ("Write a short poem about {}.", TOPICS),
+    ("Write a haiku about {}.", TOPICS),
+    ("Write a short story about {} in three sentences.", TOPICS),
+    ("Describe {} in a few sentences.", TOPICS),
+    ("Give me three tips for {}.", ACTIVITIES),
+    ("How can I get better at {}?", ACTIVITIES),
+    ("What are the benefits of {}?", ACTIVITIES),
+    ("What is the difference between {} and {}?", PAIRS),
+    ("Write a Python function that {}.", CODE_TASKS),
+    ("How would I write code that {}? Explain briefly.", CODE_TASKS),
+    ("What does the word \"{}\" mean?", WORDS),
+    ("Use the word \"{}\" in a sentence.", WORDS),
+    ("Who was {}?", PEOPLE),
+    ("What is {} famous for?", PEOPLE),
+    ("Summarize this text in one sentence:\n{}", PASSAGES),
+    ("Give this text a title:\n{}", PASSAGES),
+    ("List the main points of this text:\n{}", PASSAGES),
+    ("Rewrite this text in simpler words:\n{}", PASSAGES),
+    ("What is {} plus {}?", [(a, b) for a, b in itertools.product(range(3, 60, 7), range(2, 40, 9))]),
+    ("What is {} times {}?", [(a, b) for a, b in itertools.product(range(2, 13, 2), range(3, 15, 3))]),
+]
+GENERIC = [
+    "Hello! How are you today?", "What can you help me with?", "Tell me a joke.", "What should I cook for dinner?",
+    "Write a thank-you note to a friend who helped me move.", "Write an email asking my manager for a day off.",
+    "Suggest a name for a small bakery.", "What are some good habits for a healthy life?",
+    "How do I make a cup of tea?", "Plan a one-day trip to the beach.", "What is the meaning of life?",
+    "Give me a motivational quote and explain it.", "How does a car engine work?", "Why is the sky blue?",
+    "How many days are in a leap year?", "What are the primary colors?", "Recommend three classic novels.",
+    "How do airplanes stay in the air?", "What is the tallest mountain in the world?", "Who wrote Hamlet?",
+]
+
+
+def build_prompts(seed: int = 0) -> list[str]:
+    """Every prompt of the set, shuffled with `seed`."""
+    prompts = list(GENERIC)
+    for template, fillers in TEMPLATES:
+        prompts += [template.format(*(f if isinstance(f, tuple) else (f,))) for f in fillers]
+    random.Random(seed).shuffle(prompts)
+    return prompts
+
+
+def is_held_out(prompt: str, fraction: float = 0.05) -> bool:
+    """A stable share of prompts that training never sees."""
+    digest = hashlib.sha256(prompt.encode()).digest()
+    return int.from_bytes(digest[:4], "big") < fraction * 2**32
+
+
+def split_prompts(prompts: list[str], fraction: float = 0.05) -> tuple[list[str], list[str]]:
+    """(train, held_out)."""
+    held = [p for p in prompts if is_held_out(p, fraction)]
+    return [p for p in prompts if not is_held_out(p, fraction)], held
