@@ -96,21 +96,26 @@ def paged_attention(
     write_kv(key, value, k_cache, v_cache, meta.slot_mapping)
     num_seqs, _, max_q, max_ctx = meta.attn_mask.shape
     num_heads, head_dim = query.shape[1], query.shape[2]
+    num_kv_heads = k_cache.shape[-2]
+    group = num_heads // num_kv_heads
     uniform = query.shape[0] == num_seqs * max_q  # every sequence has max_q queries: no padding needed
     if uniform:
         q = query.view(num_seqs, max_q, num_heads, head_dim)
     else:
         q = query.new_zeros(num_seqs, max_q, num_heads, head_dim)
         q[meta.query_batch_idx, meta.query_offset] = query
+    # GQA without copying K/V: the `group` query heads of each kv head become extra query rows of it,
+    # [B, max_q, kv_heads * group, D] → [B, kv_heads, group * max_q, D], row g * max_q + t = (head g, token t).
+    q = q.view(num_seqs, max_q, num_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
+    q = q.reshape(num_seqs, num_kv_heads, group * max_q, head_dim)
+    mask = meta.attn_mask if group == 1 else meta.attn_mask.repeat(1, 1, group, 1)  # [B, 1, group * max_q, ctx]
 
-    # Gather each sequence's context through its block table: [B, max_ctx, kv_heads, head_dim].
-    k = k_cache[meta.block_tables].flatten(1, 2)[:, :max_ctx]
-    v = v_cache[meta.block_tables].flatten(1, 2)[:, :max_ctx]
-    group = num_heads // k.shape[2]
-    if group > 1:  # GQA: share each kv head across its query-head group
-        k = k.repeat_interleave(group, dim=2)
-        v = v.repeat_interleave(group, dim=2)
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=meta.attn_mask, scale=scale
-    ).transpose(1, 2)  # [B, max_q, heads, head_dim]
+    # Gather each sequence's context through its block table (one index_select over the flat block
+    # dimension; advanced indexing of the 4-D pool costs several times more): [B, kv_heads, max_ctx, D].
+    blocks = meta.block_tables.flatten()
+    k = k_cache.index_select(0, blocks).view(num_seqs, -1, num_kv_heads, head_dim)[:, :max_ctx].transpose(1, 2)
+    v = v_cache.index_select(0, blocks).view(num_seqs, -1, num_kv_heads, head_dim)[:, :max_ctx].transpose(1, 2)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)  # [B, kv_heads, group * max_q, D]
+    out = out.view(num_seqs, num_kv_heads, group, max_q, head_dim).permute(0, 3, 1, 2, 4)  # [B, max_q, kv, g, D]
+    out = out.reshape(num_seqs, max_q, num_heads, head_dim)
     return out.reshape(-1, num_heads, head_dim) if uniform else out[meta.query_batch_idx, meta.query_offset]

@@ -3,6 +3,9 @@
 The weights are the transformers model's own modules (embeddings, projections, MLPs, norms, rotary
 embedding with its configured scaling, LM head); only attention is replaced, so numerics match
 transformers' forward and every architecture detail (biases, GQA, tied embeddings) comes from the config.
+The q/k/v projections and the MLP's gate/up projections each run as one fused GEMM: at decode sizes a
+forward is mostly per-op overhead, and the originals become views of the fused weights (no extra memory,
+transformers' own forward still works).
 """
 
 from __future__ import annotations
@@ -47,6 +50,25 @@ class KVCache:
         return 2 * self.k.numel() * self.k.element_size()
 
 
+def fuse_linears(linears: list[nn.Linear]) -> nn.Linear:
+    """One Linear for several that read the same input; the originals' weights become views of its rows."""
+    weight = torch.cat([lin.weight.detach() for lin in linears])
+    has_bias = [lin.bias is not None for lin in linears]
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=any(has_bias), device=weight.device, dtype=weight.dtype)
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    if any(has_bias):
+        biases = [lin.bias.detach() if lin.bias is not None else weight.new_zeros(lin.out_features) for lin in linears]
+        fused.bias = nn.Parameter(torch.cat(biases), requires_grad=False)
+    start = 0
+    for lin in linears:
+        end = start + lin.out_features
+        lin.weight = nn.Parameter(fused.weight[start:end], requires_grad=False)
+        if lin.bias is not None:
+            lin.bias = nn.Parameter(fused.bias[start:end], requires_grad=False)
+        start = end
+    return fused
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -71,6 +93,12 @@ class PagedCausalLM(nn.Module):
         self.rotary_emb, self.lm_head = inner.rotary_emb, hf_model.lm_head
         attn = self.layers[0].self_attn
         self.num_heads = config.num_attention_heads
+        self.qkv_proj = nn.ModuleList(
+            fuse_linears([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj])
+            for layer in self.layers
+        )
+        self.gate_up_proj = nn.ModuleList(fuse_linears([layer.mlp.gate_proj, layer.mlp.up_proj]) for layer in self.layers)
+        self.qkv_sizes = [attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features]
         self.shape = ModelShape(
             num_layers=config.num_hidden_layers,
             num_kv_heads=config.num_key_value_heads,
@@ -93,17 +121,22 @@ class PagedCausalLM(nn.Module):
         cos, sin = self.rotary_emb(hidden[None], meta.positions[None])
         cos, sin = cos[0], sin[0]  # [T, head_dim]
         for i, layer in enumerate(self.layers):
-            hidden = hidden + self._attention(layer.self_attn, layer.input_layernorm(hidden), cos, sin, meta, kv, i)
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            hidden = hidden + self._attention(i, layer.input_layernorm(hidden), cos, sin, meta, kv)
+            hidden = hidden + self._mlp(i, layer.post_attention_layernorm(hidden))
         return self.norm(hidden)
 
-    def _attention(self, attn, x, cos, sin, meta: AttentionMetadata, kv: KVCache, layer_idx: int) -> torch.Tensor:
-        num_tokens, head_dim = x.shape[0], self.shape.head_dim
-        q = apply_rope(attn.q_proj(x).view(num_tokens, -1, head_dim), cos, sin)
-        k = apply_rope(attn.k_proj(x).view(num_tokens, -1, head_dim), cos, sin)
-        v = attn.v_proj(x).view(num_tokens, -1, head_dim)
-        out = paged_attention(q, k, v, kv.k[layer_idx], kv.v[layer_idx], meta, attn.scaling)
+    def _attention(self, i: int, x, cos, sin, meta: AttentionMetadata, kv: KVCache) -> torch.Tensor:
+        num_tokens, head_dim, attn = x.shape[0], self.shape.head_dim, self.layers[i].self_attn
+        q, k, v = self.qkv_proj[i](x).split(self.qkv_sizes, dim=-1)
+        q = apply_rope(q.view(num_tokens, -1, head_dim), cos, sin)
+        k = apply_rope(k.view(num_tokens, -1, head_dim), cos, sin)
+        out = paged_attention(q, k, v.view(num_tokens, -1, head_dim), kv.k[i], kv.v[i], meta, attn.scaling)
         return attn.o_proj(out.reshape(num_tokens, -1))
+
+    def _mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        mlp = self.layers[i].mlp
+        gate, up = self.gate_up_proj[i](x).chunk(2, dim=-1)
+        return mlp.down_proj(mlp.act_fn(gate) * up)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head on the selected positions only, in fp32 for sampling."""
