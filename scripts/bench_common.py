@@ -3,13 +3,28 @@
 from __future__ import annotations
 
 import statistics
+import time
 from pathlib import Path
+
+import torch
 
 from helix_serve.config import DEFAULT_DRAFT, DEFAULT_TARGET
 from helix_serve.engine.calibration import measure_step_costs
 from helix_serve.engine.llm_engine import LLMEngine
 from helix_serve.engine.sampling_params import SamplingParams
 
+# Chat questions for an instruct model (none of them is in helix distill's prompt set).
+CHAT_QUESTIONS = [
+    "What is the capital of Japan?",
+    "Explain how a rainbow forms.",
+    "Give me three tips for learning to play the guitar.",
+    "Write a short poem about the sunrise.",
+    "What is the difference between a fruit and a vegetable?",
+    "Write a Python function that checks whether a list is sorted.",
+    "Why do cats purr?",
+    "Summarize the plot of Romeo and Juliet in two sentences.",
+]
+# Continuations for the small Shakespeare pair, which has no chat template.
 PROMPTS = [
     "ROMEO:\nBut soft, what light",
     "KING HENRY:\nOnce more unto the breach",
@@ -26,8 +41,49 @@ def add_pair_args(parser) -> None:
     """The model pair and how it runs: the same flags in every engine benchmark."""
     parser.add_argument("--target", default=DEFAULT_TARGET)
     parser.add_argument("--draft", default=DEFAULT_DRAFT)
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--dtype", default="auto", help="auto: bf16 on CPUs with native bf16, else float32")
     parser.add_argument("--device", default="cpu")
+
+
+def bench_prompts(engine: LLMEngine) -> list[list[int] | str]:
+    """Chat-templated questions (token ids) for a model with a chat template, else the Shakespeare prompts."""
+    tokenizer = engine.tokenizer
+    if not tokenizer.chat_template:
+        return PROMPTS
+    return [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                          tokenize=True, return_dict=True)["input_ids"] for q in CHAT_QUESTIONS]
+
+
+def gemv_bandwidth(dtype: torch.dtype, repeats: int = 15) -> float:
+    """Bytes/s that a one-row GEMM streams from a 128 MiB-class weight (larger than any cache), measured now."""
+    weight = torch.randn(8192, 4096).to(dtype)
+    x = torch.randn(1, 4096).to(dtype)
+    torch.nn.functional.linear(x, weight)
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.nn.functional.linear(x, weight)
+        samples.append(time.perf_counter() - start)
+    return weight.numel() * weight.element_size() / statistics.median(samples)
+
+
+def weight_bytes_per_forward(model) -> int:
+    """Bytes of weights a decode forward reads: every parameter once, except an untied input embedding
+    (a lookup reads a few rows)."""
+    hf = model.hf_model
+    params = {id(p): p for p in hf.parameters()}
+    embed = hf.get_input_embeddings().weight
+    if embed is not hf.get_output_embeddings().weight:
+        params.pop(id(embed), None)
+    return sum(p.numel() * p.element_size() for p in params.values())
+
+
+def bandwidth_limit(engine: LLMEngine) -> dict:
+    """The physical limit of one target forward at batch 1: weight bytes ÷ measured GEMV bandwidth."""
+    model = engine.pair.target
+    bandwidth = gemv_bandwidth(model.dtype)
+    nbytes = weight_bytes_per_forward(model)
+    return {"weight_bytes": nbytes, "gemv_bytes_per_s": bandwidth, "limit_step_s": nbytes / bandwidth}
 
 
 def step_costs(engine: LLMEngine) -> dict:
@@ -46,9 +102,15 @@ def run_helix(engine: LLMEngine, prompt: str, max_tokens: int, **params) -> dict
             "target_steps": s["num_target_steps"]}
 
 
-def summarize(runs: list[dict]) -> dict:
+def summarize(runs: list[dict], limit_step_s: float | None = None) -> dict:
+    """Totals of one method's runs; with `limit_step_s`, the bandwidth-limit ratio of its target steps
+    (limit ÷ measured time per target forward; HF greedy does one forward per token)."""
     tokens, seconds = sum(r["tokens"] for r in runs), sum(r["seconds"] for r in runs)
     row = {"tokens_per_s": tokens / seconds, "tokens": tokens, "seconds": seconds}
+    steps = sum(r.get("target_steps", r["tokens"]) for r in runs)
+    row["step_ms"] = 1000 * seconds / steps
+    if limit_step_s is not None:
+        row["bandwidth_limit_ratio"] = limit_step_s * steps / seconds
     ttfts = [r["ttft"] for r in runs if r["ttft"] is not None]
     row["ttft_ms_median"] = 1000 * statistics.median(ttfts) if ttfts else None
     drafted = sum(r.get("drafted", 0) for r in runs)

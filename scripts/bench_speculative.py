@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 import torch
-from bench_common import PROMPTS, add_pair_args, run_helix, save_figure, step_costs, subplots, summarize
+from bench_common import (add_pair_args, bandwidth_limit, bench_prompts, run_helix, save_figure, step_costs, subplots,
+                          summarize)
 from tqdm import tqdm
 
 from helix_serve.config import EngineConfig
@@ -25,9 +26,10 @@ from helix_serve.engine.adaptive_k import expected_speedup
 from helix_serve.engine.llm_engine import LLMEngine
 
 
-def run_hf(engine: LLMEngine, prompt: str, max_tokens: int, assisted: bool) -> dict:
+def run_hf(engine: LLMEngine, prompt: str | list[int], max_tokens: int, assisted: bool) -> dict:
     target = engine.pair.target.hf_model
-    ids = engine.tokenizer(prompt, return_tensors="pt").input_ids.to(engine.device)
+    token_ids = engine.tokenizer(prompt).input_ids if isinstance(prompt, str) else prompt
+    ids = torch.tensor([token_ids], device=engine.device)
     extra = {"assistant_model": engine.pair.draft.hf_model} if assisted else {}
     start = time.perf_counter()
     with torch.inference_mode():
@@ -48,10 +50,10 @@ def main() -> None:
     parser.add_argument("--out", default="bench_results")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    prompts, max_tokens, repeats = (PROMPTS[:2], 24, 1) if args.quick else (PROMPTS, args.max_tokens, args.repeats)
-
     engine = LLMEngine(EngineConfig(target_model=args.target, draft_model=args.draft, device=args.device,
                                     dtype=args.dtype, num_kv_blocks=256))
+    prompts = bench_prompts(engine)
+    prompts, max_tokens, repeats = (prompts[:2], 24, 1) if args.quick else (prompts, args.max_tokens, args.repeats)
     methods = {
         f"helix spec K={args.k}": lambda p: run_helix(engine, p, max_tokens, num_speculative_tokens=args.k),
         "helix spec adaptive K": lambda p: run_helix(engine, p, max_tokens),
@@ -66,8 +68,9 @@ def main() -> None:
         for prompt in prompts:
             for name, fn in methods.items():
                 runs[name].append(fn(prompt))
-    rows = {name: summarize(r) for name, r in runs.items()}
-    cost = step_costs(engine)
+    limit = bandwidth_limit(engine)
+    rows = {name: summarize(r, limit["limit_step_s"]) for name, r in runs.items()}
+    cost = {**step_costs(engine), **limit, "dtype": str(engine.pair.target.dtype)}
     report(rows, cost, args, max_tokens, len(prompts) * repeats)
 
 
@@ -89,15 +92,17 @@ def report(rows: dict, cost: dict, args, max_tokens: int, num_runs: int) -> None
         "achieved_over_theory": fixed["tokens_per_s"] / base / theory,
         "spec_over_hf_assisted": fixed["tokens_per_s"] / assisted,
     }
-    print(f"\nbatch 1, {num_runs} runs x {max_tokens} tokens, dtype {args.dtype}, device {args.device}, "
+    print(f"\nbatch 1, {num_runs} runs x {max_tokens} tokens, dtype {cost['dtype']}, device {args.device}, "
           f"{torch.get_num_threads()} threads")
+    print(f"bandwidth limit: {cost['weight_bytes'] / 1e6:.0f} MB of target weights / "
+          f"{cost['gemv_bytes_per_s'] / 1e9:.1f} GB/s measured GEMV = {cost['limit_step_s'] * 1e3:.1f} ms per forward")
     print(f"{'method':24} {'tok/s':>8} {'vs K=0':>7} {'vs HF':>7} {'alpha':>7} {'accept':>7} {'tok/step':>8} "
-          f"{'TTFT ms':>8}")
+          f"{'step ms':>8} {'limit/step':>10} {'TTFT ms':>8}")
     for name, r in rows.items():
         print(f"{name:24} {r['tokens_per_s']:8.1f} {r['tokens_per_s'] / base:7.2f} {r['tokens_per_s'] / hf:7.2f} "
               f"{fmt(r.get('alpha'), '7.2f'):>7} {fmt(r.get('acceptance_rate'), '7.2f'):>7} "
-              f"{fmt(r.get('mean_accepted_length'), '8.2f'):>8} "
-              f"{fmt(r['ttft_ms_median'], '8.1f'):>8}")
+              f"{fmt(r.get('mean_accepted_length'), '8.2f'):>8} {r['step_ms']:8.1f} "
+              f"{r['bandwidth_limit_ratio']:10.2f} {fmt(r['ttft_ms_median'], '8.1f'):>8}")
     print(f"\ncost ratio c = {c:.3f} (draft {cost['draft_step_s'] * 1e3:.2f} ms / target "
           f"{cost['target_step_s'] * 1e3:.2f} ms per decode forward; target verify of 5 tokens "
           f"{cost['target_verify5_s'] * 1e3:.2f} ms)")

@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from bench_common import PROMPTS, add_pair_args, run_helix, save_figure, step_costs, subplots, summarize
+from bench_common import add_pair_args, bench_prompts, run_helix, save_figure, step_costs, subplots, summarize
 from tqdm import tqdm
 
 from helix_serve.config import EngineConfig
@@ -44,10 +44,10 @@ def main() -> None:
     args = parser.parse_args()
     ks = [0, 2, 4] if args.quick else list(range(9))
     temps = [0.0, 0.8] if args.quick else [0.0, 0.5, 0.8, 1.0]
-    prompts, max_tokens = (PROMPTS[:2], 24) if args.quick else (PROMPTS, args.max_tokens)
-
     engine = LLMEngine(EngineConfig(target_model=args.target, draft_model=args.draft, device=args.device,
                                     dtype=args.dtype, num_kv_blocks=256))
+    prompts = bench_prompts(engine)
+    prompts, max_tokens = (prompts[:2], 24) if args.quick else (prompts, args.max_tokens)
     run_helix(engine, prompts[0], 8, num_speculative_tokens=2)  # warm-up
     k_t = args.k_for_temperature
     configs = sorted({(k, 0.0) for k in ks} | {(0, t) for t in temps} | {(k_t, t) for t in temps})

@@ -19,11 +19,20 @@ def _run(script: str, out: Path, *args: str) -> dict:
     return json.loads((out / f"{name}.json").read_text())
 
 
-@pytest.mark.parametrize("script", ["bench_speculative.py", "bench_sweep.py"])
-def test_pair_benchmarks_quick(script, llama_pair, tmp_path):
+def test_sweep_benchmark_quick(llama_pair, tmp_path):
     target, draft = llama_pair
-    result = _run(script, tmp_path, "--target", str(target), "--draft", str(draft))
+    result = _run("bench_sweep.py", tmp_path, "--target", str(target), "--draft", str(draft), "--dtype", "float32")
     assert result["rows"]
+
+
+def test_speculative_benchmark_reports_the_bandwidth_limit(llama_pair, tmp_path):
+    target, draft = llama_pair
+    result = _run("bench_speculative.py", tmp_path, "--target", str(target), "--draft", str(draft), "--dtype", "float32")
+    cost = result["cost"]
+    assert cost["gemv_bytes_per_s"] > 1e8 and cost["weight_bytes"] > 0
+    assert cost["limit_step_s"] == pytest.approx(cost["weight_bytes"] / cost["gemv_bytes_per_s"])
+    for row in result["rows"].values():
+        assert row["bandwidth_limit_ratio"] == pytest.approx(cost["limit_step_s"] * 1e3 / row["step_ms"])
 
 
 def test_scale_benchmark_quick_reports_controlled_alpha(tmp_path):
