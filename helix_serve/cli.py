@@ -15,9 +15,10 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="helix", description="Helix speculative-decoding engine")
     commands = parser.add_subparsers(dest="command", required=True)
     gen = commands.add_parser("generate", help="generate a continuation of PROMPT")
-    gen.add_argument("prompt")
-    gen.add_argument("--target", default=DEFAULT_TARGET, help="target model: hub id or local dir")
-    gen.add_argument("--draft", default=DEFAULT_DRAFT, help="draft model: hub id or local dir")
+    gen.add_argument("prompt", help="a user message (sent through the model's chat template when it has one)")
+    gen.add_argument("--raw", action="store_true", help="continue PROMPT as plain text, without the chat template")
+    gen.add_argument("--target", default=DEFAULT_TARGET, help="target model: hub id, local dir or .gguf file")
+    gen.add_argument("--draft", default=DEFAULT_DRAFT, help="draft model: hub id, local dir or .gguf file")
     gen.add_argument("--k", type=int, default=None, help="fixed number of draft tokens (default: adaptive)")
     gen.add_argument("--no-speculative", action="store_true", help="plain decoding with the target alone")
     gen.add_argument("--temperature", type=float, default=0.0)
@@ -40,6 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     dist.add_argument("--draft-vocab", type=int, default=8192, help="size of the draft's sub-vocabulary")
     dist.add_argument("--batch-size", type=int, default=16, help="training batch (sequences)")
     dist.add_argument("--threads", type=int, default=2, help="torch threads")
+    dist.add_argument("--max-prompts", type=int, default=None, help="only the first N prompts (quick runs)")
     return parser
 
 
@@ -52,10 +54,19 @@ def _distill(args: argparse.Namespace, argv: list[str] | None) -> int:
     facts = distill(DistillArgs(
         target=args.target, out=Path(args.out), budget_minutes=args.budget_minutes, resume=args.resume,
         seed=args.seed, num_layers=args.layers, draft_vocab_size=args.draft_vocab, batch_size=args.batch_size,
-        threads=args.threads, command=command,
+        threads=args.threads, max_prompts=args.max_prompts, command=command,
     ))
     print(json.dumps({k: facts[k] for k in ("greedy", "t0.8", "draft_cost_ratio", "verify_cost_ratio")}, indent=2))
     return 0
+
+
+def _prompt(engine: LLMEngine, text: str, raw: bool) -> str | list[int]:
+    """Instruct models answer a chat turn; models without a chat template continue the text."""
+    if raw or not engine.tokenizer.chat_template:
+        return text
+    messages = [{"role": "user", "content": text}]
+    return engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                return_dict=True)["input_ids"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         config = EngineConfig(target_model=args.target, draft_model=None if args.no_speculative else args.draft,
                               device=args.device, dtype=args.dtype)
-        [out] = LLMEngine(config).generate([args.prompt], params)
+        engine = LLMEngine(config)
+        [out] = engine.generate([_prompt(engine, args.prompt, args.raw)], params)
     except (ValueError, RequestRejectedError) as exc:
         print(f"helix: error: {exc}", file=sys.stderr)
         return 2
