@@ -3,11 +3,13 @@ made for it — answers real questions, and Helix greedy is token-identical to t
 
 from __future__ import annotations
 
+import httpx
 import openai
 import pytest
 import torch
 
 from helix_serve.config import DEFAULT_DRAFT, DEFAULT_TARGET, EngineConfig
+from helix_serve.device import preferred_cpu_dtype
 from helix_serve.engine.llm_engine import LLMEngine
 from helix_serve.engine.sampling_params import SamplingParams
 from helix_serve.model.vocab_map import VOCAB_MAP_KEY
@@ -56,8 +58,11 @@ def test_helix_greedy_equals_transformers_greedy_on_chat_prompts(engine, specula
 
 
 def test_chat_route_answers_paris_through_the_openai_client():
-    args = {"device": "cpu", "dtype": "float32", "num_kv_blocks": 256, "served_model_name": "smollm2-135m-instruct"}
+    args = {"device": "cpu", "num_kv_blocks": 256, "served_model_name": "smollm2-135m-instruct"}  # dtype: auto
     with local_serve(build_app(args)) as url:
+        health = httpx.get(f"{url}/health", timeout=30).json()
+        assert health["dtype_requested"] == "auto"
+        assert health["dtype"] == str(preferred_cpu_dtype()).removeprefix("torch.")  # bf16 only where native
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=120)
         assert [m.id for m in client.models.list().data] == ["smollm2-135m-instruct"]
         reply = client.chat.completions.create(
