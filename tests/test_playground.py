@@ -76,7 +76,7 @@ def _pane(browser: WebDriver, pane: str) -> dict:
 
 
 def test_page_streams_both_panes_like_generate(base_url, browser, tmp_path):
-    request = {"prompt": PROMPT, "max_tokens": 48, "num_speculative_tokens": K}
+    request = {"prompt": PROMPT, "chat": True, "max_tokens": 48, "num_speculative_tokens": K}  # the page sends chat
     with httpx.Client(base_url=base_url, timeout=60) as http:
         expected = {spec: http.post("/generate", json={**request, "speculative": spec}).json()["generated_text"]
                     for spec in (True, False)}

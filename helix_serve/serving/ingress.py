@@ -77,7 +77,7 @@ class HelixIngress:
 
     @app.post("/generate", response_model=GenerateResponse)
     async def generate(self, body: GenerateRequest, request: Request) -> GenerateResponse:
-        engine_request = EngineRequest(request_id(request), body.sampling(), prompt=body.prompt)
+        engine_request = EngineRequest(request_id(request), body.sampling(), **body.engine_prompt())
         return generate_response(await self.engine.generate(engine_request, "/generate"))
 
     @app.post("/generate/batch", response_model=BatchGenerateResponse)
@@ -96,7 +96,7 @@ class HelixIngress:
 
     @app.post("/generate/stream")
     async def generate_stream(self, body: GenerateRequest, request: Request) -> EventSourceResponse:
-        engine_request = EngineRequest(request_id(request), body.sampling(), prompt=body.prompt)
+        engine_request = EngineRequest(request_id(request), body.sampling(), **body.engine_prompt())
         stream = await sse_streams.started(await self.engine.open(engine_request, "/generate/stream"))
         return EventSourceResponse(sse_streams.native_events(stream))
 

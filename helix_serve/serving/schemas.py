@@ -53,11 +53,16 @@ class SamplingFields(BaseModel):
 
 class GenerateRequest(SamplingFields):
     prompt: str
+    chat: bool = Field(False, description="send `prompt` as one user message through the model's chat template")
 
     @field_validator("prompt")
     @classmethod
     def _check_prompt(cls, prompt: str) -> str:
         return _non_blank(prompt, "prompt")
+
+    def engine_prompt(self) -> dict[str, Any]:
+        """The EngineRequest fields for this prompt: plain text, or a one-message chat."""
+        return {"messages": [{"role": "user", "content": self.prompt}]} if self.chat else {"prompt": self.prompt}
 
 
 class BatchGenerateRequest(SamplingFields):

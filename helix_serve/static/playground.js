@@ -33,6 +33,7 @@ function requestBody() {
   const number = id => (field(id) === "" ? null : Number(field(id)));
   return {
     prompt: document.getElementById("prompt").value,
+    chat: document.getElementById("chat").checked,
     max_tokens: number("max_tokens"),
     temperature: number("temperature"),
     top_p: number("top_p"),
