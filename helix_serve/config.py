@@ -35,6 +35,7 @@ class EngineConfig:
     draft_cost_ratio: float | None = None  # c for adaptive K; None: measured at start (calibration.py)
     verify_cost_ratio: float | None = None  # v for adaptive K; None: measured at start
     seed: int = 0
+    enable_prefix_caching: bool = True  # reuse the K/V of full prompt blocks seen before (prefix_cache.py)
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.num_kv_blocks < 1:

@@ -45,3 +45,40 @@ def test_ensure_slots_is_all_or_nothing_and_truncate_rolls_back():
     assert table == [] and bm.num_free_blocks == 4
     # released tail-first, so the next allocation order is 3, 2, 1, 0
     assert [bm.allocator.allocate() for _ in range(4)] == [3, 2, 1, 0]
+
+
+def test_free_queue_is_the_eviction_order_of_cached_blocks():
+    alloc = BlockAllocator(4)
+    assert [alloc.allocate() for _ in range(4)] == [0, 1, 2, 3]
+    for b in range(4):
+        alloc.cache(b, bytes([b]))
+    for b in (2, 0, 3, 1):
+        alloc.free(b)
+    assert alloc.free_order() == [2, 0, 3, 1] and alloc.num_free == 4 and alloc.num_cached == 4
+    alloc.share(alloc.lookup(bytes([0])))  # a hit on a freed cached block takes it out of the queue
+    assert alloc.free_order() == [2, 3, 1] and alloc.blocks[0].ref_count == 1
+    assert alloc.allocate() == 2  # least recently freed: evicted, its hash forgotten
+    assert alloc.lookup(bytes([2])) is None and alloc.blocks[2].block_hash is None and alloc.num_cached == 3
+    alloc.free(0)  # back to the tail, still cached
+    assert alloc.free_order() == [3, 1, 0] and alloc.lookup(bytes([0])) == 0
+    assert [alloc.allocate() for _ in range(3)] == [3, 1, 0] and alloc.num_cached == 0
+
+
+def test_a_hash_keeps_its_first_block_and_a_block_its_first_hash():
+    alloc = BlockAllocator(3)
+    a, b = alloc.allocate(), alloc.allocate()
+    alloc.cache(a, b"h")
+    alloc.cache(b, b"h")  # same content computed twice: the second copy stays private
+    alloc.cache(a, b"other")
+    assert alloc.lookup(b"h") == a and alloc.blocks[b].block_hash is None and alloc.blocks[a].block_hash == b"h"
+    alloc.free(b)
+    assert alloc.allocate() == 2 and alloc.allocate() == b  # uncached: nothing to keep
+
+
+def test_eviction_resets_the_draft_mark():
+    alloc = BlockAllocator(1)
+    b = alloc.allocate()
+    alloc.cache(b, b"h")
+    alloc.blocks[b].draft_written = True
+    alloc.free(b)
+    assert alloc.allocate() == b and not alloc.blocks[b].draft_written and alloc.num_cached == 0

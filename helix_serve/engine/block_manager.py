@@ -1,13 +1,25 @@
 """Fixed-size KV blocks with reference counts, and per-sequence block tables.
 
-Free order: a freed block goes to the back of the free queue and allocation takes from the front, so
-the most recently freed blocks are reused last (the order prefix caching will want for eviction).
+Free order: a block whose last reference goes is appended to the back of the free queue and
+allocation takes from the front, so the most recently freed blocks are reused last. A freed block
+keeps its prefix-cache hash (if it has one): a cache hit takes it back out of the queue wherever it
+sits, and allocation evicts it only when it reaches the front. The free queue order *is* the eviction
+order: least recently freed first among blocks with ref count 0. A sequence's blocks are freed tail
+first, so its last blocks (the least likely to be shared) are evicted before its first ones.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from helix_serve.engine.prefix_cache import CachedPrefix, PrefixCache, PrefixCacheStats
+
+if TYPE_CHECKING:
+    from helix_serve.engine.sequence import Sequence
+
+NO_PREFIX = CachedPrefix([], 0, 0)
 
 
 class NoFreeBlocksError(RuntimeError):
@@ -18,16 +30,21 @@ class NoFreeBlocksError(RuntimeError):
 class Block:
     block_id: int
     ref_count: int = 0
+    block_hash: bytes | None = None  # set while the block is registered in the prefix cache
+    draft_written: bool = False  # the draft's pool holds this block's K/V too (see prefix_cache.py)
 
 
 class BlockAllocator:
-    """Hands out block ids from a fixed pool and takes them back when their last reference goes."""
+    """Hands out block ids from a fixed pool, takes them back when their last reference goes, and maps
+    prefix-cache hashes to the blocks that hold them."""
 
     def __init__(self, num_blocks: int):
         if num_blocks < 1:
             raise ValueError("the KV pool needs at least one block")
         self.blocks = [Block(i) for i in range(num_blocks)]
-        self._free: deque[int] = deque(range(num_blocks))
+        # NOTE: an OrderedDict used as a queue: O(1) at both ends and O(1) removal of a cache hit.
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self._cached: dict[bytes, int] = {}
 
     @property
     def num_blocks(self) -> int:
@@ -35,20 +52,40 @@ class BlockAllocator:
 
     @property
     def num_free(self) -> int:
+        """Blocks with ref count 0, cached ones included (allocation evicts them)."""
         return len(self._free)
+
+    @property
+    def num_cached(self) -> int:
+        """Blocks registered in the prefix cache, in use or free."""
+        return len(self._cached)
+
+    def free_order(self) -> list[int]:
+        """The free queue, front (next allocated / evicted) first."""
+        return list(self._free)
 
     def allocate(self) -> int:
         if not self._free:
             raise NoFreeBlocksError("KV pool exhausted")
-        block = self.blocks[self._free.popleft()]
+        block_id, _ = self._free.popitem(last=False)
+        block = self.blocks[block_id]
+        self._evict(block)
         block.ref_count = 1
-        return block.block_id
+        return block_id
+
+    def _evict(self, block: Block) -> None:
+        if block.block_hash is not None:
+            del self._cached[block.block_hash]
+            block.block_hash = None
+        block.draft_written = False
 
     def share(self, block_id: int) -> None:
-        """Add a reference (prefix sharing)."""
+        """Add a reference: prefix sharing, or a cache hit on a freed block that still holds its hash."""
         block = self.blocks[block_id]
         if block.ref_count < 1:
-            raise ValueError(f"block {block_id} is free and cannot be shared")
+            if block.block_hash is None:
+                raise ValueError(f"block {block_id} is free and cannot be shared")
+            del self._free[block_id]
         block.ref_count += 1
 
     def free(self, block_id: int) -> None:
@@ -57,15 +94,27 @@ class BlockAllocator:
             raise ValueError(f"block {block_id} freed twice")
         block.ref_count -= 1
         if block.ref_count == 0:
-            self._free.append(block_id)
+            self._free[block_id] = None
+
+    def cache(self, block_id: int, block_hash: bytes) -> None:
+        """Register a full block under its hash, unless it has one or another block holds this hash."""
+        block = self.blocks[block_id]
+        if block.block_hash is None and block_hash not in self._cached:
+            block.block_hash = block_hash
+            self._cached[block_hash] = block_id
+
+    def lookup(self, block_hash: bytes) -> int | None:
+        return self._cached.get(block_hash)
 
 
 class BlockManager:
-    """Grows, truncates and releases the block tables of sequences."""
+    """Grows, truncates and releases the block tables of sequences; reuses cached prefix blocks when
+    `enable_prefix_caching` (`cache_key` names whatever else decides K/V content: the model pair, dtype)."""
 
-    def __init__(self, num_blocks: int, block_size: int):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False, cache_key: str = ""):
         self.block_size = block_size
         self.allocator = BlockAllocator(num_blocks)
+        self.prefix_cache = PrefixCache(self.allocator, block_size, cache_key) if enable_prefix_caching else None
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -85,6 +134,39 @@ class BlockManager:
             return False
         block_table.extend(self.allocator.allocate() for _ in range(max(missing, 0)))
         return True
+
+    def cached_prefix(self, seq: Sequence) -> CachedPrefix:
+        """The cached blocks a waiting sequence could start from (nothing is taken yet)."""
+        return self.prefix_cache.lookup(seq) if self.prefix_cache else NO_PREFIX
+
+    def admit(self, seq: Sequence, prefix: CachedPrefix) -> bool:
+        """Give a waiting sequence (empty table) blocks for all its tokens: `prefix`'s cached blocks
+        shared, new ones after them; all or nothing. The prefix counts as computed for the target, and
+        for the draft as far as the draft has written it."""
+        # NOTE: a cached block nobody uses sits in the free queue, so reusing it costs a free block too.
+        reused_free = sum(self.allocator.blocks[b].ref_count == 0 for b in prefix.block_ids)
+        missing = self.blocks_for(seq.num_tokens) - len(prefix.block_ids)
+        if missing + reused_free > self.allocator.num_free:
+            return False
+        for block_id in prefix.block_ids:
+            self.allocator.share(block_id)
+        seq.block_table.extend(prefix.block_ids)
+        self.ensure_slots(seq.block_table, seq.num_tokens)
+        seq.num_target_cached, seq.num_draft_cached = prefix.num_tokens, prefix.num_draft_tokens
+        if self.prefix_cache:
+            self.prefix_cache.stats.record(seq.num_tokens, prefix.num_tokens)
+        return True
+
+    def cache_full_blocks(self, seq: Sequence) -> None:
+        """After a successful step: offer the sequence's newly verified full blocks to the prefix cache."""
+        if self.prefix_cache:
+            self.prefix_cache.register(seq)
+
+    def prefix_cache_usage(self) -> dict[str, int]:
+        """Blocks registered in the prefix cache (in use or free) and the tokens looked up / found there."""
+        stats = self.prefix_cache.stats if self.prefix_cache else PrefixCacheStats()
+        return {"cached_blocks": self.allocator.num_cached, "prefix_cache_queried_tokens": stats.num_queried_tokens,
+                "prefix_cache_hit_tokens": stats.num_hit_tokens}
 
     def truncate(self, block_table: list[int], num_tokens: int) -> None:
         """Drop the blocks past `num_tokens` (rollback of rejected draft tokens)."""

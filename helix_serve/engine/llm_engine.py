@@ -72,7 +72,9 @@ class LLMEngine:
         self.device = target.device
         self.max_model_len = min(config.max_model_len or target.shape.max_model_len, target.shape.max_model_len)
         vocab = target.shape.vocab_size
-        self.block_manager = BlockManager(config.num_kv_blocks, config.block_size)
+        cache_key = f"{config.target_model}|{config.draft_model}|{target.dtype}"  # what else decides the K/V
+        self.block_manager = BlockManager(config.num_kv_blocks, config.block_size, config.enable_prefix_caching,
+                                          cache_key)
         self.kv_bytes = 0
         target_runner = self._runner(target, vocab)
         draft_runner = self._runner(self.pair.draft, vocab) if self.pair.draft is not None else None
@@ -241,6 +243,7 @@ class LLMEngine:
             seq.stats.record_verify(k, num_accepted)
         self.adaptive_k.update(seq, k, num_accepted)
         kept = self.stop_checker.append(seq, new_ids)
+        self.block_manager.cache_full_blocks(seq)  # before a finish frees them: they stay reusable
         if seq.finish_reason:
             self._finish(seq)
         else:
@@ -297,4 +300,5 @@ class LLMEngine:
             "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting),
             "max_model_len": self.max_model_len,  # what a contiguous per-sequence cache would reserve
+            **bm.prefix_cache_usage(),  # cached blocks (in use or free) and prefix-cache token counters
         }

@@ -3,6 +3,8 @@
 Each step every running sequence reserves slots for its uncached tokens plus its K draft tokens.
 When the pool is short a sequence first gives up speculation (K = 0); if that is not enough the
 newest running sequence is preempted: its blocks are freed and it is recomputed from its tokens later.
+A waiting sequence starts from the longest prefix the prefix cache holds (when enabled), so it
+prefills only the rest; free blocks include cached ones that allocation may evict.
 """
 
 from __future__ import annotations
@@ -37,9 +39,12 @@ class Scheduler:
         budget = self.max_num_batched_tokens - used
         while self.waiting and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            need = seq.num_tokens - seq.num_target_cached
-            if (need > budget and scheduled) or not self.block_manager.ensure_slots(seq.block_table, seq.num_tokens):
+            prefix = self.block_manager.cached_prefix(seq)
+            need = seq.num_tokens - prefix.num_tokens
+            if (need > budget and scheduled) or not self.block_manager.admit(seq, prefix):
                 break
+            if seq.stats.num_cached_tokens is None:
+                seq.stats.num_cached_tokens = prefix.num_tokens
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)

@@ -28,6 +28,8 @@ class SequenceStats:
     num_accepted: int = 0
     num_target_steps: int = 0  # target forwards that produced tokens (prefill + verify)
     num_preemptions: int = 0
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int | None = None  # prompt tokens reused from the prefix cache; set at first admission
     # per_position_drafted[i] / per_position_accepted[i]: draft position i (0-based) tried / accepted
     per_position_drafted: list[int] = field(default_factory=list)
     per_position_accepted: list[int] = field(default_factory=list)
@@ -69,6 +71,8 @@ class SequenceStats:
                 a / d if d else None for a, d in zip(self.per_position_accepted, self.per_position_drafted)
             ],
             "num_preemptions": self.num_preemptions,
+            "num_prompt_tokens": self.num_prompt_tokens,
+            "num_cached_tokens": self.num_cached_tokens or 0,
         }
 
 
@@ -78,7 +82,8 @@ class Sequence:
 
     KV invariant between steps: the target's pool holds K/V for all tokens but the last
     (`num_target_cached == len(token_ids) - 1` once running); the draft's pool lags arbitrarily and
-    catches up on its next draft pass. Both share `block_table`.
+    catches up on its next draft pass. Both share `block_table`, whose first blocks may be prefix-cache
+    blocks shared with other sequences (`block_hashes` are their keys; see prefix_cache.py).
     """
 
     request_id: str
@@ -87,6 +92,7 @@ class Sequence:
     generator: torch.Generator
     token_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)  # chained hashes of full blocks of token_ids
     num_target_cached: int = 0
     num_draft_cached: int = 0
     status: SequenceStatus = SequenceStatus.WAITING
@@ -104,6 +110,7 @@ class Sequence:
     def __post_init__(self) -> None:
         if not self.token_ids:
             self.token_ids = list(self.prompt_token_ids)
+        self.stats.num_prompt_tokens = len(self.prompt_token_ids)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -57,6 +57,7 @@ class HelixAppArgs(BaseModel):
     draft_cost_ratio: float | None = Field(None, gt=0)
     verify_cost_ratio: float | None = Field(None, ge=0)
     seed: int = 0
+    enable_prefix_caching: bool = Field(True, description="reuse the K/V of prompt blocks seen before")
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads per engine replica")
     served_model_name: str = Field("helix", min_length=1)
     max_batch_prompts: int = Field(16, ge=1, description="most prompts one /generate/batch call may carry")
@@ -88,6 +89,7 @@ class HelixAppArgs(BaseModel):
             max_num_batched_tokens=self.max_num_batched_tokens, max_model_len=self.max_model_len,
             num_speculative_tokens=self.num_speculative_tokens, k_min=self.k_min, k_max=self.k_max,
             draft_cost_ratio=self.draft_cost_ratio, verify_cost_ratio=self.verify_cost_ratio, seed=self.seed,
+            enable_prefix_caching=self.enable_prefix_caching,
         )
 
 

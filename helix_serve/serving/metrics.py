@@ -62,11 +62,22 @@ class HelixMetrics:
                                             "speculative generation", buckets=RATE_BUCKETS, registry=r)
         self.speculative_k = Histogram("helix_speculative_k", "K (draft tokens proposed) per verify step of one "
                                        "sequence", buckets=K_BUCKETS, registry=r)
-        self.kv_blocks = Gauge("helix_kv_blocks", "KV cache blocks of the engine replica last asked", ["state"],
-                               registry=r)
+        self.kv_blocks = Gauge("helix_kv_blocks", "KV cache blocks of the engine replica last asked (cached: "
+                               "holding a prefix-cache hash, in use or free)", ["state"], registry=r)
+        self._prefix_cache_metrics(r)
         self._engine_gauges(r)
         self._pool_gauges(r)
         self._num_drafted = self._num_accepted = 0
+
+    def _prefix_cache_metrics(self, r: CollectorRegistry) -> None:
+        """From the stats each finished generation carries: prompt tokens looked up, and reused."""
+        self.prefix_queried = Counter("helix_prefix_cache_queried_tokens", "Prompt tokens of finished generations "
+                                      "(each looked up in the prefix cache)", registry=r)
+        self.prefix_hits = Counter("helix_prefix_cache_hit_tokens", "Prompt tokens reused from the prefix cache "
+                                   "instead of being computed", registry=r)
+        self.prefix_hit_rate = Gauge("helix_prefix_cache_hit_rate", "Hit / queried prompt tokens of the "
+                                     "generations this ingress finished", registry=r)
+        self._num_queried = self._num_hits = 0
 
     def _engine_gauges(self, r: CollectorRegistry) -> None:
         """Per pool, from the last `info` a replica of it answered (Ray's own export has every replica)."""
@@ -78,6 +89,8 @@ class HelixMetrics:
                                       registry=r)
         self.engine_mean_k = Gauge("helix_engine_mean_k", "Mean K of the sequences that speculated in the "
                                    "engine's last step (0 if none did)", ["pool"], registry=r)
+        self.engine_prefix_hit_rate = Gauge("helix_engine_prefix_cache_hit_rate", "Hit / queried tokens of the "
+                                            "replica's prefix cache since it started", ["pool"], registry=r)
 
     def _pool_gauges(self, r: CollectorRegistry) -> None:
         self.pool_requests = Counter("helix_pool_requests", "Requests admitted, by engine pool", ["pool"],
@@ -102,6 +115,16 @@ class HelixMetrics:
             self._num_drafted += num_drafted
             self._num_accepted += num_accepted
             self.acceptance_rate.set(self._num_accepted / self._num_drafted)
+        self._observe_prefix_cache(stats)
+
+    def _observe_prefix_cache(self, stats: dict[str, Any]) -> None:
+        num_queried, num_hits = stats.get("num_prompt_tokens", 0), stats.get("num_cached_tokens", 0)
+        self.prefix_queried.inc(num_queried)
+        self.prefix_hits.inc(num_hits)
+        self._num_queried += num_queried
+        self._num_hits += num_hits
+        if self._num_queried:
+            self.prefix_hit_rate.set(self._num_hits / self._num_queried)
 
     def observe_tokens(self, route: str, gap_s: float, num_tokens: int) -> None:
         """A chunk of `num_tokens` that arrived `gap_s` after the previous one."""
@@ -111,6 +134,8 @@ class HelixMetrics:
     def set_kv_usage(self, kv: dict[str, int]) -> None:
         self.kv_blocks.labels("used").set(kv["used_blocks"])
         self.kv_blocks.labels("free").set(kv["free_blocks"])
+        if "cached_blocks" in kv:
+            self.kv_blocks.labels("cached").set(kv["cached_blocks"])
 
     def set_pools(self, pools: dict[str, dict[str, Any]]) -> None:
         self.pool_device.clear()  # a pool's device labels change when it falls back or recovers
@@ -129,11 +154,21 @@ class HelixMetrics:
             self.engine_waiting.labels(name).set(kv["num_waiting"])
             self.engine_kv_blocks.labels(name, "used").set(kv["used_blocks"])
             self.engine_kv_blocks.labels(name, "free").set(kv["free_blocks"])
+            if "cached_blocks" in kv:
+                self.engine_kv_blocks.labels(name, "cached").set(kv["cached_blocks"])
+            if kv.get("prefix_cache_queried_tokens"):
+                self.engine_prefix_hit_rate.labels(name).set(prefix_hit_rate(kv))
         if "last_step" in pool:
             self.engine_mean_k.labels(name).set(pool["last_step"]["mean_k"])
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def prefix_hit_rate(kv: dict[str, int]) -> float:
+    """Hit / queried tokens of an engine's prefix cache, from its `kv_usage` counters."""
+    queried = kv.get("prefix_cache_queried_tokens", 0)
+    return kv.get("prefix_cache_hit_tokens", 0) / queried if queried else 0.0
 
 
 class EngineMetrics:
@@ -149,13 +184,15 @@ class EngineMetrics:
         self.kv_blocks = metrics.Gauge("helix_engine_kv_blocks", "KV cache blocks by state", (*tags, "state"))
         self.mean_k = metrics.Gauge("helix_engine_mean_k", "Mean K of the sequences that speculated in the last "
                                     "step (0 if none did)", tags)
+        self.prefix_hit_rate = metrics.Gauge("helix_engine_prefix_cache_hit_rate", "Hit / queried tokens of the "
+                                             "prefix cache since the replica started", tags)
         self.k = metrics.Histogram("helix_engine_speculative_k", "K per verify step of one sequence",
                                    [float(k) for k in range(1, max(k_max, 1) + 1)], tags)
         self.steps = metrics.Counter("helix_engine_steps", "Engine steps that produced output", tags)
         self.drafted = metrics.Counter("helix_engine_draft_tokens", "Draft tokens proposed", tags)
         self.accepted = metrics.Counter("helix_engine_accepted_draft_tokens", "Draft tokens accepted", tags)
-        for metric in (self.running, self.waiting, self.kv_blocks, self.mean_k, self.k, self.steps, self.drafted,
-                       self.accepted):
+        for metric in (self.running, self.waiting, self.kv_blocks, self.mean_k, self.prefix_hit_rate, self.k,
+                       self.steps, self.drafted, self.accepted):
             metric.set_default_tags({"pool": pool_name})
 
     def set_kv_usage(self, kv: dict[str, int]) -> None:
@@ -163,6 +200,9 @@ class EngineMetrics:
         self.waiting.set(kv["num_waiting"])
         self.kv_blocks.set(kv["used_blocks"], {"state": "used"})
         self.kv_blocks.set(kv["free_blocks"], {"state": "free"})
+        if "cached_blocks" in kv:
+            self.kv_blocks.set(kv["cached_blocks"], {"state": "cached"})
+            self.prefix_hit_rate.set(prefix_hit_rate(kv))
 
     def record_step(self, step: StepSummary) -> None:
         self.set_kv_usage(step.kv)

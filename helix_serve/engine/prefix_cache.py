@@ -1,0 +1,99 @@
+"""Automatic prefix caching: chained hashes of full blocks of verified tokens, lookup and registration.
+
+A block's hash is sha256(parent block's hash ‖ its token ids), chained from a root hash of the cache
+key (the model pair and dtype: whatever else decides the K/V). Equal hashes mean equal tokens at
+equal positions after an equal prefix, hence equal K/V; the same tokens at another position or after
+another prefix hash differently. The hash → block map and the eviction order live in the allocator.
+
+What is cached, and when (`PrefixCache.register`, called after every successful step):
+- Target: only full blocks whose every position the target has written for the sequence's own tokens
+  (positions < num_target_cached). Never a draft token, and never a block a rollback may still drop:
+  rollback truncates to num_target_cached, which never goes below a registered block's end.
+- Draft: its pool lags the target's, so a cached block's draft K/V may not exist yet.
+  `Block.draft_written` says it does (set once a sequence's num_draft_cached has passed the block). A
+  sequence that reuses a prefix starts its draft at the first reused block without draft K/V; the
+  draft's catch-up pass writes that block, with the values any writer would write (same tokens, same
+  positions, same prefix), so a sequence never reads draft K/V that nobody computed.
+- A lookup never covers the last token: the engine needs its logits, so at most
+  (num_tokens - 1) // block_size blocks are reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections.abc import Sequence as TokenIds
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from helix_serve.engine.block_manager import BlockAllocator
+    from helix_serve.engine.sequence import Sequence
+
+
+def root_hash(cache_key: str) -> bytes:
+    """The parent hash of every sequence's first block."""
+    return hashlib.sha256(b"helix-prefix-cache\0" + cache_key.encode()).digest()
+
+
+def hash_block(parent_hash: bytes, token_ids: TokenIds[int]) -> bytes:
+    return hashlib.sha256(parent_hash + array("q", token_ids).tobytes()).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class CachedPrefix:
+    """A lookup's result: the cached blocks a sequence can start from."""
+
+    block_ids: list[int]
+    num_tokens: int  # tokens they hold (the target's K/V)
+    num_draft_tokens: int  # leading tokens whose draft K/V is written too
+
+
+@dataclass(slots=True)
+class PrefixCacheStats:
+    """Tokens looked up and found, over every admission (re-admissions after preemption included)."""
+
+    num_queried_tokens: int = 0
+    num_hit_tokens: int = 0
+
+    def record(self, num_queried: int, num_hit: int) -> None:
+        self.num_queried_tokens += num_queried
+        self.num_hit_tokens += num_hit
+
+
+class PrefixCache:
+    """Finds the longest cached prefix of a sequence and registers its newly verified full blocks."""
+
+    def __init__(self, allocator: BlockAllocator, block_size: int, cache_key: str = ""):
+        self.allocator = allocator
+        self.block_size = block_size
+        self.root = root_hash(cache_key)
+        self.stats = PrefixCacheStats()
+
+    def block_hashes(self, seq: Sequence, num_blocks: int) -> list[bytes]:
+        """Hashes of the sequence's first `num_blocks` full blocks (kept on the sequence, grown lazily)."""
+        hashes, size = seq.block_hashes, self.block_size
+        while len(hashes) < num_blocks:
+            i = len(hashes)
+            hashes.append(hash_block(hashes[-1] if hashes else self.root, seq.token_ids[i * size : (i + 1) * size]))
+        return hashes[:num_blocks]
+
+    def lookup(self, seq: Sequence) -> CachedPrefix:
+        block_ids: list[int] = []
+        for block_hash in self.block_hashes(seq, (seq.num_tokens - 1) // self.block_size):
+            block_id = self.allocator.lookup(block_hash)
+            if block_id is None:
+                break
+            block_ids.append(block_id)
+        num_draft = next((i for i, b in enumerate(block_ids) if not self.allocator.blocks[b].draft_written),
+                         len(block_ids))
+        return CachedPrefix(block_ids, len(block_ids) * self.block_size, num_draft * self.block_size)
+
+    def register(self, seq: Sequence) -> None:
+        """Cache the full blocks of verified tokens; mark those whose draft K/V is written too."""
+        num_verified = min(seq.num_target_cached, seq.num_tokens) // self.block_size
+        for block_id, block_hash in zip(seq.block_table, self.block_hashes(seq, num_verified)):
+            self.allocator.cache(block_id, block_hash)
+        num_drafted = min(seq.num_draft_cached, seq.num_target_cached, seq.num_tokens) // self.block_size
+        for block_id in seq.block_table[:num_drafted]:
+            self.allocator.blocks[block_id].draft_written = True
