@@ -11,24 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
 from bench_common import add_pair_args
 
 from helix_serve.config import EngineConfig
+from helix_serve.engine.calibration import median_time
 from helix_serve.engine.llm_engine import LLMEngine
-
-
-def _timed(fn, repeats: int) -> float:
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
 
 
 def _top_ops(fn, rows: int) -> list[dict]:
@@ -66,7 +56,7 @@ def main() -> None:
     for name, n in (("decode", 1), ("verify", args.k + 1)):
         fn = forward(n)
         fn()
-        result[name] = {"ms": 1e3 * _timed(fn, args.repeats), "top_ops": _top_ops(fn, 12)}
+        result[name] = {"ms": 1e3 * median_time(fn, args.repeats), "top_ops": _top_ops(fn, 12)}
     ratio = result["verify"]["ms"] / result["decode"]["ms"]
     result["verify_over_decode"] = ratio
     print(f"{args.target} {result['dtype']} batch {args.batch} context {args.context}: decode "

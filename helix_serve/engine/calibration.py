@@ -35,7 +35,7 @@ class StepCosts:
         return max(extra, 0.0) / self.target_decode_s
 
 
-def _median_time(fn, repeats: int) -> float:
+def median_time(fn, repeats: int) -> float:
     samples = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -60,9 +60,9 @@ def measure_step_costs(
         verify = lambda: target.logits([table], [tokens[context - 1 :]], [context - 1], [verify_k + 1])  # noqa: E731
         decode(target)  # warm-up
         return StepCosts(
-            target_decode_s=_median_time(lambda: decode(target), repeats),
-            target_verify_s=_median_time(verify, repeats),
-            draft_decode_s=_median_time(lambda: decode(draft), repeats),
+            target_decode_s=median_time(lambda: decode(target), repeats),
+            target_verify_s=median_time(verify, repeats),
+            draft_decode_s=median_time(lambda: decode(draft), repeats),
             verify_k=verify_k,
         )
     finally:
