@@ -41,3 +41,10 @@ def test_scale_benchmark_quick_reports_controlled_alpha(tmp_path):
     [row] = result["rows"]
     assert row["identical_to_plain_greedy"]  # fp32: speculative greedy equals the target alone
     assert row["alpha_observed"] > 0.6
+
+
+def test_prefix_benchmark_quick_is_lossless_and_leaves_no_block_in_use(llama_pair, tmp_path):
+    target, draft = llama_pair
+    result = _run("bench_prefix.py", tmp_path, "--target", str(target), "--draft", str(draft), "--dtype", "float32")
+    assert result["chat"]["identical"] and result["blocks_in_use_after"] == {"on": 0, "off": 0}
+    assert result["chat"]["on_cached_fraction"] > 0 and result["ttft"]["warm_ttft_ms"] > 0
