@@ -27,6 +27,7 @@ from helix_serve.model.vocab_map import VocabMap
 
 logger = logging.getLogger(__name__)
 ANSWERS = "answers.jsonl"
+VOCAB = "draft_vocab.json"  # the sub-vocabulary, fixed once chosen: a resumed checkpoint's rows mean these ids
 # Shares of --budget-minutes: answering (wall clock from the start), training (training time, summed over
 # resumes, so a resumed run trains on where it stopped); the rest is kept for evaluating the draft.
 DATA_SHARE, TRAIN_SHARE = 0.45, 0.45
@@ -66,14 +67,19 @@ def distill(args: DistillArgs) -> dict:
 
     answers = args.out / ANSWERS
     if not args.resume:
-        for stale in (answers, args.out / CHECKPOINT, args.out / "loss.jsonl"):
+        for stale in (answers, args.out / CHECKPOINT, args.out / "loss.jsonl", args.out / VOCAB):
             stale.unlink(missing_ok=True)
     examples = generate_responses(target, tokenizer, train_prompts, answers, deadline=start + DATA_SHARE * budget_s)
     if not examples:
         raise ValueError("the answer budget ran out before the first batch: raise --budget-minutes")
 
     full_vocab = target.config.vocab_size
-    vocab_ids = select_vocab(examples, tokenizer.all_special_ids, args.draft_vocab_size, full_vocab)
+    vocab_path = args.out / VOCAB
+    if vocab_path.exists():
+        vocab_ids = json.loads(vocab_path.read_text())
+    else:
+        vocab_ids = select_vocab(examples, tokenizer.all_special_ids, args.draft_vocab_size, full_vocab)
+        vocab_path.write_text(json.dumps(vocab_ids))
     vocab = VocabMap(len(vocab_ids), full_vocab, vocab_ids, torch.device("cpu"))
     draft = build_draft(target, vocab_ids, args.num_layers)
     train_budget = TRAIN_SHARE * budget_s
