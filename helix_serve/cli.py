@@ -29,6 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--device", default="auto", help="auto | cpu | cuda | directml (HELIX_DEVICE overrides)")
     gen.add_argument("--dtype", default="auto")
+    gen.add_argument("--no-prefix-caching", action="store_true",
+                     help="recompute every prompt (no reuse of cached prefix blocks)")
     gen.add_argument("--json", action="store_true", help="print text, token_ids and stats as JSON")
 
     dist = commands.add_parser("distill", help="train a draft model for TARGET (self-distillation)")
@@ -79,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed, stop=args.stop, speculative=not args.no_speculative, num_speculative_tokens=args.k,
         )
         config = EngineConfig(target_model=args.target, draft_model=None if args.no_speculative else args.draft,
-                              device=args.device, dtype=args.dtype)
+                              device=args.device, dtype=args.dtype, enable_prefix_caching=not args.no_prefix_caching)
         engine = LLMEngine(config)
         [out] = engine.generate([_prompt(engine, args.prompt, args.raw)], params)
     except (ValueError, RequestRejectedError) as exc:

@@ -65,8 +65,12 @@ def test_chat_route_answers_paris_through_the_openai_client():
         assert health["dtype"] == str(preferred_cpu_dtype()).removeprefix("torch.")  # bf16 only where native
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=120)
         assert [m.id for m in client.models.list().data] == ["smollm2-135m-instruct"]
-        reply = client.chat.completions.create(
+        replies = [client.chat.completions.create(
             model="smollm2-135m-instruct", messages=[{"role": "user", "content": "What is the capital of France?"}],
-            max_tokens=24, temperature=0)
-    assert "Paris" in reply.choices[0].message.content
-    assert reply.choices[0].finish_reason == "stop"  # the answer ends with <|im_end|>, well before 24 tokens
+            max_tokens=24, temperature=0) for _ in range(2)]
+    assert "Paris" in replies[0].choices[0].message.content
+    assert replies[0].choices[0].finish_reason == "stop"  # the answer ends with <|im_end|>, well before 24 tokens
+    # The second, identical request reuses the prompt's full blocks from the prefix cache; same answer.
+    assert replies[0].usage.prompt_tokens_details.cached_tokens == 0
+    assert replies[1].usage.prompt_tokens_details.cached_tokens >= 16
+    assert replies[1].choices[0].message.content == replies[0].choices[0].message.content

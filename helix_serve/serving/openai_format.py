@@ -13,9 +13,11 @@ def finish_reason(reason: str | None) -> str | None:
     return reason if reason in ("length", "timeout") else ("stop" if reason else None)
 
 
-def usage(num_prompt_tokens: int, num_completion_tokens: int) -> dict[str, int]:
+def usage(num_prompt_tokens: int, num_completion_tokens: int, num_cached_tokens: int = 0) -> dict[str, Any]:
+    """OpenAI's usage object; cached_tokens = prompt tokens whose K/V came from the prefix cache."""
     return {"prompt_tokens": num_prompt_tokens, "completion_tokens": num_completion_tokens,
-            "total_tokens": num_prompt_tokens + num_completion_tokens}
+            "total_tokens": num_prompt_tokens + num_completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": num_cached_tokens}}
 
 
 def error_body(message: str, error_type: str, code: int, param: str | None = None) -> dict[str, Any]:
@@ -26,8 +28,9 @@ def models_list(model: str, created: int) -> dict[str, Any]:
     return {"object": "list", "data": [{"id": model, "object": "model", "created": created, "owned_by": "helix"}]}
 
 
-def _usage_of(generations: list[Generation]) -> dict[str, int]:
-    return usage(sum(g.num_prompt_tokens for g in generations), sum(len(g.token_ids) for g in generations))
+def _usage_of(generations: list[Generation]) -> dict[str, Any]:
+    return usage(sum(g.num_prompt_tokens for g in generations), sum(len(g.token_ids) for g in generations),
+                 sum(g.stats.get("num_cached_tokens", 0) for g in generations))
 
 
 def completion(response_id: str, model: str, created: int, generations: list[Generation]) -> dict[str, Any]:

@@ -18,7 +18,8 @@ from ray.serve.handle import DeploymentHandle
 
 logger = logging.getLogger(__name__)
 HEALTH_RANK = {True: 0, None: 1, False: 2}  # live pools first, then not yet probed, then down
-SUMMED_KV_KEYS = ("num_blocks", "used_blocks", "free_blocks", "pool_bytes")
+SUMMED_KV_KEYS = ("num_blocks", "used_blocks", "free_blocks", "pool_bytes", "cached_blocks",
+                  "prefix_cache_queried_tokens", "prefix_cache_hit_tokens")
 
 
 @dataclass(slots=True)

@@ -84,12 +84,14 @@ ChunkBuilder = Callable[..., dict[str, Any]]  # (text, finish_reason, usage=None
 async def openai_events(stream: ChunkStream, build: ChunkBuilder, include_usage: bool,
                         preamble: list[dict[str, Any]] = ()) -> AsyncIterator[Event]:
     """OpenAI chunks (`data: {...}`) ending in `data: [DONE]`; a failure mid-stream is an error object."""
-    num_tokens = 0
+    num_tokens = num_cached = 0
     try:
         for payload in preamble:
             yield _event(payload)
         async for chunk in stream.chunks():
             num_tokens += len(chunk.token_ids)
+            if chunk.finished and chunk.stats:
+                num_cached = chunk.stats.get("num_cached_tokens", 0)
             if chunk.finished and chunk.error:
                 yield _event(openai_format.error_body(chunk.error, "server_error", 500))
                 break
@@ -98,7 +100,7 @@ async def openai_events(stream: ChunkStream, build: ChunkBuilder, include_usage:
                 yield _event(build(chunk.text, reason))
         else:
             if include_usage:
-                yield _event(build("", None, openai_format.usage(stream.num_prompt_tokens, num_tokens)))
+                yield _event(build("", None, openai_format.usage(stream.num_prompt_tokens, num_tokens, num_cached)))
     except Exception as exc:  # noqa: BLE001 - reported to the client in-band
         logger.exception("stream %s failed", stream.request_id)
         yield _event(openai_format.error_body(f"{type(exc).__name__}: {exc}", "server_error", 500))
