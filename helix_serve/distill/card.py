@@ -53,7 +53,8 @@ def write_card(out_dir: Path, facts: dict) -> None:
         "## Data and training",
         f"{facts['num_examples']} answers of the target ({facts['num_answer_tokens']} tokens) to Helix's offline "
         "prompt set (`helix_serve/distill/prompts.py`: questions, explanations, writing, code, summaries, "
-        "arithmetic; greedy, then sampled at T=0.8), with 5% of the prompts held out. The target's top-16 next-token "
+        f"arithmetic; greedy, then sampled rounds at T=0.8 — {facts.get('num_sampled_examples', 0)} sampled answers "
+        "in this run), with 5% of the prompts held out. The target's top-16 next-token "
         "probabilities at every answer position are kept from generation; loss: cross-entropy of the draft against "
         "them on the sub-vocabulary (KL up to a constant), answer positions only. "
         f"{train['steps']} steps, {train['tokens']} tokens, {train['seconds'] / 60:.1f} min of "

@@ -95,6 +95,7 @@ def distill(args: DistillArgs) -> dict:
         "args": {k: str(v) for k, v in asdict(args).items()},
         "num_examples": len(examples),
         "num_answer_tokens": sum(len(e.response_ids) for e in examples),
+        "num_sampled_examples": sum(e.round > 0 for e in examples),
         "sub_vocab_coverage": coverage(examples, vocab_ids),
         "train": {"steps": state.step, "seconds": state.elapsed_s, "tokens": state.tokens, "last_loss": state.last_loss},
         "draft_params": sum(p.numel() for p in draft.parameters()),
