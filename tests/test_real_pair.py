@@ -44,15 +44,17 @@ def test_default_pair_is_the_real_model_and_its_sub_vocabulary_draft(engine):
 @pytest.mark.parametrize("speculative", [False, True], ids=["k0", "adaptive"])
 def test_helix_greedy_equals_transformers_greedy_on_chat_prompts(engine, speculative):
     prompts = [_chat_ids(engine, q) for q in QUESTIONS]
-    params = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True, speculative=speculative)
+    params = SamplingParams(max_tokens=MAX_TOKENS, speculative=speculative)  # both stop at <|im_end|>
     outputs = engine.generate(prompts, params)
+    eos = engine.tokenizer.eos_token_id
     for ids, out in zip(prompts, outputs):
         x = torch.tensor([ids])
         with torch.no_grad():
             ref = engine.pair.target.hf_model.generate(x, attention_mask=torch.ones_like(x), do_sample=False,
-                                                       max_new_tokens=MAX_TOKENS, min_new_tokens=MAX_TOKENS,
-                                                       pad_token_id=engine.tokenizer.eos_token_id)
-        assert out.token_ids == ref[0, len(ids):].tolist()
+                                                       max_new_tokens=MAX_TOKENS, pad_token_id=eos)
+        expected = ref[0, len(ids):].tolist()
+        assert out.token_ids == expected  # both end with the EOS token when the answer ends
+        assert out.finish_reason == ("stop" if eos in expected else "length")
     if speculative:
         assert sum(o.stats["num_accepted"] for o in outputs) > 0
 

@@ -89,6 +89,8 @@ class PoolRouter:
             "status": "ok" if len(live) == len(self.pools) else "degraded",
             **{key: first[key] for key in ("target_model", "draft_model", "has_draft", "max_model_len")},
             "device": ",".join(sorted({info["device"] for info in live})),
+            "dtype": ",".join(sorted({info["dtype"] for info in live})),
+            "dtype_requested": first["dtype_requested"],
             "kv_cache": {**first["kv_cache"], **kv},
             "pools": {p.name: p.summary() for p in self.pools},
         }
