@@ -54,7 +54,7 @@ def fuse_linears(linears: list[nn.Linear]) -> nn.Linear:
     """One Linear for several that read the same input; the originals' weights become views of its rows."""
     weight = torch.cat([lin.weight.detach() for lin in linears])
     has_bias = [lin.bias is not None for lin in linears]
-    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=any(has_bias), device=weight.device, dtype=weight.dtype)
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=any(has_bias), device="meta")  # no throwaway init
     fused.weight = nn.Parameter(weight, requires_grad=False)
     if any(has_bias):
         biases = [lin.bias.detach() if lin.bias is not None else weight.new_zeros(lin.out_features) for lin in linears]
