@@ -15,12 +15,16 @@ def _tv(samples: torch.Tensor, probs: torch.Tensor) -> float:
     return 0.5 * float((empirical - probs).abs().sum())
 
 
-def _run(p: torch.Tensor, q: torch.Tensor, k: int, gen: torch.Generator):
-    """Draft k tokens i.i.d. from fixed q_i, judge them against fixed p_i (p has k+1 rows)."""
-    draft_probs = q.expand(N, k, -1)
-    draft_ids = torch.stack([sample_from_probs(draft_probs[:, i], 1 - torch.rand(N, generator=gen)) for i in range(k)], 1)
+def _run(p: torch.Tensor, q: torch.Tensor, k: int, gen: torch.Generator, judge_last: bool = False):
+    """Draft k tokens i.i.d. from fixed q_i, judge them against fixed p_i (p has k+1 rows). With judge_last
+    the draft proposes k+1 tokens (q has k+1 rows) and the last is judged against p_{k+1} too."""
+    width = k + judge_last
+    draft_probs = q.expand(N, width, -1)
+    draft_ids = torch.stack([sample_from_probs(draft_probs[:, i], 1 - torch.rand(N, generator=gen))
+                             for i in range(width)], 1) if width else torch.zeros(N, 0, dtype=torch.long)
     return rejection_sample(draft_ids, draft_probs, p.expand(N, k + 1, -1), torch.full((N,), k),
-                            1 - torch.rand(N, k, generator=gen), 1 - torch.rand(N, generator=gen)), draft_ids
+                            1 - torch.rand(N, width, generator=gen), 1 - torch.rand(N, k + 1, generator=gen),
+                            torch.full((N,), judge_last)), draft_ids
 
 
 def _first_token(result, draft_ids):
@@ -54,7 +58,7 @@ def test_top_k_top_p_applied_identically_to_draft_and_target():
     gen = torch.Generator().manual_seed(2)
     target_logits = torch.tensor([[2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -2.0]])
     draft_logits = torch.tensor([[0.0, 2.0, 1.8, 0.2, 1.0, -0.5, 0.3, -2.0]])
-    settings = SamplingTensors.from_params([SamplingParams(temperature=0.8, top_k=5, top_p=0.9)], torch.device("cpu"))
+    settings = SamplingTensors.from_params([SamplingParams(temperature=0.8, top_k=5, top_p=0.9)], torch.device("cpu"), 8)
     p, q = logits_to_probs(target_logits, settings), logits_to_probs(draft_logits, settings)
     assert int((p > 0).sum()) <= 5 and int((q > 0).sum()) <= 5
     result, draft_ids = _run(p.expand(2, -1), q, 1, gen)
@@ -73,7 +77,7 @@ def test_identical_draft_and_target_accepts_everything():
 
 def test_greedy_rows_accept_only_the_target_argmax():
     logits = torch.tensor([[0.1, 3.0, 0.2], [5.0, 0.0, 1.0]])
-    greedy = SamplingTensors.from_params([SamplingParams(), SamplingParams()], torch.device("cpu"))
+    greedy = SamplingTensors.from_params([SamplingParams(), SamplingParams()], torch.device("cpu"), 3)
     p = logits_to_probs(logits, greedy)
     assert p.tolist() == [[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]
     q = torch.tensor([[[0.0, 1.0, 0.0]], [[0.0, 0.0, 1.0]]])  # row 0 drafts the argmax, row 1 does not
@@ -81,3 +85,21 @@ def test_greedy_rows_accept_only_the_target_argmax():
                               torch.rand(2, 1), torch.rand(2))
     assert result.num_accepted.tolist() == [1, 0]
     assert result.next_token_ids.tolist() == [1, 0]  # bonus = argmax; recovered = target argmax
+
+
+def test_judged_last_position_follows_target_distribution():
+    """Seeded requests judge the position after the verified drafts against the draft too (no bonus draw
+    from p): at K = 0 and after K accepted drafts the emitted token still follows p exactly."""
+    gen = torch.Generator().manual_seed(4)
+    p = torch.tensor([[0.30, 0.05, 0.20, 0.0, 0.15, 0.10, 0.15, 0.05], [0.1, 0.1, 0.1, 0.1, 0.2, 0.2, 0.1, 0.1]])
+    q = torch.tensor([[0.05, 0.40, 0.10, 0.10, 0.05, 0.20, 0.05, 0.05], [0.5, 0.1, 0.1, 0.1, 0.05, 0.05, 0.05, 0.05]])
+    result, draft_ids = _run(p[:1], q[:1], 0, gen, judge_last=True)  # K = 0: one proposal, judged
+    assert bool((result.num_accepted == 0).all())
+    assert _tv(result.next_token_ids, p[0]) < TV_BOUND
+    took_proposal = result.next_token_ids == draft_ids[:, 0]
+    assert abs(took_proposal.float().mean().item() - float(torch.minimum(p[0], q[0]).sum())) < 0.01
+    result, draft_ids = _run(p, q, 1, gen, judge_last=True)  # K = 1: two proposals, the second judged
+    assert _tv(_first_token(result, draft_ids), p[0]) < TV_BOUND
+    second = result.next_token_ids[result.num_accepted == 1]  # the judged position after an accepted draft
+    assert _tv(second, p[1]) < TV_BOUND
+    assert bool((result.num_accepted <= 1).all())

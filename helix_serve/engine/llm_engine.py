@@ -18,10 +18,11 @@ from helix_serve.engine.adaptive_k import AdaptiveK
 from helix_serve.engine.block_manager import BlockManager
 from helix_serve.engine.calibration import StepCosts, measure_step_costs
 from helix_serve.engine.model_runner import ModelRunner
+from helix_serve.engine.sampler import sampling_row
 from helix_serve.engine.sampling_params import SamplingParams
 from helix_serve.engine.scheduler import Scheduler
 from helix_serve.engine.sequence import Sequence
-from helix_serve.engine.speculative import SpeculativeDecoder
+from helix_serve.engine.speculative import SequenceInputError, SpeculativeDecoder
 from helix_serve.engine.stop_checker import StopChecker
 from helix_serve.model.loader import ModelPair, load_model_pair
 from helix_serve.model.paged_llm import KVCache
@@ -134,7 +135,8 @@ class LLMEngine:
         if request_id in self.seqs:
             raise RequestRejectedError(f"request id {request_id!r} is already running")
         seed = params.seed if params.seed is not None else int(torch.randint(2**62, (1,), generator=self._seed_rng))
-        seq = Sequence(request_id, token_ids, params, torch.Generator().manual_seed(seed))
+        # NOTE: the generator only carries the seed (mod 2**64); draws come from sampler.position_uniform.
+        seq = Sequence(request_id, token_ids, params, torch.Generator().manual_seed(seed % 2**64))
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
         return request_id
@@ -157,6 +159,15 @@ class LLMEngine:
             )
         if (params.num_speculative_tokens or 0) > self.config.k_max:
             raise RequestRejectedError(f"num_speculative_tokens must be <= {self.config.k_max}")
+        try:  # what each step builds from the settings: a request it cannot build for is refused here
+            sampling_row(params, vocab)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise RequestRejectedError(f"invalid sampling settings: {exc}") from exc
+
+    def max_new_tokens(self, num_prompt_tokens: int) -> int:
+        """The most tokens a prompt this long can be given: what the context and the KV pool leave (>= 1)."""
+        pool_tokens = self.config.num_kv_blocks * self.config.block_size
+        return max(1, min(self.max_model_len, pool_tokens) - num_prompt_tokens)
 
     def abort_request(self, request_id: str) -> bool:
         """Stop a request now and free its blocks. False if it is unknown or already finished."""
@@ -175,19 +186,33 @@ class LLMEngine:
         """Advance every scheduled sequence by one speculative step."""
         expired = self._expire_deadlines()
         seqs, ks = self.scheduler.schedule(self._choose_k)
-        if not seqs:
-            return expired
+        refused: list[RequestOutput] = []
+        while seqs:
+            try:
+                return expired + refused + self._step_batch(seqs, ks)
+            except SequenceInputError as exc:  # nothing ran: that request fails alone, its batch mates step
+                logger.warning("request %s failed while building its step inputs: %s", exc.seq.request_id, exc)
+                refused.append(self._fail(exc.seq, f"invalid request: {exc}"))
+                seqs, ks = self._without(exc.seq, seqs, ks)
+        return expired + refused
+
+    def _step_batch(self, seqs: list[Sequence], ks: list[int]) -> list[RequestOutput]:
         try:
             out = self.decoder.step(seqs, ks)
+        except SequenceInputError:
+            raise
         except Exception as exc:  # a failed step must not leak blocks or wedge other requests
             if is_out_of_memory(exc):
-                return expired + self._recover_from_oom(seqs, exc)
+                return self._recover_from_oom(seqs, exc)
             logger.exception("engine step failed for %d sequences", len(seqs))
-            return expired + [self._fail(seq, f"{type(exc).__name__}: {exc}") for seq in seqs]
+            return [self._fail(seq, f"{type(exc).__name__}: {exc}") for seq in seqs]
         self._regrow_batch()
-        return expired + [
-            self._advance(seq, k, new, a) for seq, k, new, a in zip(seqs, ks, out.new_token_ids, out.num_accepted)
-        ]
+        return [self._advance(seq, k, new, a) for seq, k, new, a in zip(seqs, ks, out.new_token_ids, out.num_accepted)]
+
+    @staticmethod
+    def _without(gone: Sequence, seqs: list[Sequence], ks: list[int]) -> tuple[list[Sequence], list[int]]:
+        kept = [(s, k) for s, k in zip(seqs, ks) if s is not gone]
+        return [s for s, _ in kept], [k for _, k in kept]
 
     def _recover_from_oom(self, seqs: list[Sequence], exc: Exception) -> list[RequestOutput]:
         """The device ran out of memory mid-step. Nothing was committed (KV counters move only after a

@@ -3,15 +3,44 @@
 The same `logits_to_probs` is applied to draft and target logits, so the rejection sampler compares
 the distributions that were really used (temperature, top-k, top-p). Greedy rows become one-hot
 distributions, which makes greedy a special case of the same rejection rule (accept iff argmaxes agree).
+
+Randomness is indexed by output position: the uniform a request uses at position i for a given purpose
+(draw a draft token, test it, draw the emitted token) is a fixed function of (seed, i, purpose), not the
+next draw of a running stream, so it does not depend on how many draws earlier steps made (their K),
+on batch mates, or on preemption.
 """
 
 from __future__ import annotations
 
+import enum
+import hashlib
 from dataclasses import dataclass
 
 import torch
 
 from helix_serve.engine.sampling_params import SamplingParams
+
+
+class Purpose(enum.IntEnum):
+    """What a position's uniform is for; each purpose has its own independent uniform."""
+
+    DRAFT = 0  # sample the draft's proposal for this position from q
+    ACCEPT = 1  # test that proposal against p
+    FINAL = 2  # draw the emitted token (from p, or from the residual after a rejection)
+
+
+def position_uniform(seed: int, position: int, purpose: Purpose) -> float:
+    """A uniform in (0, 1] fixed by (seed, position, purpose): a counter-based stream (a hash of the
+    counter), the same on every device and for any integer seed."""
+    digest = hashlib.blake2b(f"{seed}/{position}/{int(purpose)}".encode(), digest_size=8).digest()
+    return ((int.from_bytes(digest, "little") >> 11) + 1) / 2.0**53  # 53 random bits, never 0
+
+
+def sampling_row(params: SamplingParams, vocab_size: int) -> tuple[float, int, float]:
+    """(temperature, top_k, top_p) as the sampler uses them: temperature 0 for greedy requests
+    (see SamplingParams.greedy), top_k at most the vocabulary (a larger one keeps every token)."""
+    temperature = 0.0 if params.greedy else float(params.temperature)
+    return temperature, min(int(params.top_k), vocab_size), float(params.top_p)
 
 
 @dataclass(slots=True)
@@ -23,12 +52,17 @@ class SamplingTensors:
     top_p: torch.Tensor
 
     @classmethod
-    def from_params(cls, params: list[SamplingParams], device: torch.device) -> SamplingTensors:
+    def from_rows(cls, rows: list[tuple[float, int, float]], device: torch.device) -> SamplingTensors:
+        temperature, top_k, top_p = zip(*rows) if rows else ((), (), ())
         return cls(
-            temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device),
-            top_k=torch.tensor([p.top_k for p in params], dtype=torch.long, device=device),
-            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
+            temperature=torch.tensor(temperature, dtype=torch.float32, device=device),
+            top_k=torch.tensor(top_k, dtype=torch.long, device=device),
+            top_p=torch.tensor(top_p, dtype=torch.float32, device=device),
         )
+
+    @classmethod
+    def from_params(cls, params: list[SamplingParams], device: torch.device, vocab_size: int) -> SamplingTensors:
+        return cls.from_rows([sampling_row(p, vocab_size) for p in params], device)
 
     def select(self, rows: torch.Tensor) -> SamplingTensors:
         rows = rows.to(self.temperature.device)
@@ -76,8 +110,3 @@ def sample_from_probs(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tens
     cdf = probs.cumsum(dim=-1)
     targets = (uniforms.to(probs.device) * cdf[:, -1]).unsqueeze(-1)
     return torch.searchsorted(cdf, targets).squeeze(-1).clamp(max=probs.shape[-1] - 1)
-
-
-def draw_uniforms(generator: torch.Generator, n: int) -> torch.Tensor:
-    """n uniforms in (0, 1] from a request's own CPU generator (same draws on every device)."""
-    return 1.0 - torch.rand(n, generator=generator)

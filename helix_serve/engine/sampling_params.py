@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# Below this a temperature means greedy: logits / T would overflow to ±inf (1e-39 gives NaN probabilities),
+# and long before that the distribution is one-hot in float32 anyway.
+GREEDY_TEMPERATURE = 1e-5
+
 
 @dataclass(slots=True)
 class SamplingParams:
-    """How one request samples and stops. temperature 0 means greedy."""
+    """How one request samples and stops. temperature 0 (or below GREEDY_TEMPERATURE) means greedy."""
 
     max_tokens: int = 64
     temperature: float = 0.0
@@ -28,8 +32,8 @@ class SamplingParams:
             raise ValueError("temperature must be in [0, 100]")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError("top_p must be in (0, 1]")
-        if self.top_k < 0:
-            raise ValueError("top_k must be >= 0 (0 disables it)")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError("top_k must be an integer >= 0 (0 disables it)")
         if self.num_speculative_tokens is not None and self.num_speculative_tokens < 0:
             raise ValueError("num_speculative_tokens must be >= 0")
         if self.timeout_s is not None and self.timeout_s <= 0:
@@ -39,4 +43,5 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """The one place that decides greedy: the sampler then uses one-hot distributions."""
+        return self.temperature < GREEDY_TEMPERATURE

@@ -1,5 +1,23 @@
 """One batched speculative step: draft K_i tokens per sequence, verify all of them in one target
-pass, keep the accepted prefix plus one recovered/bonus token. K_i = 0 is plain decoding."""
+pass, keep the accepted prefix plus one recovered/bonus token. K_i = 0 is plain decoding.
+
+Randomness. A request's uniforms are indexed by output position (sampler.position_uniform), so they
+never depend on batch mates, preemption or how many draws earlier steps made. Modified rejection sampling
+still makes a position's token depend on K: with K = 0 it is drawn from p, with K > 0 it is a draft from q
+that passed its test, or a draw from the residual — different functions of the same uniforms. That cannot
+be avoided while also accepting drafts with the optimal min(1, p/q): a token that depended on p alone
+would have to agree with a proposal that depended on q alone (the draft runs before the target), and no
+such scheme reaches Σ min(p, q) agreement for every pair p, q (correlated sampling's bound).
+So seeded sampled requests (a seed, temperature > 0, a draft, speculation on) are "judged": the draft
+proposes one token more than the target verifies (K_i + 1 proposals, K_i = 0 included), and the position
+after the verified drafts is judged against the draft like the others instead of drawing a bonus from
+p. Every token of such a request is then made by one rule — proposal from q_i with u_draft(i), accepted
+with u_accept(i), else a draw from the residual with u_final(i) — so its tokens are the same whatever K
+is, whatever its batch mates and across preemption. The exception is the first output token: every run
+makes it in the request's first step, the target's prefill at K = 0, so it is drawn from p with
+u_final(first) and the prefill need not wait for the draft. The price is one more draft forward per
+later step (one at K = 0). Unseeded requests, whose tokens nobody can reproduce anyway, take the bonus.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +27,19 @@ import torch
 
 from helix_serve.engine.model_runner import ModelRunner
 from helix_serve.engine.rejection import rejection_sample
-from helix_serve.engine.sampler import SamplingTensors, draw_uniforms, logits_to_probs, sample_from_probs
+from helix_serve.engine.sampler import (Purpose, SamplingTensors, logits_to_probs, position_uniform,
+                                        sample_from_probs, sampling_row)
 from helix_serve.engine.sequence import Sequence
+
+GREEDY_UNIFORM = 0.5  # greedy rows use one-hot p and q: any uniform gives the same tokens
+
+
+class SequenceInputError(Exception):
+    """One sequence's inputs for a step could not be built. Nothing ran: only that sequence should fail."""
+
+    def __init__(self, seq: Sequence, cause: BaseException):
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.seq = seq
 
 
 @dataclass(slots=True)
@@ -20,19 +49,51 @@ class StepOutput:
 
 
 @dataclass(slots=True)
-class _Uniforms:
-    draft: torch.Tensor  # [N, K] sampling each draft token
-    accept: torch.Tensor  # [N, K] accept/reject tests
-    final: torch.Tensor  # [N] the recovered or bonus token
+class _Row:
+    """One sequence's part of a step, built on its own so that a bad one fails alone."""
+
+    sampling: tuple[float, int, float]
+    num_proposals: int  # draft tokens proposed: K, or K + 1 when the last position is judged
+    draft: list[float]  # [num_proposals] uniforms per purpose, for positions n, n+1, ...
+    accept: list[float]  # [num_proposals]
+    final: list[float]  # [K + 1]
 
     @classmethod
-    def draw(cls, seqs: list[Sequence], ks: list[int]) -> _Uniforms:
-        max_k = max(ks)
-        draft, accept, final = torch.ones(len(seqs), max_k), torch.ones(len(seqs), max_k), torch.ones(len(seqs))
-        for i, (seq, k) in enumerate(zip(seqs, ks)):
-            u = draw_uniforms(seq.generator, 2 * k + 1)
-            draft[i, :k], accept[i, :k], final[i] = u[:k], u[k : 2 * k], u[2 * k]
-        return cls(draft, accept, final)
+    def build(cls, seq: Sequence, k: int, judged: bool, vocab_size: int) -> _Row:
+        sampling = sampling_row(seq.params, vocab_size)
+        num_proposals = k + judged
+        if seq.params.greedy:
+            fixed = [GREEDY_UNIFORM] * num_proposals
+            return cls(sampling, num_proposals, fixed, fixed, [GREEDY_UNIFORM] * (k + 1))
+        seed, start = seq.generator.initial_seed(), seq.num_tokens  # the request's seed; the first new position
+
+        def uniforms(purpose: Purpose, count: int) -> list[float]:
+            return [position_uniform(seed, start + j, purpose) for j in range(count)]
+
+        return cls(sampling, num_proposals, uniforms(Purpose.DRAFT, num_proposals),
+                   uniforms(Purpose.ACCEPT, num_proposals), uniforms(Purpose.FINAL, k + 1))
+
+
+@dataclass(slots=True)
+class _StepInputs:
+    sampling: SamplingTensors
+    num_proposals: list[int]
+    judged: torch.Tensor  # [N] bool
+    draft_uniforms: torch.Tensor  # [N, D] with D = max proposals
+    accept_uniforms: torch.Tensor  # [N, D]
+    final_uniforms: torch.Tensor  # [N, K+1]
+
+    @classmethod
+    def stack(cls, rows: list[_Row], ks: list[int], device: torch.device) -> _StepInputs:
+        width, max_k = max(r.num_proposals for r in rows), max(ks)
+        draft, accept, final = (torch.ones(len(rows), n) for n in (width, width, max_k + 1))
+        for i, row in enumerate(rows):
+            draft[i, : row.num_proposals] = torch.tensor(row.draft)
+            accept[i, : row.num_proposals] = torch.tensor(row.accept)
+            final[i, : len(row.final)] = torch.tensor(row.final)
+        judged = torch.tensor([r.num_proposals > k for r, k in zip(rows, ks)])
+        sampling = SamplingTensors.from_rows([r.sampling for r in rows], device)
+        return cls(sampling, [r.num_proposals for r in rows], judged, draft, accept, final)
 
 
 class SpeculativeDecoder:
@@ -43,34 +104,49 @@ class SpeculativeDecoder:
         self.draft = draft
         self.device = target.device
 
+    def judges_last(self, seq: Sequence) -> bool:
+        """Seeded sampled requests with speculation on get K-independent tokens (see the module docstring)."""
+        params = seq.params
+        reproducible = params.speculative and params.seed is not None and not params.greedy
+        return self.draft is not None and reproducible and seq.num_output_tokens > 0
+
     def step(self, seqs: list[Sequence], ks: list[int]) -> StepOutput:
-        sampling = SamplingTensors.from_params([s.params for s in seqs], self.device)
-        uniforms = _Uniforms.draw(seqs, ks)
-        draft_ids, draft_probs = self._propose(seqs, ks, sampling, uniforms.draft)
+        """Raises SequenceInputError (before running anything) if one sequence's inputs cannot be built."""
+        inputs = self._inputs(seqs, ks)
+        draft_ids, draft_probs = self._propose(seqs, inputs)
         draft_lists = draft_ids.tolist()
-        target_probs = self._score(seqs, ks, draft_lists, sampling)
+        target_probs = self._score(seqs, ks, draft_lists, inputs.sampling)
         k_tensor = torch.tensor(ks, device=self.device)
-        result = rejection_sample(draft_ids, draft_probs, target_probs, k_tensor, uniforms.accept, uniforms.final)
+        result = rejection_sample(draft_ids, draft_probs, target_probs, k_tensor, inputs.accept_uniforms,
+                                  inputs.final_uniforms, inputs.judged)
         num_accepted, next_ids = result.num_accepted.tolist(), result.next_token_ids.tolist()
         # KV counters change only once the whole step succeeded, so a failed step leaves them consistent.
-        for seq, k, a in zip(seqs, ks, num_accepted):
+        for seq, proposals, a in zip(seqs, inputs.num_proposals, num_accepted):
             # Rollback is a length change: K/V past the accepted prefix is simply overwritten later.
             seq.num_target_cached = seq.num_tokens + a
-            if k > 0:  # the draft saw everything up to its last proposal but one; keep the accepted part
-                seq.num_draft_cached = seq.num_tokens + min(k - 1, a)
+            if proposals > 0:  # the draft saw everything up to its last proposal but one; keep the accepted part
+                seq.num_draft_cached = seq.num_tokens + min(proposals - 1, a)
         new_ids = [d[:a] + [t] for d, a, t in zip(draft_lists, num_accepted, next_ids)]
         return StepOutput(new_ids, num_accepted)
 
-    def _propose(
-        self, seqs: list[Sequence], ks: list[int], sampling: SamplingTensors, uniforms: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sample K_i draft tokens per sequence: [N, K] ids and the [N, K, V] distributions used."""
-        max_k, vocab = max(ks), self.target.vocab_size
-        draft_ids = torch.zeros(len(seqs), max_k, dtype=torch.long, device=self.device)
-        draft_probs = torch.zeros(len(seqs), max_k, vocab, device=self.device)
+    def _inputs(self, seqs: list[Sequence], ks: list[int]) -> _StepInputs:
+        rows = []
+        for seq, k in zip(seqs, ks):
+            try:
+                rows.append(_Row.build(seq, k, self.judges_last(seq), self.target.vocab_size))
+            except Exception as exc:  # noqa: BLE001 - this request's own settings: it fails alone
+                raise SequenceInputError(seq, exc) from exc
+        return _StepInputs.stack(rows, ks, self.device)
+
+    def _propose(self, seqs: list[Sequence], inputs: _StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample each sequence's proposals: [N, D] ids and the [N, D, V] distributions used."""
+        counts, vocab = inputs.num_proposals, self.target.vocab_size
+        width = max(counts)
+        draft_ids = torch.zeros(len(seqs), width, dtype=torch.long, device=self.device)
+        draft_probs = torch.zeros(len(seqs), width, vocab, device=self.device)
         previous: dict[int, int] = {}
-        for j in range(max_k):
-            rows = [i for i, k in enumerate(ks) if k > j]
+        for j in range(width):
+            rows = [i for i, n in enumerate(counts) if n > j]
             if j == 0:  # the draft catches up on every token it has not seen yet
                 chunks = [seqs[i].token_ids[seqs[i].num_draft_cached :] for i in rows]
                 starts = [seqs[i].num_draft_cached for i in rows]
@@ -79,8 +155,8 @@ class SpeculativeDecoder:
                 starts = [seqs[i].num_tokens + j - 1 for i in rows]
             logits = self.draft.logits([seqs[i].block_table for i in rows], chunks, starts, [1] * len(rows))
             index = torch.tensor(rows, device=self.device)
-            probs = logits_to_probs(logits, sampling.select(index))
-            tokens = sample_from_probs(probs, uniforms[index.cpu(), j])
+            probs = logits_to_probs(logits, inputs.sampling.select(index))
+            tokens = sample_from_probs(probs, inputs.draft_uniforms[index.cpu(), j])
             draft_ids[index, j], draft_probs[index, j] = tokens, probs
             previous = dict(zip(rows, tokens.tolist()))
         return draft_ids, draft_probs
