@@ -128,15 +128,19 @@ def test_engine_state_reaches_rays_metrics_export(http, session):
     """The engine replica's own gauges, tagged by pool and replica, in Ray's Prometheus export."""
     export = f"http://127.0.0.1:{session[2]}/metrics"
     assert http.post("/generate", json=GREEDY).status_code == 200
+    def free_blocks(samples: dict) -> float:
+        return sum(v for k, v in samples.items() if k.startswith("ray_helix_engine_kv_blocks{") and 'state="free"' in k)
+
+    # Wait for the names and for the value exported after the request finished (an export may catch it mid-step).
     deadline, text = time.monotonic() + 15, ""
     while time.monotonic() < deadline:
         text = httpx.get(export, timeout=10).text
-        if "ray_helix_engine_speculative_k_count" in text and "ray_helix_engine_kv_blocks" in text:
+        if "ray_helix_engine_speculative_k_count" in text and free_blocks(parse_metrics(text)) == 128:
             break
         time.sleep(0.5)
     samples = parse_metrics(text)
     kv = {k: v for k, v in samples.items() if k.startswith("ray_helix_engine_kv_blocks{")}
     assert kv and all('pool="' in k and 'replica="' in k for k in kv), text[-2000:]
-    assert sum(v for k, v in kv.items() if 'state="free"' in k) == 128
+    assert free_blocks(samples) == 128
     assert any(k.startswith("ray_helix_engine_running_sequences{") for k in samples)
     assert sum(v for k, v in samples.items() if k.startswith("ray_helix_engine_speculative_k_count")) > 0
