@@ -7,16 +7,25 @@ import asyncio
 import socket
 import threading
 import time
+from types import SimpleNamespace
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlparse
 
 import httpx
 import openai
 import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
 
-from helix_serve.serving.errors import GenerationFailedError
-from helix_serve.serving.protocol import EngineChunk
+from helix_serve.serving.engine_client import EngineClient, EngineRejectedError, EngineStream
+from helix_serve.serving.errors import GenerationFailedError, install_error_handlers
+from helix_serve.serving.ingress import generate_response
+from helix_serve.serving.metrics import HelixMetrics
+from helix_serve.serving.pools import Pool, PoolRouter
+from helix_serve.serving.protocol import EngineChunk, EngineRequest
 from helix_serve.serving.sse_streams import started
+from helix_serve.serving.step_loop import StepLoop
+from tests.helpers import make_engine
 from tests.serve_harness import MODEL, PROMPT, app_args, build_test_app, kv_used, local_serve, wait_kv_free
 
 LONG = {"prompt": PROMPT, "max_tokens": 490, "ignore_eos": True, "speculative": False}  # seconds of decoding
@@ -66,6 +75,13 @@ def no_leaked_blocks(request):
      "role"),
     ("/v1/chat/completions", b'{"model": "helix-test", "messages": [{"role": "user", "content": "  "}]}', 400,
      "non-empty"),
+    # JSON nested deeper than the parser goes (well under the body limit), or numbers it will not convert
+    ("/generate", b"[" * 100_000, 422, "too deeply"),
+    ("/generate/stream", b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}", 422, "too deeply"),
+    ("/v1/chat/completions", b'{"model": "helix-test", "messages": ' + b"[" * 100_000, 400, "too deeply"),
+    ("/v1/completions", b'{"model": "helix-test", "prompt": "hi", "seed": ' + b"7" * 5000 + b"}", 400, "digits"),
+    ("/generate", b'{"prompt": ' + b"[" * 950 + b"]" * 950 + b"}", 422, ""),  # at the parser's edge
+    ("/v1/nowhere", b"{}", 404, "Not Found"),  # FastAPI's own errors take the route's shape too
 ])
 def test_malformed_input_is_a_clear_4xx(http, route, content, status, needle):
     response = http.post(route, content=content, headers={"Content-Type": "application/json"})
@@ -186,3 +202,138 @@ def test_started_stream_replays_its_first_chunk():
         return [c.text async for c in stream.chunks()]
 
     assert asyncio.run(collect()) == ["a", "b"]
+
+
+# ---- a broken step loop: callers get a clean 503 with Retry-After, never a 500 (issue 19, item 6) --------
+
+
+@pytest.fixture(scope="module")
+def engine(llama_pair):
+    return make_engine(llama_pair, num_kv_blocks=64)
+
+
+class Response:
+    """What `handle.generate.options(stream=True).remote(...)` returns: async-iterable and cancellable."""
+
+    def __init__(self, chunks):
+        self.chunks = chunks
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        return await anext(self.chunks)
+
+    def cancel(self):
+        pass
+
+
+def client_for(loop: StepLoop, gate: dict[str, asyncio.Event]) -> EngineClient:
+    """An EngineClient whose one pool streams from an in-process StepLoop as HelixEngine.generate does; a
+    request's admission waits for its `gate` event, as it would inside @serve.batch."""
+
+    async def generate(request: EngineRequest):
+        queue = loop.open(request.request_id)
+        try:
+            if request.request_id in gate:
+                await gate[request.request_id].wait()
+            await loop.admit([request])
+            while not (chunk := await queue.get()).finished:
+                yield chunk
+            yield chunk
+        finally:
+            loop.close(request.request_id)
+
+    streaming = SimpleNamespace(remote=lambda request: Response(generate(request)))
+    handle = SimpleNamespace(generate=SimpleNamespace(options=lambda **_: streaming),
+                             info=SimpleNamespace(remote=lambda: asyncio.sleep(0, {})))
+    return EngineClient(PoolRouter([Pool("cpu", handle, 1.0)], 5, 60), HelixMetrics(), admission_timeout_s=5)
+
+
+def test_after_a_step_loop_failure_waiting_requests_get_a_clean_503(engine, monkeypatch):
+    async def scenario():
+        loop = StepLoop(engine)
+        gate = {"waiting": asyncio.Event()}
+        client = client_for(loop, gate)
+        sampling = {"max_tokens": 8, "ignore_eos": True}
+        running = asyncio.create_task(client.generate(EngineRequest("running", sampling, prompt=PROMPT), "/t"))
+        waiting = asyncio.create_task(client.generate(EngineRequest("waiting", sampling, prompt=PROMPT), "/t"))
+        await asyncio.sleep(0.2)  # both opened; "running" admitted and failing, "waiting" held at admission
+        gate["waiting"].set()
+        results = await asyncio.gather(running, waiting, return_exceptions=True)
+        return results, (await loop.run_on_engine(engine.kv_usage))["used_blocks"]  # after the queued aborts
+
+    def broken_step(self):
+        raise RuntimeError("simulated: the step loop broke")
+
+    monkeypatch.setattr(StepLoop, "_step", broken_step)
+    (running, waiting), used_blocks = asyncio.run(scenario())
+    assert isinstance(waiting, EngineRejectedError), waiting  # refused, not read as an admission
+    assert waiting.status_code == 503 and "step loop" in waiting.message
+    assert running.finish_reason == "error" and running.status_code == 503  # admitted: the engine's failure
+    with pytest.raises(GenerationFailedError) as failed:
+        generate_response(running)
+    assert failed.value.retryable
+    assert used_blocks == 0 and not engine.has_unfinished_requests()
+
+
+def test_engine_failures_are_503_with_retry_after_in_the_route_shape():
+    app = FastAPI()
+    install_error_handlers(app)
+
+    @app.post("/v1/completions")
+    async def refused():
+        raise EngineRejectedError(503, "the engine's step loop failed: boom")
+
+    @app.post("/generate")
+    async def failed():
+        raise GenerationFailedError("the engine's step loop failed: boom", 503)
+
+    @app.post("/generate/batch")
+    async def broken():
+        raise GenerationFailedError("RuntimeError: a bug")
+
+    http = TestClient(app)
+    response = http.post("/v1/completions")
+    assert response.status_code == 503 and response.headers["retry-after"] == "1"
+    assert response.json()["error"]["type"] == "server_error"
+    response = http.post("/generate")
+    assert response.status_code == 503 and response.headers["retry-after"] == "1" and response.json()["detail"]
+    assert http.post("/generate/batch").status_code == 500  # a failure that retrying will not fix
+
+
+def test_a_stream_that_ends_without_a_final_chunk_is_a_503_not_an_assert():
+    admission = EngineChunk("r", num_prompt_tokens=3)
+
+    async def collect():
+        stream = EngineStream(Response(_chunks([EngineChunk("r", text="a", token_ids=[1])])), admission, "/t",
+                              HelixMetrics(), 0.0, Pool("cpu", None, 1.0, ongoing=1))
+        return await stream.collect()
+
+    with pytest.raises(EngineRejectedError) as info:
+        asyncio.run(collect())
+    assert info.value.status_code == 503 and "ended before" in info.value.message
+
+
+async def _chunks(chunks):
+    for chunk in chunks:
+        yield chunk
+
+
+def test_chat_template_errors_are_the_clients_400(engine):
+    """A template that raises (roles must alternate) refuses the request as a 400 naming the problem."""
+    template = ("{% for m in messages %}{% if loop.index0 > 0 and m['role'] == loop.previtem['role'] %}"
+                "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+                "{% endif %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:")
+    saved = engine.tokenizer.chat_template
+    engine.tokenizer.chat_template = template
+    try:
+        loop = StepLoop(engine)
+        twice = [{"role": "user", "content": "hi"}, {"role": "user", "content": "again"}]
+        chunk = loop._add(EngineRequest("t", {"max_tokens": 2}, messages=twice))
+        ok = loop._add(EngineRequest("u", {"max_tokens": 2}, messages=twice[:1]))
+    finally:
+        engine.tokenizer.chat_template = saved
+        engine.abort_request("u")
+    assert chunk.finished and chunk.status_code == 400 and "must alternate" in chunk.error
+    assert ok.status_code is None and ok.num_prompt_tokens > 0

@@ -100,6 +100,8 @@ def test_no_permissive_cors(http):
      "at most 200"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
                               "max_completion_tokens": 99}, 400, "at most 64"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "z" * 150}, {"type": "text", "text": "z" * 60}]}]}, 413, "at most 200"),
 ])
 def test_limits_answer_before_the_engine(http, route, body, status, needle):
     response = http.post(route, json=body, headers=auth(FILE_KEY))
@@ -107,6 +109,15 @@ def test_limits_answer_before_the_engine(http, route, body, status, needle):
     message = response.json()["error"]["message"] if route.startswith("/v1") else response.json()["detail"]
     assert needle in message
     assert http.get("/health").json()["kv_cache"]["num_running"] == 0
+
+
+def test_chat_default_max_tokens_is_the_configured_limit(http):
+    """Without max_tokens a chat generates up to the context (512 here), but never past limits.max_tokens."""
+    body = {"model": MODEL, "messages": [{"role": "user", "content": PROMPT}], "ignore_eos": True}
+    response = http.post("/v1/chat/completions", json=body, headers=auth(FILE_KEY))
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["completion_tokens"] == LIMITS["max_tokens"]
+    assert response.json()["choices"][0]["finish_reason"] == "length"
 
 
 def test_oversized_body_is_413(http):

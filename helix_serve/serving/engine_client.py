@@ -49,6 +49,7 @@ class Generation:
     error: str | None
     num_prompt_tokens: int
     stats: dict[str, Any] = field(default_factory=dict)
+    status_code: int | None = None  # with an error: 503 when the engine failed, not the request
 
 
 class EngineStream:
@@ -109,9 +110,10 @@ class EngineStream:
             text.append(chunk.text)
             token_ids.extend(chunk.token_ids)
             last = chunk
-        assert last is not None and last.finished, "engine stream ended without a final chunk"
+        if last is None or not last.finished:  # the replica went away mid-generation
+            raise EnginesUnavailableError("the engine stream ended before the generation finished")
         return Generation(self.request_id, "".join(text), token_ids, last.finish_reason, last.error,
-                          self.num_prompt_tokens, last.stats or {})
+                          self.num_prompt_tokens, last.stats or {}, last.status_code)
 
 
 class EngineClient:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 from helix_serve.serving import openai_format
 from helix_serve.serving.engine_client import EngineRejectedError
@@ -23,13 +24,14 @@ RETRY_AFTER_S = "1"
 
 
 class GenerationFailedError(Exception):
-    """The engine ended a request with an error before the reply began: 503 if it ran out of memory
-    (worth retrying), else 500."""
+    """The engine ended a request with an error before the reply began: 503 if it ran out of memory or
+    the engine itself failed (status 503: worth retrying), else 500."""
 
-    def __init__(self, error: str | None):
+    def __init__(self, error: str | None, status_code: int | None = None):
         super().__init__(error)
         self.message = f"generation failed: {error}"
         self.out_of_memory = (error or "").startswith(OUT_OF_MEMORY)
+        self.retryable = self.out_of_memory or status_code == 503
 
 
 def _is_openai(path: str) -> bool:
@@ -72,7 +74,7 @@ async def _on_rejected(request: Request, exc: EngineRejectedError) -> JSONRespon
 
 
 async def _on_generation_failed(request: Request, exc: GenerationFailedError) -> JSONResponse:
-    if exc.out_of_memory:
+    if exc.retryable:
         return error_response(request.url.path, 503, exc.message, "server_error",
                               headers={"Retry-After": RETRY_AFTER_S})
     return _error(request, 500, exc.message, "server_error")
@@ -82,8 +84,15 @@ async def _on_openai(request: Request, exc: OpenAIError) -> JSONResponse:
     return _error(request, exc.status_code, exc.message, exc.error_type, exc.param)
 
 
+async def _on_http(request: Request, exc: HTTPException) -> JSONResponse:
+    """FastAPI's own errors (a body it cannot parse, an unknown route or method), in the route's shape."""
+    error_type = "server_error" if exc.status_code >= 500 else "invalid_request_error"
+    return error_response(request.url.path, exc.status_code, str(exc.detail), error_type, headers=exc.headers)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _on_validation)
+    app.add_exception_handler(HTTPException, _on_http)
     app.add_exception_handler(EngineRejectedError, _on_rejected)
     app.add_exception_handler(OpenAIError, _on_openai)
     app.add_exception_handler(GenerationFailedError, _on_generation_failed)

@@ -29,7 +29,9 @@ from helix_serve.serving.schemas import (BatchGenerateRequest, BatchGenerateResp
                                          CompletionRequest, GenerateRequest, GenerateResponse)
 from helix_serve.serving.security import Guard, SecurityConfig
 
-OPENAI_DEFAULT_MAX_TOKENS = 16  # OpenAI's documented default for /v1/completions
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's documented default for /v1/completions
+# Chat has none: OpenAI generates up to the context. The engine fills that in (EngineRequest.max_tokens_limit).
+CHAT_DEFAULT_MAX_TOKENS = None
 METRICS = HelixMetrics()  # one per ingress process, shared with the middleware
 GUARD = Guard()  # API keys and limits, configured when the replica starts
 
@@ -50,7 +52,7 @@ def request_id(request: Request) -> str:
 
 def generate_response(generation: Generation) -> GenerateResponse:
     if generation.finish_reason == "error":
-        raise GenerationFailedError(generation.error)
+        raise GenerationFailedError(generation.error, generation.status_code)
     s = generation.stats
     return GenerateResponse(
         request_id=generation.request_id, generated_text=generation.text, finish_reason=generation.finish_reason,
@@ -129,7 +131,7 @@ class HelixIngress:
     async def completions(self, body: CompletionRequest, request: Request) -> Any:
         self._check_model(body.model)
         base, created = request_id(request), int(time.time())
-        sampling = body.sampling(OPENAI_DEFAULT_MAX_TOKENS)
+        sampling = body.sampling(COMPLETIONS_DEFAULT_MAX_TOKENS)
         response_id = f"cmpl-{base}"
         if body.stream:
             if len(body.prompts) != 1:
@@ -149,8 +151,9 @@ class HelixIngress:
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Any:
         self._check_model(body.model)
         base, created = request_id(request), int(time.time())
-        messages = [m.model_dump() for m in body.messages]
-        engine_request = EngineRequest(base, body.sampling(OPENAI_DEFAULT_MAX_TOKENS), messages=messages)
+        messages = [m.engine_message() for m in body.messages]
+        engine_request = EngineRequest(base, body.sampling(CHAT_DEFAULT_MAX_TOKENS), messages=messages,
+                                       max_tokens_limit=GUARD.limits.max_tokens)
         response_id = f"chatcmpl-{base}"
         if not body.stream:
             generation = self._check_generations([await self.engine.generate(engine_request, "/v1/chat/completions")])
@@ -169,7 +172,7 @@ class HelixIngress:
     def _check_generations(generations: list[Generation]) -> list[Generation]:
         for g in generations:
             if g.finish_reason == "error":
-                raise GenerationFailedError(g.error)
+                raise GenerationFailedError(g.error, g.status_code)
         return generations
 
     # ---- operations -----------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 reaches an engine: body size (413), prompt length and batch size (413), max_tokens and stop lists (422).
 
 It checks the JSON fields generically (`prompt`, `prompts`, `messages`, `max_tokens`, `stop`, ...) where
-their types are right; wrong types are left to the route's schema validation. A body that is not UTF-8 is a 422 (400 on /v1).
+their types are right; wrong types are left to the route's schema validation. A body that is not UTF-8, or
+JSON that nests too deeply for the parser, is a 422 (400 on /v1).
 """
 
 from __future__ import annotations
@@ -45,9 +46,18 @@ def _check_text(payload: dict[str, Any], limits: RequestLimits, max_batch_prompt
             _check_prompts(payload[name], limits, max_batch_prompts, name)
     messages = payload.get("messages")
     if isinstance(messages, list):
-        size = sum(len(m["content"]) for m in messages if isinstance(m, dict) and isinstance(m.get("content"), str))
+        size = sum(_content_chars(m.get("content")) for m in messages if isinstance(m, dict))
         if size > limits.max_prompt_chars:
             raise Refused(413, f"messages hold {size} characters; at most {limits.max_prompt_chars}")
+
+
+def _content_chars(content: Any) -> int:
+    """Characters of a chat message's content: a string, or OpenAI's list of text parts."""
+    if isinstance(content, str):
+        return len(content)
+    if isinstance(content, list):
+        return sum(len(p["text"]) for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return 0
 
 
 def _check_sampling(payload: dict[str, Any], limits: RequestLimits) -> None:
@@ -126,8 +136,12 @@ def _json_or_none(body: bytes) -> Any:
         raise Refused(422, f"the body is not valid UTF-8: {exc}") from None
     try:
         return json.loads(text)
-    except ValueError:  # malformed JSON: the route's validation answers it, with the parser's message
+    except json.JSONDecodeError:  # malformed JSON: the route's validation answers it, with the parser's message
         return None
+    except RecursionError:  # e.g. b"[" * 100_000: well under the size limit, too deep for any parser here
+        raise Refused(422, "the body nests JSON arrays or objects too deeply") from None
+    except ValueError as exc:  # valid JSON Python will not convert, e.g. an integer of over 4,300 digits
+        raise Refused(422, f"the body is not valid JSON here: {exc}") from None
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

@@ -11,21 +11,27 @@ from typing import Any
 
 @dataclass(slots=True)
 class EngineRequest:
-    """One generation: a prompt or chat messages, plus `SamplingParams` keyword arguments."""
+    """One generation: a prompt or chat messages, plus `SamplingParams` keyword arguments.
+
+    `sampling["max_tokens"]` None means "up to the context": the engine fills in what the context and its
+    KV pool leave after the prompt, at most `max_tokens_limit` (the ingress's configured limit).
+    """
 
     request_id: str
     sampling: dict[str, Any]
     prompt: str | None = None
     messages: list[dict[str, str]] | None = None  # rendered with the engine's chat template
+    max_tokens_limit: int | None = None
 
 
 @dataclass(slots=True)
 class EngineChunk:
     """One message of a generation stream.
 
-    The first chunk is the admission: `status_code` set means the request was refused (4xx) and the
-    stream ends; otherwise it carries `num_prompt_tokens`. Each later chunk is one speculative step's
-    accepted tokens; the last has `finished` and `stats`.
+    The first chunk is the admission: `status_code` set means the request was refused (4xx, or 503 when
+    the engine cannot take it now) and the stream ends; otherwise it carries `num_prompt_tokens`. Each
+    later chunk is one speculative step's accepted tokens; the last has `finished` and `stats`, or an
+    `error` (with `status_code` 503 when the failure was the engine's, not the request's: worth retrying).
     """
 
     request_id: str

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 SAMPLING_FIELDS = {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos", "speculative",
                    "num_speculative_tokens", "timeout_s"}
 
 TIMEOUT_HELP = "deadline in seconds from arrival; generation then ends with finish_reason 'timeout'"
+# Larger than any vocabulary: a top_k at or above the model's vocabulary size keeps every token.
+MAX_TOP_K = 1 << 20
+TOP_K_HELP = f"0 disables top-k; at most {MAX_TOP_K} (values at or above the vocabulary size keep every token)"
 
 
 def _non_blank(value: str, name: str) -> str:
@@ -33,7 +36,7 @@ class SamplingFields(BaseModel):
     max_tokens: int = Field(64, ge=1)
     temperature: float = Field(0.0, ge=0.0, le=100.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0, description="0 disables top-k")
+    top_k: int = Field(0, ge=0, le=MAX_TOP_K, description=TOP_K_HELP)
     seed: int | None = None
     stop: list[str] = Field(default_factory=list)
     ignore_eos: bool = False
@@ -106,6 +109,10 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+# OpenAI's spec lets a client send null for these, meaning "the default".
+NULL_MEANS_DEFAULT = frozenset({"temperature", "top_p", "top_k", "n", "stream", "ignore_eos", "speculative"})
+
+
 class OpenAISamplingFields(BaseModel):
     """OpenAI fields we honour (unknown ones are ignored, as clients send many), plus Helix extensions."""
 
@@ -115,7 +122,7 @@ class OpenAISamplingFields(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)
+    top_k: int = Field(0, ge=0, le=MAX_TOP_K, description=TOP_K_HELP)
     seed: int | None = None
     stop: str | list[str] | None = None  # normalised to a list by the validator below
     n: int = Field(1, ge=1, le=1, description="only one choice per prompt is supported")
@@ -126,14 +133,26 @@ class OpenAISamplingFields(BaseModel):
     num_speculative_tokens: int | None = Field(None, ge=0)
     timeout_s: float | None = Field(None, gt=0, description=TIMEOUT_HELP)  # a Helix extension (extra_body)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if not (v is None and k in NULL_MEANS_DEFAULT)}
+        return data
+
     @field_validator("stop")
     @classmethod
     def _check_stop(cls, value: str | list[str] | None) -> list[str]:
         return _stop_list(value)
 
-    def sampling(self, default_max_tokens: int) -> dict[str, Any]:
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def sampling(self, default_max_tokens: int | None) -> dict[str, Any]:
+        """SamplingParams keyword arguments; max_tokens None means "up to the context" (the engine decides)."""
         fields = self.model_dump(include=SAMPLING_FIELDS)
-        fields["max_tokens"] = self.max_tokens or default_max_tokens
+        fields["max_tokens"] = self.requested_max_tokens or default_max_tokens
         fields["stop"] = _stop_list(self.stop)
         return fields
 
@@ -159,21 +178,62 @@ class CompletionRequest(OpenAISamplingFields):
         return [self.prompt] if isinstance(self.prompt, str) else self.prompt
 
 
+def _text_parts(parts: list[Any]) -> list[Any]:
+    """OpenAI's content parts: only `{"type": "text", "text": ...}` can be read by a text model."""
+    for i, part in enumerate(parts):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text":
+            what = f"has type {kind!r}" if isinstance(kind, str) else "is not a typed content part"
+            raise ValueError(f"content part {i} {what}; only text parts are supported")
+        if not isinstance(part.get("text"), str):
+            raise ValueError(f"content part {i}: `text` must be a string")
+    return parts
+
+
 class ChatMessage(BaseModel):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str
+    """One OpenAI chat message. Content is a string or a list of text parts (joined with newlines);
+    null only on assistant turns (e.g. ones that only called tools). `developer` is sent as `system`;
+    other fields (`name`, `tool_calls`, `tool_call_id`) are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[Any] | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _check_content(cls, content: str | list[Any] | None) -> str | list[Any] | None:
+        return _text_parts(content) if isinstance(content, list) else content
+
+    @model_validator(mode="after")
+    def _content_required(self) -> ChatMessage:
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message needs content (null is allowed on assistant messages only)")
+        return self
+
+    @property
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "\n".join(part["text"] for part in self.content)
+        return self.content or ""
+
+    def engine_message(self) -> dict[str, str]:
+        """The message as the engine's chat template receives it."""
+        return {"role": "system" if self.role == "developer" else self.role, "content": self.text}
 
 
 class ChatCompletionRequest(OpenAISamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
 
-    def sampling(self, default_max_tokens: int) -> dict[str, Any]:
-        return super().sampling(self.max_completion_tokens or default_max_tokens)
+    @property
+    def requested_max_tokens(self) -> int | None:
+        # NOTE: max_completion_tokens replaced the deprecated max_tokens: when both are sent, it wins.
+        return self.max_completion_tokens or self.max_tokens
 
     @field_validator("messages")
     @classmethod
     def _check_messages(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
-        if not any(m.content.strip() for m in messages):
+        if not any(m.text.strip() for m in messages):
             raise ValueError("messages must contain some non-empty content")
         return messages

@@ -17,6 +17,7 @@ from helix_serve.serving.protocol import EngineChunk
 
 logger = logging.getLogger(__name__)
 DONE = {"data": "[DONE]"}
+ENDED_EARLY = "the engine stream ended before the generation finished"
 Event = dict[str, str]
 
 
@@ -51,7 +52,7 @@ async def started(stream: EngineStream) -> StartedStream:
         raise
     if first.finished and first.error:
         await chunks.aclose()
-        raise GenerationFailedError(first.error)
+        raise GenerationFailedError(first.error, first.status_code)
     return StartedStream(stream, chunks, first)
 
 
@@ -62,8 +63,10 @@ def _event(payload: dict[str, Any], event: str | None = None) -> Event:
 
 async def native_events(stream: ChunkStream) -> AsyncIterator[Event]:
     """`chunk` events per accepted chunk, then `final` with the stats (or `error`), then `[DONE]`."""
+    finished = False
     try:
         async for chunk in stream.chunks():
+            finished = chunk.finished
             if chunk.token_ids or chunk.text:
                 yield _event({"text": chunk.text, "token_ids": chunk.token_ids, "num_accepted": chunk.num_accepted,
                               "num_drafted": chunk.num_drafted}, "chunk")
@@ -72,6 +75,8 @@ async def native_events(stream: ChunkStream) -> AsyncIterator[Event]:
             elif chunk.finished:
                 yield _event({"request_id": stream.request_id, "finish_reason": chunk.finish_reason,
                               "num_prompt_tokens": stream.num_prompt_tokens, **(chunk.stats or {})}, "final")
+        if not finished:  # the replica went away mid-generation
+            yield _event({"error": ENDED_EARLY}, "error")
     except Exception as exc:  # noqa: BLE001 - reported to the client in-band
         logger.exception("stream %s failed", stream.request_id)
         yield _event({"error": f"{type(exc).__name__}: {exc}"}, "error")
@@ -85,10 +90,12 @@ async def openai_events(stream: ChunkStream, build: ChunkBuilder, include_usage:
                         preamble: list[dict[str, Any]] = ()) -> AsyncIterator[Event]:
     """OpenAI chunks (`data: {...}`) ending in `data: [DONE]`; a failure mid-stream is an error object."""
     num_tokens = num_cached = 0
+    finished = False
     try:
         for payload in preamble:
             yield _event(payload)
         async for chunk in stream.chunks():
+            finished = chunk.finished
             num_tokens += len(chunk.token_ids)
             if chunk.finished and chunk.stats:
                 num_cached = chunk.stats.get("num_cached_tokens", 0)
@@ -99,7 +106,9 @@ async def openai_events(stream: ChunkStream, build: ChunkBuilder, include_usage:
             if chunk.text or reason:
                 yield _event(build(chunk.text, reason))
         else:
-            if include_usage:
+            if not finished:  # the replica went away mid-generation
+                yield _event(openai_format.error_body(ENDED_EARLY, "server_error", 503))
+            elif include_usage:
                 yield _event(build("", None, openai_format.usage(stream.num_prompt_tokens, num_tokens, num_cached)))
     except Exception as exc:  # noqa: BLE001 - reported to the client in-band
         logger.exception("stream %s failed", stream.request_id)

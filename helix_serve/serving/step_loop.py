@@ -21,6 +21,7 @@ from helix_serve.serving.protocol import EngineChunk, EngineRequest
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 IDLE_BACKOFF_S = 0.002  # when sequences wait for KV blocks, don't spin the engine thread
+ENGINE_FAILURE_STATUS = 503  # the engine's failure, not the request's: the client may retry
 
 
 @dataclass(slots=True)
@@ -106,7 +107,7 @@ class StepLoop:
     def _add(self, request: EngineRequest) -> EngineChunk:
         try:
             token_ids = prompt_token_ids(self.engine.tokenizer, request)
-            params = SamplingParams(**request.sampling)
+            params = SamplingParams(**self._sampling(request, len(token_ids)))
             self._check_lengths(params)
             self.engine.add_request(token_ids, params, request.request_id)
         except PromptTooLongError as exc:
@@ -118,6 +119,14 @@ class StepLoop:
             return EngineChunk(request.request_id, finished=True, error=f"{type(exc).__name__}: {exc}",
                                status_code=500)
         return EngineChunk(request.request_id, num_prompt_tokens=len(token_ids))
+
+    def _sampling(self, request: EngineRequest, num_prompt_tokens: int) -> dict[str, Any]:
+        """The request's sampling settings, with max_tokens None ("up to the context") filled in."""
+        sampling = dict(request.sampling)
+        if sampling.get("max_tokens") is None:
+            room = self.engine.max_new_tokens(num_prompt_tokens)
+            sampling["max_tokens"] = min(room, request.max_tokens_limit or room)
+        return sampling
 
     def _check_lengths(self, params: SamplingParams) -> None:
         context = self.engine.max_model_len
@@ -165,8 +174,12 @@ class StepLoop:
         queue.put_nowait(chunk)
 
     def _fail_all(self, error: str) -> None:
+        """The step loop broke: every caller gets a final 503 chunk now. For a caller still waiting for its
+        admission that chunk is a refusal (its status code), never mistaken for an admission."""
         for request_id in list(self._streams):
-            self._deliver(EngineChunk(request_id, finished=True, finish_reason="error", error=error))
+            self._deliver(EngineChunk(request_id, finished=True, finish_reason="error",
+                                      error=f"the engine's step loop failed: {error}",
+                                      status_code=ENGINE_FAILURE_STATUS))
             self._executor.submit(self.engine.abort_request, request_id)
 
 
