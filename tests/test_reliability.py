@@ -118,20 +118,23 @@ def test_non_streaming_disconnect_frees_blocks(http, base_url):
 
 
 def test_overload_is_a_fast_503_with_retry_after(http, base_url):
-    all_ready = threading.Barrier(16)  # arrive together, so no slot frees up before the last one is sent
+    # 24 arrivals against 4 running + 4 queued. Serve's queue bound is approximate (the proxy and the
+    # handle count separately: up to 13 were admitted in one CI run), so ask only for some refusals.
+    arrivals = 24
+    all_ready = threading.Barrier(arrivals)  # arrive together, so no slot frees up before the last one is sent
 
     def one(_: int) -> tuple[int, float, str | None]:
         with httpx.Client(base_url=base_url, timeout=120) as client:
             all_ready.wait()
             started_at = time.perf_counter()
-            response = client.post("/generate", json={**LONG, "max_tokens": 300})
+            response = client.post("/generate", json={**LONG, "max_tokens": 200})
         return response.status_code, time.perf_counter() - started_at, response.headers.get("retry-after")
 
-    with ThreadPoolExecutor(16) as pool:
-        results = list(pool.map(one, range(16)))
+    with ThreadPoolExecutor(arrivals) as pool:
+        results = list(pool.map(one, range(arrivals)))
     refused = [r for r in results if r[0] == 503]
     served = [r for r in results if r[0] == 200]
-    assert len(refused) + len(served) == 16, results
+    assert len(refused) + len(served) == arrivals, results
     assert len(refused) >= 4 and len(served) >= 4, results
     assert all(elapsed < 2 and retry == "1" for _, elapsed, retry in refused), refused
 
