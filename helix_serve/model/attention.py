@@ -8,7 +8,7 @@ Only torch ops that exist in torch 2.4 are used (torch-directml pins it).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,15 @@ class AttentionMetadata:
     query_offset: torch.Tensor  # [T] index of each query token inside its sequence's chunk
     attn_mask: torch.Tensor  # [B, 1, max_query_len, max_context_len] True = may attend
     query_lens: list[int]
+    _grouped_masks: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def grouped_mask(self, group: int) -> torch.Tensor:
+        """The mask tiled for `group` query heads per kv head, [B, 1, group * max_q, ctx]; built once per forward."""
+        if group == 1:
+            return self.attn_mask
+        if group not in self._grouped_masks:
+            self._grouped_masks[group] = self.attn_mask.repeat(1, 1, group, 1)
+        return self._grouped_masks[group]
 
     @classmethod
     def build(
@@ -108,7 +117,7 @@ def paged_attention(
     # [B, max_q, kv_heads * group, D] → [B, kv_heads, group * max_q, D], row g * max_q + t = (head g, token t).
     q = q.view(num_seqs, max_q, num_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
     q = q.reshape(num_seqs, num_kv_heads, group * max_q, head_dim)
-    mask = meta.attn_mask if group == 1 else meta.attn_mask.repeat(1, 1, group, 1)  # [B, 1, group * max_q, ctx]
+    mask = meta.grouped_mask(group)  # [B, 1, group * max_q, ctx]
 
     # Gather each sequence's context through its block table (one index_select over the flat block
     # dimension; advanced indexing of the 4-D pool costs several times more): [B, kv_heads, max_ctx, D].

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from helix_serve.model.attention import AttentionMetadata, paged_attention
@@ -69,16 +70,6 @@ def fuse_linears(linears: list[nn.Linear]) -> nn.Linear:
     return fused
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate [T, heads, head_dim] by per-token cos/sin of shape [T, head_dim]."""
-    return x * cos[:, None, :] + _rotate_half(x) * sin[:, None, :]
-
-
 class PagedCausalLM(nn.Module):
     """Forward pass over a flat varlen batch of tokens, reading and writing K/V in a `KVCache`."""
 
@@ -98,7 +89,8 @@ class PagedCausalLM(nn.Module):
             for layer in self.layers
         )
         self.gate_up_proj = nn.ModuleList(fuse_linears([layer.mlp.gate_proj, layer.mlp.up_proj]) for layer in self.layers)
-        self.qkv_sizes = [attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features]
+        self.qk_size = attn.q_proj.out_features + attn.k_proj.out_features
+        self.hidden_size = config.hidden_size
         self.shape = ModelShape(
             num_layers=config.num_hidden_layers,
             num_kv_heads=config.num_key_value_heads,
@@ -119,18 +111,25 @@ class PagedCausalLM(nn.Module):
         """[T] token ids → [T, hidden] final hidden states."""
         hidden = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb(hidden[None], meta.positions[None])
-        cos, sin = cos[0], sin[0]  # [T, head_dim]
+        cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # [T, 1, head_dim], broadcast over heads
         for i, layer in enumerate(self.layers):
-            hidden = hidden + self._attention(i, layer.input_layernorm(hidden), cos, sin, meta, kv)
-            hidden = hidden + self._mlp(i, layer.post_attention_layernorm(hidden))
-        return self.norm(hidden)
+            hidden = hidden + self._attention(i, self._rms_norm(layer.input_layernorm, hidden), cos, sin, meta, kv)
+            hidden = hidden + self._mlp(i, self._rms_norm(layer.post_attention_layernorm, hidden))
+        return self._rms_norm(self.norm, hidden)
+
+    def _rms_norm(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        # One fused op instead of the module's seven (upcast, pow, mean, rsqrt, mul, downcast, mul).
+        return F.rms_norm(x, (self.hidden_size,), norm.weight, norm.variance_epsilon)
 
     def _attention(self, i: int, x, cos, sin, meta: AttentionMetadata, kv: KVCache) -> torch.Tensor:
         num_tokens, head_dim, attn = x.shape[0], self.shape.head_dim, self.layers[i].self_attn
-        q, k, v = self.qkv_proj[i](x).split(self.qkv_sizes, dim=-1)
-        q = apply_rope(q.view(num_tokens, -1, head_dim), cos, sin)
-        k = apply_rope(k.view(num_tokens, -1, head_dim), cos, sin)
-        out = paged_attention(q, k, v.view(num_tokens, -1, head_dim), kv.k[i], kv.v[i], meta, attn.scaling)
+        qkv = self.qkv_proj[i](x)
+        # RoPE rotates the query and key heads together: one set of ops for both.
+        qk = qkv[:, : self.qk_size].view(num_tokens, -1, head_dim)
+        qk = qk * cos + torch.cat((-qk[..., head_dim // 2 :], qk[..., : head_dim // 2]), dim=-1) * sin
+        q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
+        v = qkv[:, self.qk_size :].view(num_tokens, -1, head_dim)
+        out = paged_attention(q, k, v, kv.k[i], kv.v[i], meta, attn.scaling)
         return attn.o_proj(out.reshape(num_tokens, -1))
 
     def _mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
