@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_common import save_figure, subplots
+from bench_common import bandwidth_limit, save_figure, subplots
 from tokenizers import Tokenizer, models
 from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -106,7 +106,8 @@ def main() -> None:
     reference = prompt + base.token_ids
     costs = engine.step_costs  # calibrated at engine start with the real draft
     cost = {"draft_s": costs.draft_decode_s, "target_s": costs.target_decode_s, "c": costs.draft_ratio,
-            "v": costs.verify_ratio}
+            "v": costs.verify_ratio, **bandwidth_limit(engine)}
+    limit_s = cost["limit_step_s"]
     rows = []
     for alpha in tqdm(args.alphas, desc="alpha"):
         engine.decoder.draft = ControlledDraftRunner(real_draft, alpha, reference)
@@ -120,6 +121,9 @@ def main() -> None:
         rows.append({"alpha_controlled": alpha, "alpha_observed": measured_alpha, "k": args.k,
                      "identical_to_plain_greedy": same,
                      "spec_tokens_per_s": max_tokens / spec_s, "plain_tokens_per_s": max_tokens / base_s,
+                     # limit ÷ measured time per target forward (plain decoding: one forward per token)
+                     "spec_bandwidth_limit_ratio": limit_s * out.stats["num_target_steps"] / spec_s,
+                     "plain_bandwidth_limit_ratio": limit_s * len(base.token_ids) / base_s,
                      "speedup": base_s / spec_s, "theory": theory, "achieved_over_theory": base_s / spec_s / theory,
                      "theory_with_verify_cost": expected_speedup(measured_alpha, args.k, cost["c"], cost["v"])})
     engine.decoder.draft = real_draft
@@ -131,12 +135,16 @@ def report(rows: list[dict], cost: dict, args, shapes: dict, max_tokens: int) ->
           f"{args.dtype}, CPU, {torch.get_num_threads()} threads, {max_tokens} tokens, K={args.k}")
     print(f"c = {cost['c']:.3f}, v = {cost['v']:.3f} (draft {cost['draft_s'] * 1e3:.1f} ms, "
           f"target {cost['target_s'] * 1e3:.1f} ms per forward)")
+    print(f"bandwidth limit: {cost['weight_bytes'] / 1e6:.0f} MB of target weights / "
+          f"{cost['gemv_bytes_per_s'] / 1e9:.1f} GB/s = {cost['limit_step_s'] * 1e3:.1f} ms per target forward; "
+          "bw = that limit / measured time per target forward")
     print(f"{'α set':>6} {'α seen':>7} {'spec tok/s':>10} {'plain tok/s':>11} {'speedup':>8} {'theory':>7} "
-          f"{'ratio':>6} {'same text':>9}")
+          f"{'ratio':>6} {'same text':>9} {'bw spec':>7} {'bw plain':>8}")
     for r in rows:
         print(f"{r['alpha_controlled']:6.2f} {r['alpha_observed']:7.3f} {r['spec_tokens_per_s']:10.2f} "
               f"{r['plain_tokens_per_s']:11.2f} {r['speedup']:8.2f} {r['theory']:7.2f} "
-              f"{r['achieved_over_theory']:6.2f} {str(r['identical_to_plain_greedy']):>9}")
+              f"{r['achieved_over_theory']:6.2f} {str(r['identical_to_plain_greedy']):>9} "
+              f"{r['spec_bandwidth_limit_ratio']:7.2f} {r['plain_bandwidth_limit_ratio']:8.2f}")
     print("theory uses the observed α (equal to the set α while the output follows the reference)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,8 @@ import argparse
 import json
 from pathlib import Path
 
-from bench_common import add_pair_args, bench_prompts, run_helix, save_figure, step_costs, subplots, summarize
+from bench_common import (add_pair_args, bandwidth_limit, bench_prompts, run_helix, save_figure, step_costs, subplots,
+                          summarize)
 from tqdm import tqdm
 
 from helix_serve.config import EngineConfig
@@ -22,7 +23,7 @@ from helix_serve.engine.llm_engine import LLMEngine
 
 
 def sweep(engine: LLMEngine, prompts: list[str], configs: list[tuple[int, float]], max_tokens: int,
-          repeats: int) -> dict[tuple[int, float], dict]:
+          repeats: int, limit_step_s: float) -> dict[tuple[int, float], dict]:
     runs: dict[tuple[int, float], list[dict]] = {c: [] for c in configs}
     for rep in tqdm(range(repeats * len(prompts)), desc="prompts"):
         prompt = prompts[rep % len(prompts)]
@@ -30,7 +31,7 @@ def sweep(engine: LLMEngine, prompts: list[str], configs: list[tuple[int, float]
             params = {"num_speculative_tokens": k, "temperature": temp, "seed": rep} if k else {
                 "speculative": False, "temperature": temp, "seed": rep}
             runs[(k, temp)].append(run_helix(engine, prompt, max_tokens, **params))
-    return {c: summarize(r) for c, r in runs.items()}
+    return {c: summarize(r, limit_step_s) for c, r in runs.items()}
 
 
 def main() -> None:
@@ -51,7 +52,8 @@ def main() -> None:
     run_helix(engine, prompts[0], 8, num_speculative_tokens=2)  # warm-up
     k_t = args.k_for_temperature
     configs = sorted({(k, 0.0) for k in ks} | {(0, t) for t in temps} | {(k_t, t) for t in temps})
-    rows = sweep(engine, prompts, configs, max_tokens, args.repeats)
+    limit = bandwidth_limit(engine)
+    rows = sweep(engine, prompts, configs, max_tokens, args.repeats, limit["limit_step_s"])
     costs = step_costs(engine)
     c, v = costs["cost_ratio"], costs["verify_ratio"]
 
@@ -60,7 +62,10 @@ def main() -> None:
 
     print(f"\ncost ratios c = {c:.3f}, v = {v:.3f}; "
           f"{len(prompts) * args.repeats} prompts x {max_tokens} tokens per configuration")
-    print(f"{'K':>3} {'T':>4} {'tok/s':>8} {'alpha':>7} {'speedup':>8} {'theory':>7} {'theory+v':>9}")
+    print(f"bandwidth limit: {limit['weight_bytes'] / 1e6:.0f} MB of target weights / "
+          f"{limit['gemv_bytes_per_s'] / 1e9:.1f} GB/s = {limit['limit_step_s'] * 1e3:.1f} ms per target step; "
+          "bw = that limit / measured ms per target step")
+    print(f"{'K':>3} {'T':>4} {'tok/s':>8} {'alpha':>7} {'speedup':>8} {'theory':>7} {'theory+v':>9} {'bw':>5}")
     table = []
     for k, t in configs:
         row = rows[(k, t)]
@@ -69,11 +74,12 @@ def main() -> None:
         table.append({"k": k, "temperature": t, **row, "speedup": speedup(k, t), "theory": theory,
                       "theory_with_verify_cost": theory_v})
         print(f"{k:3d} {t:4.1f} {row['tokens_per_s']:8.1f} {alpha:7.3f} {speedup(k, t):8.2f} {theory:7.2f} "
-              f"{theory_v:9.2f}")
+              f"{theory_v:9.2f} {row['bandwidth_limit_ratio']:5.2f}")
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_sweep.json").write_text(json.dumps({"args": vars(args), "costs": costs, "rows": table}, indent=2))
+    (out / "bench_sweep.json").write_text(json.dumps({"args": vars(args), "costs": costs, "bandwidth_limit": limit,
+                                                      "rows": table}, indent=2))
     plot(table, ks, temps, k_t, out / "bench_sweep.png")
     print(f"wrote {out / 'bench_sweep.json'} and {out / 'bench_sweep.png'}")
 

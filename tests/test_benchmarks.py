@@ -22,7 +22,10 @@ def _run(script: str, out: Path, *args: str) -> dict:
 def test_sweep_benchmark_quick(llama_pair, tmp_path):
     target, draft = llama_pair
     result = _run("bench_sweep.py", tmp_path, "--target", str(target), "--draft", str(draft), "--dtype", "float32")
-    assert result["rows"]
+    limit = result["bandwidth_limit"]["limit_step_s"]
+    assert result["rows"] and limit > 0
+    for row in result["rows"]:
+        assert row["bandwidth_limit_ratio"] == pytest.approx(limit * 1e3 / row["step_ms"])
 
 
 def test_speculative_benchmark_reports_the_bandwidth_limit(llama_pair, tmp_path):
@@ -41,6 +44,9 @@ def test_scale_benchmark_quick_reports_controlled_alpha(tmp_path):
     [row] = result["rows"]
     assert row["identical_to_plain_greedy"]  # fp32: speculative greedy equals the target alone
     assert row["alpha_observed"] > 0.6
+    cost = result["cost"]
+    assert cost["limit_step_s"] == pytest.approx(cost["weight_bytes"] / cost["gemv_bytes_per_s"])
+    assert 0 < row["plain_bandwidth_limit_ratio"] and 0 < row["spec_bandwidth_limit_ratio"]
 
 
 def test_prefix_benchmark_quick_is_lossless_and_leaves_no_block_in_use(llama_pair, tmp_path):
