@@ -70,6 +70,25 @@ def fuse_linears(linears: list[nn.Linear]) -> nn.Linear:
     return fused
 
 
+# Up to this many rows, CPU fp32 projections run weight-major (see `linear`); prefill-sized inputs use F.linear.
+WEIGHT_MAJOR_MAX_ROWS = 256
+
+
+def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    """`layer(x)`, computed as (W @ xᵀ)ᵀ for the few rows of decode and verify passes on CPU in fp32.
+
+    torch's CPU fp32 GEMM with a handful of rows costs far more than one row (it re-reads the weight per row
+    block); with the weight as the left operand it streams the weight once. Measured on the 2-vCPU EPYC (AVX2)
+    with SmolLM2-135M: a 5-token verify 126 → 101 ms, 4 sequences' decode 114 → 71 ms, 32 sequences' verify
+    472 → 409 ms; a 1024-token prefill is faster through F.linear (2.7 vs 3.1 s), hence the row limit.
+    The output is a transposed view; the ops after it accept any strides.
+    """
+    if x.device.type != "cpu" or x.dtype != torch.float32 or x.shape[0] > WEIGHT_MAJOR_MAX_ROWS:
+        return layer(x)
+    out = torch.mm(layer.weight, x.t()).t()
+    return out if layer.bias is None else out + layer.bias
+
+
 class PagedCausalLM(nn.Module):
     """Forward pass over a flat varlen batch of tokens, reading and writing K/V in a `KVCache`."""
 
@@ -123,20 +142,20 @@ class PagedCausalLM(nn.Module):
 
     def _attention(self, i: int, x, cos, sin, meta: AttentionMetadata, kv: KVCache) -> torch.Tensor:
         num_tokens, head_dim, attn = x.shape[0], self.shape.head_dim, self.layers[i].self_attn
-        qkv = self.qkv_proj[i](x)
+        qkv = linear(x, self.qkv_proj[i])
         # RoPE rotates the query and key heads together: one set of ops for both.
         qk = qkv[:, : self.qk_size].view(num_tokens, -1, head_dim)
         qk = qk * cos + torch.cat((-qk[..., head_dim // 2 :], qk[..., : head_dim // 2]), dim=-1) * sin
         q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
         v = qkv[:, self.qk_size :].view(num_tokens, -1, head_dim)
         out = paged_attention(q, k, v, kv.k[i], kv.v[i], meta, attn.scaling)
-        return attn.o_proj(out.reshape(num_tokens, -1))
+        return linear(out.reshape(num_tokens, -1), attn.o_proj)
 
     def _mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
         mlp = self.layers[i].mlp
-        gate, up = self.gate_up_proj[i](x).chunk(2, dim=-1)
-        return mlp.down_proj(mlp.act_fn(gate) * up)
+        gate, up = linear(x, self.gate_up_proj[i]).chunk(2, dim=-1)
+        return linear(mlp.act_fn(gate) * up, mlp.down_proj)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head on the selected positions only, in fp32 for sampling."""
-        return self.lm_head(hidden).float()
+        return linear(hidden, self.lm_head).float()
