@@ -5,7 +5,7 @@ import torch
 
 from helix_serve.model.attention import AttentionMetadata
 from helix_serve.model.loader import load_model
-from helix_serve.model.paged_llm import KVCache
+from helix_serve.model.paged_llm import KVCache, linear
 
 CPU = torch.device("cpu")
 
@@ -32,3 +32,15 @@ def test_tied_embeddings_share_the_lm_head(llama_pair):
     _, draft_dir = llama_pair
     model = load_model(str(draft_dir), CPU, "float32")
     assert model.lm_head.weight.data_ptr() == model.embed_tokens.weight.data_ptr()
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 300])
+@pytest.mark.parametrize("bias", [False, True])
+def test_weight_major_linear_equals_the_layer(rows, bias):
+    layer = torch.nn.Linear(64, 96, bias=bias)
+    x = torch.randn(rows, 64, generator=torch.Generator().manual_seed(rows))
+    with torch.no_grad():
+        got = linear(x, layer)
+        assert got.shape == (rows, 96)
+        torch.testing.assert_close(got, layer(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(linear(x.bfloat16(), layer.bfloat16()), layer(x.bfloat16()))  # bf16: F.linear

@@ -78,14 +78,19 @@ def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
     """`layer(x)`, computed as (W @ xᵀ)ᵀ for the few rows of decode and verify passes on CPU in fp32.
 
     torch's CPU fp32 GEMM with a handful of rows costs far more than one row (it re-reads the weight per row
-    block); with the weight as the left operand it streams the weight once. Measured on the 2-vCPU EPYC (AVX2)
-    with SmolLM2-135M: a 5-token verify 126 → 101 ms, 4 sequences' decode 114 → 71 ms, 32 sequences' verify
-    472 → 409 ms; a 1024-token prefill is faster through F.linear (2.7 vs 3.1 s), hence the row limit.
+    block); with the weight as the left operand it streams the weight once. A single row is computed twice:
+    with one column torch picks a GEMV that streams a cold weight ~1.5x slower than this GEMM with two.
+    Measured on the 2-vCPU EPYC (AVX2): the 30 layers' projections of SmolLM2-135M (425 MB, cold) take
+    35–39 ms for one row through F.linear, 23–25 ms for two rows weight-major, 29 ms for five. A 1024-token
+    prefill is faster through F.linear (2.7 vs 3.1 s), hence the row limit.
     The output is a transposed view; the ops after it accept any strides.
     """
-    if x.device.type != "cpu" or x.dtype != torch.float32 or x.shape[0] > WEIGHT_MAJOR_MAX_ROWS:
+    rows = x.shape[0]
+    if x.device.type != "cpu" or x.dtype != torch.float32 or rows > WEIGHT_MAJOR_MAX_ROWS:
         return layer(x)
-    out = torch.mm(layer.weight, x.t()).t()
+    if rows == 1:  # one column goes to a GEMV kernel that streams slower than the GEMM for two
+        x = torch.cat((x, x))
+    out = torch.mm(layer.weight, x.t())[:, :rows].t()
     return out if layer.bias is None else out + layer.bias
 
 
