@@ -54,3 +54,12 @@ def test_prefix_benchmark_quick_is_lossless_and_leaves_no_block_in_use(llama_pai
     result = _run("bench_prefix.py", tmp_path, "--target", str(target), "--draft", str(draft), "--dtype", "float32")
     assert result["chat"]["identical"] and result["blocks_in_use_after"] == {"on": 0, "off": 0}
     assert result["chat"]["on_cached_fraction"] > 0 and result["ttft"]["warm_ttft_ms"] > 0
+
+
+def test_linear_benchmark_times_both_projection_paths(llama_pair, tmp_path):
+    target, _ = llama_pair
+    result = _run("bench_linear.py", tmp_path, "--target", str(target), "--dtype", "float32")
+    assert [row["batch"] for row in result["rows"]] == [1, 2]
+    for row in result["rows"]:
+        assert {"F.linear q1", "F.linear q5", "weight-major q1", "weight-major q5"} <= row.keys()
+        assert all(row[key] > 0 for key in row if key != "batch")
