@@ -24,21 +24,21 @@ def ngram_propose(
     """
     num_rows, width = token_ids.shape
     device = token_ids.device
-    positions = torch.arange(width, device=device)
-    best_start = torch.full((num_rows,), -1, dtype=torch.long, device=device)  # index after the match
-    for n in range(max_n, min_n - 1, -1):
-        if width <= n:
-            continue
-        suffix_idx = (lengths[:, None] - n + torch.arange(n, device=device)[None, :]).clamp(min=0)
-        suffix = token_ids.gather(1, suffix_idx)  # [B, n]
-        windows = token_ids.unfold(1, n, 1)  # [B, L - n + 1, n] windows starting at each position
-        match = (windows == suffix[:, None, :]).all(-1)  # [B, L - n + 1]
-        starts = positions[: match.shape[1]]
-        # a match must end before the suffix itself (so at least one token follows it)
-        match &= (starts[None, :] + n < lengths[:, None]) & (lengths[:, None] > n)
-        last = torch.where(match, starts[None, :], -1).amax(-1)  # latest occurrence
-        found = (best_start < 0) & (last >= 0)
-        best_start = torch.where(found, last + n, best_start)
+    last_tok = token_ids.gather(1, (lengths - 1).clamp(min=0)[:, None])  # [B, 1]
+    ends = torch.arange(width, device=device)[None, :]
+    # NOTE: only the few positions equal to the last token can end a match; extend those back sparsely.
+    rows, cand = torch.nonzero((token_ids == last_tok) & (ends <= lengths[:, None] - 2), as_tuple=True)
+    match_len = torch.ones_like(cand)
+    run = torch.ones_like(cand, dtype=torch.bool)
+    for i in range(1, max_n):
+        suffix_pos = lengths[rows] - 1 - i
+        ok = (cand >= i) & (suffix_pos >= 0)
+        earlier = token_ids[rows, (cand - i).clamp(min=0)]
+        run &= ok & (earlier == token_ids[rows, suffix_pos.clamp(min=0)])
+        match_len += run
+    score = torch.where(match_len >= min_n, match_len * width + cand, -1)  # longest first, then latest
+    best = torch.full((num_rows,), -1, dtype=torch.long, device=device).scatter_reduce(0, rows, score, "amax")
+    best_start = torch.where(best >= 0, best % width + 1, -1)  # index of the first proposed token
     offsets = best_start[:, None] + torch.arange(k, device=device)[None, :]  # [B, k]
     valid = (best_start[:, None] >= 0) & (offsets < lengths[:, None])
     drafts = token_ids.gather(1, offsets.clamp(0, width - 1)) * valid
