@@ -1,0 +1,46 @@
+"""Prompt-lookup proposer: exact proposals on small cases; one-hot q keeps rejection sampling exact."""
+
+import torch
+
+from helix_serve.engine.ngram_proposer import ngram_propose, one_hot_draft_probs
+from helix_serve.engine.rejection import rejection_sample
+from helix_serve.engine.sampler import sample_from_probs
+
+N = 200_000
+
+
+def _pad(rows):
+    width = max(map(len, rows))
+    return torch.tensor([r + [0] * (width - len(r)) for r in rows]), torch.tensor([len(r) for r in rows])
+
+
+def test_longest_latest_match_proposes_following_tokens():
+    tokens, lengths = _pad([[1, 2, 3, 4, 5, 9, 2, 3, 4, 7, 2, 3, 4],  # 3-gram 2,3,4 latest at 6 -> 7, 2, 3
+                            [5, 6, 7, 8, 6],  # 1-gram 6 at 1 -> 7, 8, 6
+                            [1, 2, 3],  # no match
+                            [4, 4]])  # 1-gram 4 at 0 -> 4 (only one token follows)
+    drafts, num = ngram_propose(tokens, lengths, k=3, min_n=1, max_n=3)
+    assert num.tolist() == [3, 3, 0, 1]
+    assert drafts[0].tolist() == [7, 2, 3]
+    assert drafts[1].tolist() == [7, 8, 6]
+    assert drafts[3, 0].item() == 4
+
+
+def test_min_n_excludes_short_matches():
+    tokens, lengths = _pad([[5, 6, 7, 8, 6]])
+    _, num = ngram_propose(tokens, lengths, k=2, min_n=2, max_n=3)
+    assert num.tolist() == [0]
+
+
+def test_one_hot_proposal_keeps_sampled_distribution_exact():
+    gen = torch.Generator().manual_seed(0)
+    p = torch.tensor([0.30, 0.05, 0.20, 0.0, 0.15, 0.10, 0.15, 0.05])
+    for proposed in (0, 3, 5):  # likely, impossible, and unlikely proposals
+        draft_ids = torch.full((N, 1), proposed)
+        result = rejection_sample(draft_ids, one_hot_draft_probs(draft_ids, 8), p.expand(N, 2, -1),
+                                  torch.ones(N, dtype=torch.long), 1 - torch.rand(N, 1, generator=gen),
+                                  1 - torch.rand(N, 2, generator=gen))
+        first = torch.where(result.num_accepted > 0, draft_ids[:, 0], result.next_token_ids)
+        empirical = torch.bincount(first, minlength=8).float() / N
+        assert 0.5 * float((empirical - p).abs().sum()) < 0.01
+        assert abs(result.num_accepted.float().mean().item() - p[proposed].item()) < 0.01
