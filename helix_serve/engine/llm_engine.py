@@ -17,6 +17,7 @@ from helix_serve.device import resolve_device
 from helix_serve.engine.adaptive_k import AdaptiveK
 from helix_serve.engine.block_manager import BlockManager
 from helix_serve.engine.calibration import StepCosts, measure_step_costs
+from helix_serve.engine.logprobs import TokenLogprob
 from helix_serve.engine.model_runner import ModelRunner
 from helix_serve.engine.sampler import sampling_row
 from helix_serve.engine.sampling_params import SamplingParams
@@ -61,6 +62,8 @@ class RequestOutput:
     text: str | None = None  # set when finished
     token_ids: list[int] | None = None  # set when finished
     stats: dict | None = None  # set when finished
+    new_logprobs: list[TokenLogprob] | None = None  # one per new token, when the request asked for logprobs
+    logprobs: list[TokenLogprob] | None = None  # every output token's, when finished and asked for
 
 
 class LLMEngine:
@@ -151,6 +154,8 @@ class LLMEngine:
         vocab = self.pair.target.shape.vocab_size
         if min(token_ids) < 0 or max(token_ids) >= vocab:
             raise RequestRejectedError(f"prompt token ids must be in [0, {vocab})")
+        if any(token_id >= vocab for token_id in params.logit_bias):
+            raise RequestRejectedError(f"logit_bias token ids must be in [0, {vocab})")
         longest = min(len(token_ids) + params.max_tokens, self.max_model_len)
         pool_tokens = self.config.num_kv_blocks * self.config.block_size
         if self.block_manager.blocks_for(longest) > self.config.num_kv_blocks:
@@ -207,7 +212,8 @@ class LLMEngine:
             logger.exception("engine step failed for %d sequences", len(seqs))
             return [self._fail(seq, f"{type(exc).__name__}: {exc}") for seq in seqs]
         self._regrow_batch()
-        return [self._advance(seq, k, new, a) for seq, k, new, a in zip(seqs, ks, out.new_token_ids, out.num_accepted)]
+        return [self._advance(seq, k, new, a, lp)
+                for seq, k, new, a, lp in zip(seqs, ks, out.new_token_ids, out.num_accepted, out.logprobs)]
 
     @staticmethod
     def _without(gone: Sequence, seqs: list[Sequence], ks: list[int]) -> tuple[list[Sequence], list[int]]:
@@ -259,7 +265,8 @@ class LLMEngine:
         room = min(params.max_tokens - seq.num_output_tokens, self.max_model_len - seq.num_tokens) - 1
         return max(0, min(k, room))
 
-    def _advance(self, seq: Sequence, k: int, new_ids: list[int], num_accepted: int) -> RequestOutput:
+    def _advance(self, seq: Sequence, k: int, new_ids: list[int], num_accepted: int,
+                 logprobs: list[TokenLogprob] | None) -> RequestOutput:
         now = time.perf_counter()
         if seq.stats.first_token_time is None:
             seq.stats.first_token_time = now
@@ -268,12 +275,16 @@ class LLMEngine:
             seq.stats.record_verify(k, num_accepted)
         self.adaptive_k.update(seq, k, num_accepted)
         kept = self.stop_checker.append(seq, new_ids)
+        if logprobs is not None:
+            seq.output_logprobs.extend(logprobs[:kept])
         self.block_manager.cache_full_blocks(seq)  # before a finish frees them: they stay reusable
         if seq.finish_reason:
             self._finish(seq)
         else:
             self.block_manager.truncate(seq.block_table, seq.num_target_cached)
-        return self._output(seq, new_ids[:kept], k, min(num_accepted, kept))
+        out = self._output(seq, new_ids[:kept], k, min(num_accepted, kept))
+        out.new_logprobs = None if logprobs is None else logprobs[:kept]
+        return out
 
     def _finish(self, seq: Sequence) -> None:
         seq.stats.finish_time = time.perf_counter()
@@ -293,6 +304,7 @@ class LLMEngine:
                             k, num_accepted)
         if seq.is_finished:
             out.text, out.token_ids = seq.output_text, seq.output_token_ids
+            out.logprobs = seq.output_logprobs if seq.params.logprobs is not None else None
             out.stats = seq.stats.summary(seq.num_output_tokens)
         return out
 

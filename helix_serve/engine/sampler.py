@@ -1,7 +1,8 @@
 """Logits → the distribution actually sampled from, and sampling from it.
 
 The same `logits_to_probs` is applied to draft and target logits, so the rejection sampler compares
-the distributions that were really used (temperature, top-k, top-p). Greedy rows become one-hot
+the distributions that were really used (temperature, then min-p, then top-k and top-p, in vLLM's order;
+penalties and logit bias come before, in logits_processors.py). Greedy rows become one-hot
 distributions, which makes greedy a special case of the same rejection rule (accept iff argmaxes agree).
 
 Randomness is indexed by output position: the uniform a request uses at position i for a given purpose
@@ -36,11 +37,11 @@ def position_uniform(seed: int, position: int, purpose: Purpose) -> float:
     return ((int.from_bytes(digest, "little") >> 11) + 1) / 2.0**53  # 53 random bits, never 0
 
 
-def sampling_row(params: SamplingParams, vocab_size: int) -> tuple[float, int, float]:
-    """(temperature, top_k, top_p) as the sampler uses them: temperature 0 for greedy requests
+def sampling_row(params: SamplingParams, vocab_size: int) -> tuple[float, int, float, float]:
+    """(temperature, top_k, top_p, min_p) as the sampler uses them: temperature 0 for greedy requests
     (see SamplingParams.greedy), top_k at most the vocabulary (a larger one keeps every token)."""
     temperature = 0.0 if params.greedy else float(params.temperature)
-    return temperature, min(int(params.top_k), vocab_size), float(params.top_p)
+    return temperature, min(int(params.top_k), vocab_size), float(params.top_p), float(params.min_p)
 
 
 @dataclass(slots=True)
@@ -50,14 +51,16 @@ class SamplingTensors:
     temperature: torch.Tensor
     top_k: torch.Tensor
     top_p: torch.Tensor
+    min_p: torch.Tensor
 
     @classmethod
-    def from_rows(cls, rows: list[tuple[float, int, float]], device: torch.device) -> SamplingTensors:
-        temperature, top_k, top_p = zip(*rows) if rows else ((), (), ())
+    def from_rows(cls, rows: list[tuple[float, int, float, float]], device: torch.device) -> SamplingTensors:
+        temperature, top_k, top_p, min_p = zip(*rows) if rows else ((), (), (), ())
         return cls(
             temperature=torch.tensor(temperature, dtype=torch.float32, device=device),
             top_k=torch.tensor(top_k, dtype=torch.long, device=device),
             top_p=torch.tensor(top_p, dtype=torch.float32, device=device),
+            min_p=torch.tensor(min_p, dtype=torch.float32, device=device),
         )
 
     @classmethod
@@ -66,12 +69,7 @@ class SamplingTensors:
 
     def select(self, rows: torch.Tensor) -> SamplingTensors:
         rows = rows.to(self.temperature.device)
-        return SamplingTensors(self.temperature[rows], self.top_k[rows], self.top_p[rows])
-
-    def repeat(self, counts: torch.Tensor) -> SamplingTensors:
-        """Row i repeated counts[i] times (one row per verified position)."""
-        counts = counts.to(self.temperature.device)
-        return SamplingTensors(*(t.repeat_interleave(counts) for t in (self.temperature, self.top_k, self.top_p)))
+        return SamplingTensors(self.temperature[rows], self.top_k[rows], self.top_p[rows], self.min_p[rows])
 
 
 def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -87,6 +85,13 @@ def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor)
     return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
 
 
+def _min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Mask tokens whose probability is below min_p times the row's most likely token's."""
+    log_probs = logits.log_softmax(dim=-1)
+    threshold = log_probs.max(dim=-1, keepdim=True).values + min_p.log()[:, None]  # log(min_p · p_max)
+    return logits.masked_fill(log_probs < threshold, float("-inf"))
+
+
 def _one_hot_argmax(logits: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(logits).scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
 
@@ -97,6 +102,8 @@ def logits_to_probs(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     if bool(greedy.all()):  # the common greedy batch: skip the softmax entirely
         return _one_hot_argmax(logits)
     scaled = logits / torch.where(greedy, 1.0, t.temperature)[:, None]
+    if bool((t.min_p > 0).any()):
+        scaled = _min_p(scaled, t.min_p)
     if bool((t.top_k > 0).any()) or bool((t.top_p < 1).any()):
         scaled = _top_k_top_p(scaled, t.top_k, t.top_p)
     probs = scaled.softmax(dim=-1)

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 # Below this a temperature means greedy: logits / T would overflow to ±inf (1e-39 gives NaN probabilities),
 # and long before that the distribution is one-hot in float32 anyway.
 GREEDY_TEMPERATURE = 1e-5
+MAX_LOGPROBS = 20  # most alternatives per emitted token (OpenAI's chat limit)
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range: -100 bans a token, 100 all but forces it
 
 
 @dataclass(slots=True)
@@ -24,6 +26,13 @@ class SamplingParams:
     speculative: bool = True
     num_speculative_tokens: int | None = None  # fixed K for this request; None = adaptive
     timeout_s: float | None = None  # deadline from arrival; the request ends with finish_reason "timeout"
+    # Logits processing (logits_processors.py), applied identically to draft and target logits:
+    repetition_penalty: float = 1.0  # > 1 discourages prompt and output tokens (HF's and vLLM's rule)
+    frequency_penalty: float = 0.0  # OpenAI: minus this times each token's count in the output
+    presence_penalty: float = 0.0  # OpenAI: minus this once for each token present in the output
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    min_p: float = 0.0  # drop tokens less likely than min_p times the most likely one (after temperature)
+    logprobs: int | None = None  # report the target's log-probabilities: None = off, n = also the n most likely
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -40,6 +49,28 @@ class SamplingParams:
             raise ValueError("timeout_s must be > 0")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
+        self._check_logits_processing()
+
+    def _check_logits_processing(self) -> None:
+        if not 0.0 < self.repetition_penalty <= 100.0:
+            raise ValueError("repetition_penalty must be in (0, 100]")
+        if not (-2.0 <= self.frequency_penalty <= 2.0 and -2.0 <= self.presence_penalty <= 2.0):
+            raise ValueError("frequency_penalty and presence_penalty must be in [-2, 2]")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError("min_p must be in [0, 1]")
+        for token_id, bias in self.logit_bias.items():
+            if isinstance(token_id, bool) or not isinstance(token_id, int) or token_id < 0:
+                raise ValueError(f"logit_bias keys must be token ids >= 0, not {token_id!r}")
+            if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise ValueError(f"logit_bias values must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}]")
+
+    @property
+    def penalized(self) -> bool:
+        """Whether this request's logits depend on its tokens or a bias (logits_processors.py)."""
+        return (self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+                or bool(self.logit_bias))
 
     @property
     def greedy(self) -> bool:

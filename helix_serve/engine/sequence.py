@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from helix_serve.engine.logprobs import TokenLogprob
 from helix_serve.engine.sampling_params import SamplingParams
 
 
@@ -106,6 +107,7 @@ class Sequence:
     # detokenization state
     output_text: str = ""
     num_text_emitted: int = 0
+    output_logprobs: list[TokenLogprob] = field(default_factory=list)  # filled when params.logprobs is set
 
     def __post_init__(self) -> None:
         if not self.token_ids:

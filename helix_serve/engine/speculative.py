@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from helix_serve.engine.logits_processors import Penalties, PenaltyRow
+from helix_serve.engine.logprobs import TokenLogprob, emitted_logprobs
 from helix_serve.engine.model_runner import ModelRunner
 from helix_serve.engine.rejection import rejection_sample
 from helix_serve.engine.sampler import (Purpose, SamplingTensors, logits_to_probs, position_uniform,
@@ -46,13 +48,15 @@ class SequenceInputError(Exception):
 class StepOutput:
     new_token_ids: list[list[int]]  # per sequence: accepted drafts + one target token
     num_accepted: list[int]
+    logprobs: list[list[TokenLogprob] | None]  # per sequence, for its new tokens; None when not asked
 
 
 @dataclass(slots=True)
 class _Row:
     """One sequence's part of a step, built on its own so that a bad one fails alone."""
 
-    sampling: tuple[float, int, float]
+    sampling: tuple[float, int, float, float]
+    penalties: PenaltyRow | None
     num_proposals: int  # draft tokens proposed: K, or K + 1 when the last position is judged
     draft: list[float]  # [num_proposals] uniforms per purpose, for positions n, n+1, ...
     accept: list[float]  # [num_proposals]
@@ -60,23 +64,24 @@ class _Row:
 
     @classmethod
     def build(cls, seq: Sequence, k: int, judged: bool, vocab_size: int) -> _Row:
-        sampling = sampling_row(seq.params, vocab_size)
+        sampling, penalties = sampling_row(seq.params, vocab_size), PenaltyRow.of(seq)
         num_proposals = k + judged
         if seq.params.greedy:
             fixed = [GREEDY_UNIFORM] * num_proposals
-            return cls(sampling, num_proposals, fixed, fixed, [GREEDY_UNIFORM] * (k + 1))
+            return cls(sampling, penalties, num_proposals, fixed, fixed, [GREEDY_UNIFORM] * (k + 1))
         seed, start = seq.generator.initial_seed(), seq.num_tokens  # the request's seed; the first new position
 
         def uniforms(purpose: Purpose, count: int) -> list[float]:
             return [position_uniform(seed, start + j, purpose) for j in range(count)]
 
-        return cls(sampling, num_proposals, uniforms(Purpose.DRAFT, num_proposals),
+        return cls(sampling, penalties, num_proposals, uniforms(Purpose.DRAFT, num_proposals),
                    uniforms(Purpose.ACCEPT, num_proposals), uniforms(Purpose.FINAL, k + 1))
 
 
 @dataclass(slots=True)
 class _StepInputs:
     sampling: SamplingTensors
+    penalties: Penalties | None
     num_proposals: list[int]
     judged: torch.Tensor  # [N] bool
     draft_uniforms: torch.Tensor  # [N, D] with D = max proposals
@@ -84,7 +89,7 @@ class _StepInputs:
     final_uniforms: torch.Tensor  # [N, K+1]
 
     @classmethod
-    def stack(cls, rows: list[_Row], ks: list[int], device: torch.device) -> _StepInputs:
+    def stack(cls, rows: list[_Row], ks: list[int], device: torch.device, vocab_size: int) -> _StepInputs:
         width, max_k = max(r.num_proposals for r in rows), max(ks)
         draft, accept, final = (torch.ones(len(rows), n) for n in (width, width, max_k + 1))
         for i, row in enumerate(rows):
@@ -93,7 +98,16 @@ class _StepInputs:
             final[i, : len(row.final)] = torch.tensor(row.final)
         judged = torch.tensor([r.num_proposals > k for r, k in zip(rows, ks)])
         sampling = SamplingTensors.from_rows([r.sampling for r in rows], device)
-        return cls(sampling, [r.num_proposals for r in rows], judged, draft, accept, final)
+        penalties = Penalties.build([r.penalties for r in rows], vocab_size, device)
+        return cls(sampling, penalties, [r.num_proposals for r in rows], judged, draft, accept, final)
+
+    def probs(self, logits: torch.Tensor, seq_rows: torch.Tensor, earlier_ids: torch.Tensor,
+              num_earlier: torch.Tensor) -> torch.Tensor:
+        """[R, V] logits at R positions → the distributions sampled from there, each position's penalties
+        counting the drafts before it in this step (see Penalties.apply for the arguments)."""
+        if self.penalties is not None:
+            logits = self.penalties.apply(logits, seq_rows, earlier_ids, num_earlier)
+        return logits_to_probs(logits, self.sampling.select(seq_rows))
 
 
 class SpeculativeDecoder:
@@ -115,7 +129,7 @@ class SpeculativeDecoder:
         inputs = self._inputs(seqs, ks)
         draft_ids, draft_probs = self._propose(seqs, inputs)
         draft_lists = draft_ids.tolist()
-        target_probs = self._score(seqs, ks, draft_lists, inputs.sampling)
+        target_probs, target_logits, first_rows = self._score(seqs, ks, draft_ids, draft_lists, inputs)
         k_tensor = torch.tensor(ks, device=self.device)
         result = rejection_sample(draft_ids, draft_probs, target_probs, k_tensor, inputs.accept_uniforms,
                                   inputs.final_uniforms, inputs.judged)
@@ -127,7 +141,8 @@ class SpeculativeDecoder:
             if proposals > 0:  # the draft saw everything up to its last proposal but one; keep the accepted part
                 seq.num_draft_cached = seq.num_tokens + min(proposals - 1, a)
         new_ids = [d[:a] + [t] for d, a, t in zip(draft_lists, num_accepted, next_ids)]
-        return StepOutput(new_ids, num_accepted)
+        logprobs = emitted_logprobs(target_logits, first_rows, new_ids, [s.params.logprobs for s in seqs])
+        return StepOutput(new_ids, num_accepted, logprobs)
 
     def _inputs(self, seqs: list[Sequence], ks: list[int]) -> _StepInputs:
         rows = []
@@ -136,7 +151,7 @@ class SpeculativeDecoder:
                 rows.append(_Row.build(seq, k, self.judges_last(seq), self.target.vocab_size))
             except Exception as exc:  # noqa: BLE001 - this request's own settings: it fails alone
                 raise SequenceInputError(seq, exc) from exc
-        return _StepInputs.stack(rows, ks, self.device)
+        return _StepInputs.stack(rows, ks, self.device, self.target.vocab_size)
 
     def _propose(self, seqs: list[Sequence], inputs: _StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample each sequence's proposals: [N, D] ids and the [N, D, V] distributions used."""
@@ -155,23 +170,24 @@ class SpeculativeDecoder:
                 starts = [seqs[i].num_tokens + j - 1 for i in rows]
             logits = self.draft.logits([seqs[i].block_table for i in rows], chunks, starts, [1] * len(rows))
             index = torch.tensor(rows, device=self.device)
-            probs = logits_to_probs(logits, inputs.sampling.select(index))
+            probs = inputs.probs(logits, index, draft_ids[index, :j], torch.full((len(rows),), j))
             tokens = sample_from_probs(probs, inputs.draft_uniforms[index.cpu(), j])
             draft_ids[index, j], draft_probs[index, j] = tokens, probs
             previous = dict(zip(rows, tokens.tolist()))
         return draft_ids, draft_probs
 
-    def _score(
-        self, seqs: list[Sequence], ks: list[int], draft_lists: list[list[int]], sampling: SamplingTensors
-    ) -> torch.Tensor:
-        """One target pass over the uncached tokens plus the drafts: [N, K+1, V] target distributions."""
+    def _score(self, seqs: list[Sequence], ks: list[int], draft_ids: torch.Tensor, draft_lists: list[list[int]],
+               inputs: _StepInputs) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """One target pass over the uncached tokens plus the drafts. Returns the [N, K+1, V] target
+        distributions, the raw [Σ(K_i+1), V] logits behind them, and each sequence's first row there."""
         chunks = [s.token_ids[s.num_target_cached :] + d[:k] for s, d, k in zip(seqs, draft_lists, ks)]
         starts = [s.num_target_cached for s in seqs]
         counts = torch.tensor(ks) + 1
         logits = self.target.logits([s.block_table for s in seqs], chunks, starts, counts.tolist())
-        probs = logits_to_probs(logits, sampling.repeat(counts))  # [Σ(K_i+1), V]
         rows = torch.repeat_interleave(torch.arange(len(seqs)), counts)
-        cols = torch.arange(len(rows)) - (torch.cumsum(counts, 0) - counts)[rows]
+        first_rows = torch.cumsum(counts, 0) - counts
+        cols = torch.arange(len(rows)) - first_rows[rows]
+        probs = inputs.probs(logits, rows, draft_ids[rows.to(self.device)], cols)  # [Σ(K_i+1), V]
         padded = probs.new_zeros(len(seqs), max(ks) + 1, probs.shape[-1])
         padded[rows.to(self.device), cols.to(self.device)] = probs
-        return padded
+        return padded, logits, first_rows.tolist()

@@ -25,6 +25,16 @@ class EngineRequest:
 
 
 @dataclass(slots=True)
+class TokenLogprobs:
+    """The target's log-probability of one emitted token (`token` is its text), and `top`: the requested
+    number of most likely tokens at that position as (text, logprob) pairs, most likely first."""
+
+    token: str
+    logprob: float
+    top: list[tuple[str, float]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
 class EngineChunk:
     """One message of a generation stream.
 
@@ -45,3 +55,4 @@ class EngineChunk:
     error: str | None = None
     status_code: int | None = None
     stats: dict[str, Any] | None = None
+    logprobs: list[TokenLogprobs] | None = None  # one per token in `token_ids`, when the request asked

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from helix_serve.engine.llm_engine import LLMEngine, PromptTooLongError, RequestOutput, RequestRejectedError
+from helix_serve.engine.logprobs import TokenLogprob
 from helix_serve.engine.sampling_params import SamplingParams
 from helix_serve.serving.prompting import prompt_token_ids
-from helix_serve.serving.protocol import EngineChunk, EngineRequest
+from helix_serve.serving.protocol import EngineChunk, EngineRequest, TokenLogprobs
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -144,7 +145,7 @@ class StepLoop:
                 self._fail_all(f"{type(exc).__name__}: {exc}")
                 continue
             for output in outputs:
-                self._deliver(chunk_from_output(output))
+                self._deliver(chunk_from_output(output, self.engine.tokenizer))
             if outputs:
                 self._record(StepSummary.of(outputs, kv))
             if busy:
@@ -187,9 +188,17 @@ class DuplicateRequestError(ValueError):
     """A request id that is still streaming (HTTP 409)."""
 
 
-def chunk_from_output(output: RequestOutput) -> EngineChunk:
+def chunk_from_output(output: RequestOutput, tokenizer: Any) -> EngineChunk:
+    logprobs = None if output.new_logprobs is None else token_logprobs(output.new_logprobs, tokenizer)
     return EngineChunk(
         request_id=output.request_id, text=output.new_text, token_ids=list(output.new_token_ids),
         num_drafted=output.num_drafted, num_accepted=output.num_accepted, finished=output.finished,
-        finish_reason=output.finish_reason, error=output.error, stats=output.stats,
+        finish_reason=output.finish_reason, error=output.error, stats=output.stats, logprobs=logprobs,
     )
+
+
+def token_logprobs(logprobs: list[TokenLogprob], tokenizer: Any) -> list[TokenLogprobs]:
+    """Engine logprobs with each token id as its own decoded text (what OpenAI's `token` fields hold)."""
+    ids = sorted({i for lp in logprobs for i in [lp.token_id, *(t for t, _ in lp.top)]})
+    text = dict(zip(ids, tokenizer.batch_decode([[i] for i in ids])))
+    return [TokenLogprobs(text[lp.token_id], lp.logprob, [(text[t], v) for t, v in lp.top]) for lp in logprobs]
