@@ -152,3 +152,63 @@ def test_chat_template_errors_are_a_400_naming_the_problem(http, client):
         assert "retry-after" not in response.headers  # retrying the same messages can never work
     with pytest.raises(openai.BadRequestError, match="must alternate"):
         client.chat.completions.create(model=MODEL, messages=twice)
+
+
+# ---- issue 16: penalties, min_p and logit_bias reach the engine; unimplemented fields are 400s ------------------
+
+
+def test_logit_bias_reaches_the_engine_on_every_route(http, client, llama_pair):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(llama_pair[0]))
+    messages = [{"role": "user", "content": "the quick brown fox"}]
+    greedy = {"max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    for word in (" fox", " dog"):
+        forced = tokenizer.convert_tokens_to_ids(tokenizer.tokenize(word))[0]
+        expected = tokenizer.decode([forced] * 6)  # +100 all but forces the token at every position
+        completion = client.chat.completions.create(model=MODEL, messages=messages, logit_bias={str(forced): 100},
+                                                    extra_body=greedy)
+        assert completion.choices[0].message.content == expected
+        for speculative in (True, False):
+            native = http.post("/generate", json={"prompt": "the quick", "logit_bias": {str(forced): 100},
+                                                  "speculative": speculative, **greedy})
+            assert native.status_code == 200 and native.json()["generated_text"] == expected, native.text
+
+
+def test_penalties_and_min_p_are_accepted_and_validated(http, client):
+    messages = [{"role": "user", "content": "the quick brown fox"}]
+    fields = {"presence_penalty": 1.5, "frequency_penalty": 0.5}
+    extra = {"repetition_penalty": 1.3, "min_p": 0.1, "max_tokens": 8, "seed": 3}
+    completion = client.chat.completions.create(model=MODEL, messages=messages, **fields, extra_body=extra)
+    assert completion.usage.completion_tokens > 0
+    legacy = http.post("/v1/completions", json={"model": MODEL, "prompt": "the quick", **fields, **extra})
+    assert legacy.status_code == 200, legacy.text
+    for bad, needle in (({"presence_penalty": 3}, "presence_penalty"), ({"repetition_penalty": 0}, "repetition_penalty"),
+                        ({"min_p": 2}, "min_p"), ({"logit_bias": {"x": 1}}, "logit_bias"),
+                        ({"logit_bias": {"3": 101}}, "logit_bias"), ({"logit_bias": {"99999999": 1}}, "logit_bias")):
+        response = chat(http, messages=messages, **bad)
+        assert response.status_code == 400 and needle in response.text, response.text
+
+
+@pytest.mark.parametrize("field, value", [
+    ("logprobs", True), ("top_logprobs", 3), ("tools", [{"type": "function", "function": {"name": "f"}}]),
+    ("response_format", {"type": "json_object"}),
+])
+def test_unimplemented_chat_fields_are_a_400_that_names_them(http, client, field, value):
+    messages = [{"role": "user", "content": "hi"}]
+    response = chat(http, messages=messages, **{field: value})
+    assert response.status_code == 400 and f"`{field}`" in response.json()["error"]["message"], response.text
+    with pytest.raises(openai.BadRequestError, match=field):
+        client.chat.completions.create(model=MODEL, messages=messages, **{field: value})
+
+
+@pytest.mark.parametrize("field, value", [("logprobs", 0), ("echo", True), ("best_of", 2), ("suffix", "end")])
+def test_unimplemented_completion_fields_are_a_400_that_names_them(http, field, value):
+    response = http.post("/v1/completions", json={"model": MODEL, "prompt": "hi", field: value})
+    assert response.status_code == 400 and f"`{field}`" in response.json()["error"]["message"], response.text
+
+
+def test_off_values_of_unimplemented_fields_are_fine(http):
+    off = {"logprobs": False, "tools": [], "response_format": {"type": "text"}, "top_logprobs": None}
+    response = chat(http, messages=[{"role": "user", "content": "hi"}], max_tokens=2, **off)
+    assert response.status_code == 200, response.text

@@ -7,7 +7,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 SAMPLING_FIELDS = {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos", "speculative",
-                   "num_speculative_tokens", "timeout_s"}
+                   "num_speculative_tokens", "timeout_s", "repetition_penalty", "frequency_penalty", "presence_penalty",
+                   "min_p", "logit_bias"}
 
 TIMEOUT_HELP = "deadline in seconds from arrival; generation then ends with finish_reason 'timeout'"
 # Larger than any vocabulary: a top_k at or above the model's vocabulary size keeps every token.
@@ -21,6 +22,37 @@ def _non_blank(value: str, name: str) -> str:
     return value
 
 
+def _logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
+    """OpenAI's `logit_bias` ({"token id as a string": bias in [-100, 100]}) with integer keys."""
+    out = {}
+    for key, value in (bias or {}).items():
+        if not str(key).isdigit():
+            raise ValueError(f"logit_bias keys must be token ids (non-negative integers), not {key!r}")
+        if not -100.0 <= value <= 100.0:
+            raise ValueError(f"logit_bias values must be in [-100, 100], not {value!r} for token {key}")
+        out[int(key)] = float(value)
+    return out
+
+
+class PenaltyFields(BaseModel):
+    """Logits processing applied identically to draft and target (engine/logits_processors.py)."""
+
+    repetition_penalty: float = Field(1.0, gt=0.0, le=100.0, description="> 1 discourages prompt and output tokens")
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    min_p: float = Field(0.0, ge=0.0, le=1.0, description="drop tokens less likely than min_p × the most likely")
+    logit_bias: dict[str, float] | None = Field(None, description='{"token id": bias in [-100, 100]}')
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _check_logit_bias(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        _logit_bias(bias)
+        return bias
+
+    def penalty_sampling(self) -> dict[str, Any]:
+        return {"logit_bias": _logit_bias(self.logit_bias)}
+
+
 def _stop_list(value: str | list[str] | None) -> list[str]:
     stops = [value] if isinstance(value, str) else list(value or [])
     if any(not s for s in stops):
@@ -28,7 +60,7 @@ def _stop_list(value: str | list[str] | None) -> list[str]:
     return stops
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(PenaltyFields):
     """Sampling and speculation knobs shared by every generation route (native defaults: greedy)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -51,7 +83,7 @@ class SamplingFields(BaseModel):
 
     def sampling(self) -> dict[str, Any]:
         """Keyword arguments for the engine's SamplingParams."""
-        return self.model_dump(include=SAMPLING_FIELDS)
+        return {**self.model_dump(include=SAMPLING_FIELDS), **self.penalty_sampling()}
 
 
 class GenerateRequest(SamplingFields):
@@ -110,11 +142,31 @@ class StreamOptions(BaseModel):
 
 
 # OpenAI's spec lets a client send null for these, meaning "the default".
-NULL_MEANS_DEFAULT = frozenset({"temperature", "top_p", "top_k", "n", "stream", "ignore_eos", "speculative"})
+NULL_MEANS_DEFAULT = frozenset({"temperature", "top_p", "top_k", "n", "stream", "ignore_eos", "speculative",
+                                "frequency_penalty", "presence_penalty", "repetition_penalty", "min_p"})
 
 
-class OpenAISamplingFields(BaseModel):
-    """OpenAI fields we honour (unknown ones are ignored, as clients send many), plus Helix extensions."""
+def _requested(value: Any) -> bool:
+    """Whether an OpenAI field asks for something: null, false, 0, "" and [] are its off values."""
+    return value not in (None, False, 0, "", [], {})
+
+
+# OpenAI fields Helix does not implement: asking for them is a 400 naming the field, never silently ignored.
+UNSUPPORTED = {
+    "logprobs": lambda v: v is not None and v is not False,  # completions' logprobs: 0 still asks for them
+    "top_logprobs": _requested,
+    "tools": _requested,
+    "functions": _requested,
+    "echo": _requested,
+    "suffix": _requested,
+    "best_of": lambda v: _requested(v) and v != 1,
+    "response_format": lambda v: isinstance(v, dict) and v.get("type", "text") != "text",
+}
+
+
+class OpenAISamplingFields(PenaltyFields):
+    """OpenAI fields we honour (unknown ones are ignored, as clients send many), plus Helix extensions
+    (top_k, repetition_penalty, min_p, ... as vLLM takes them: extra body fields)."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -137,6 +189,9 @@ class OpenAISamplingFields(BaseModel):
     @classmethod
     def _null_means_default(cls, data: Any) -> Any:
         if isinstance(data, dict):
+            for name, asks in UNSUPPORTED.items():
+                if name in data and asks(data[name]):
+                    raise ValueError(f"`{name}` is not supported by Helix; leave it out")
             return {k: v for k, v in data.items() if not (v is None and k in NULL_MEANS_DEFAULT)}
         return data
 
@@ -151,7 +206,7 @@ class OpenAISamplingFields(BaseModel):
 
     def sampling(self, default_max_tokens: int | None) -> dict[str, Any]:
         """SamplingParams keyword arguments; max_tokens None means "up to the context" (the engine decides)."""
-        fields = self.model_dump(include=SAMPLING_FIELDS)
+        fields = {**self.model_dump(include=SAMPLING_FIELDS), **self.penalty_sampling()}
         fields["max_tokens"] = self.requested_max_tokens or default_max_tokens
         fields["stop"] = _stop_list(self.stop)
         return fields
