@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from helix_serve.engine.sampling_params import MAX_LOGIT_BIAS
+
 SAMPLING_FIELDS = {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos", "speculative",
                    "num_speculative_tokens", "timeout_s", "repetition_penalty", "frequency_penalty", "presence_penalty",
                    "min_p", "logit_bias"}
@@ -28,8 +30,9 @@ def _logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
     for key, value in (bias or {}).items():
         if not str(key).isdigit():
             raise ValueError(f"logit_bias keys must be token ids (non-negative integers), not {key!r}")
-        if not -100.0 <= value <= 100.0:
-            raise ValueError(f"logit_bias values must be in [-100, 100], not {value!r} for token {key}")
+        if not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias values must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], "
+                             f"not {value!r} for token {key}")
         out[int(key)] = float(value)
     return out
 
