@@ -8,7 +8,7 @@ import sys
 
 from helix_serve.config import DEFAULT_DRAFT, DEFAULT_TARGET, EngineConfig
 from helix_serve.engine.llm_engine import LLMEngine, RequestRejectedError
-from helix_serve.engine.sampling_params import SamplingParams
+from helix_serve.engine.sampling_params import SPECULATIVE_METHODS, SamplingParams
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -19,7 +19,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--raw", action="store_true", help="continue PROMPT as plain text, without the chat template")
     gen.add_argument("--target", default=DEFAULT_TARGET, help="target model: hub id, local dir or .gguf file")
     gen.add_argument("--draft", default=DEFAULT_DRAFT, help="draft model: hub id, local dir or .gguf file")
-    gen.add_argument("--k", type=int, default=None, help="fixed number of draft tokens (default: adaptive)")
+    gen.add_argument("--k", type=int, default=None, help="fixed number of draft tokens (default: planned per step)")
+    gen.add_argument("--method", choices=SPECULATIVE_METHODS, default=None,
+                     help="proposers: draft model, ngram (prompt lookup) or hybrid (default: hybrid with a draft)")
     gen.add_argument("--no-speculative", action="store_true", help="plain decoding with the target alone")
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-p", type=float, default=1.0)
@@ -80,8 +82,9 @@ def main(argv: list[str] | None = None) -> int:
             max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
             seed=args.seed, stop=args.stop, speculative=not args.no_speculative, num_speculative_tokens=args.k,
         )
-        config = EngineConfig(target_model=args.target, draft_model=None if args.no_speculative else args.draft,
-                              device=args.device, dtype=args.dtype, enable_prefix_caching=not args.no_prefix_caching)
+        needs_draft = not args.no_speculative and args.method != "ngram"  # prompt lookup needs no draft model
+        config = EngineConfig(target_model=args.target, draft_model=args.draft if needs_draft else None,
+                              speculative_method=args.method, device=args.device, dtype=args.dtype, enable_prefix_caching=not args.no_prefix_caching)
         engine = LLMEngine(config)
         [out] = engine.generate([_prompt(engine, args.prompt, args.raw)], params)
     except (ValueError, RequestRejectedError) as exc:

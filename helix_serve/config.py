@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from helix_serve.engine.sampling_params import SPECULATIVE_METHODS
 from helix_serve.model.sources import SMOLLM2_ALIAS
 
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
@@ -29,18 +30,29 @@ class EngineConfig:
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None  # None: the target's max_position_embeddings
-    num_speculative_tokens: int | None = None  # fixed K for every request; None: adaptive
-    k_min: int = 0
+    # Speculation (engine/planner.py). None: "hybrid" when a draft model is loaded, "ngram" when none is.
+    speculative_method: str | None = None  # draft | ngram | hybrid: which proposers the planner may use
+    num_speculative_tokens: int | None = None  # fixed K for every request; None: planned per step
     k_max: int = 8
-    draft_cost_ratio: float | None = None  # c for adaptive K; None: measured at start (calibration.py)
-    verify_cost_ratio: float | None = None  # v for adaptive K; None: measured at start
+    prompt_lookup_min: int = 1  # n-gram lengths prompt lookup matches (longest first)
+    prompt_lookup_max: int = 3
+    # Configured step costs (c: a draft pass, v: each extra verified token, in target forwards), both or
+    # neither; None: curves measured at start and refreshed from live steps (engine/step_cost.py).
+    draft_cost_ratio: float | None = None
+    verify_cost_ratio: float | None = None
     seed: int = 0
     enable_prefix_caching: bool = True  # reuse the K/V of full prompt blocks seen before (prefix_cache.py)
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.num_kv_blocks < 1:
             raise ValueError("block_size and num_kv_blocks must be >= 1")
-        if not 0 <= self.k_min <= self.k_max:
-            raise ValueError("need 0 <= k_min <= k_max")
+        if self.k_max < 0:
+            raise ValueError("k_max must be >= 0")
+        if self.speculative_method not in (None, *SPECULATIVE_METHODS):
+            raise ValueError(f"speculative_method must be one of {', '.join(SPECULATIVE_METHODS)}")
+        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise ValueError("need 1 <= prompt_lookup_min <= prompt_lookup_max")
+        if (self.draft_cost_ratio is None) != (self.verify_cost_ratio is None):
+            raise ValueError("set both draft_cost_ratio and verify_cost_ratio, or neither")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")

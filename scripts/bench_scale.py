@@ -23,7 +23,7 @@ from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from helix_serve.config import EngineConfig
-from helix_serve.engine.adaptive_k import expected_speedup
+from helix_serve.engine.planner import expected_speedup
 from helix_serve.engine.llm_engine import LLMEngine
 from helix_serve.engine.model_runner import ModelRunner
 from helix_serve.engine.sampling_params import SamplingParams
@@ -105,8 +105,8 @@ def main() -> None:
     base_s, base = timed(engine, prompt, max_tokens, speculative=False)
     reference = prompt + base.token_ids
     costs = engine.step_costs  # calibrated at engine start with the real draft
-    cost = {"draft_s": costs.draft_decode_s, "target_s": costs.target_decode_s, "c": costs.draft_ratio,
-            "v": costs.verify_ratio, **bandwidth_limit(engine)}
+    c, v = costs.ratios
+    cost = {"draft_s": costs.draft(1), "target_s": costs.target(1), "c": c, "v": v, **bandwidth_limit(engine)}
     limit_s = cost["limit_step_s"]
     rows = []
     for alpha in tqdm(args.alphas, desc="alpha"):

@@ -22,7 +22,7 @@ from bench_common import (add_pair_args, bandwidth_limit, bench_prompts, run_hel
 from tqdm import tqdm
 
 from helix_serve.config import EngineConfig
-from helix_serve.engine.adaptive_k import expected_speedup
+from helix_serve.engine.planner import expected_speedup
 from helix_serve.engine.llm_engine import LLMEngine
 
 

@@ -182,8 +182,11 @@ def test_oom_on_a_lone_sequence_fails_it_clearly(engine, monkeypatch):
     assert engine.kv_usage()["used_blocks"] == 0
 
 
-def test_start_up_calibration_measures_costs(engine):
+def test_start_up_calibration_measures_cost_curves(engine):
     costs = engine.step_costs
-    assert costs is not None and costs.target_decode_s > 0 and costs.draft_decode_s > 0
-    assert engine.cost_ratios == (costs.draft_ratio, costs.verify_ratio)
+    assert costs.live and costs.target.sizes[:3] == [1, 2, 4] and costs.draft.sizes[:3] == [1, 2, 4]
+    assert all(b >= a > 0 for a, b in zip(costs.target.seconds, costs.target.seconds[1:]))
+    assert costs.target(64) > costs.target(1)  # 64 tokens cost more than one, even on this small model
+    c, v = engine.cost_ratios
+    assert c == costs.draft(1) / costs.target(1) and v >= 0
     assert engine.kv_usage()["used_blocks"] == 0  # the scratch sequence gave its blocks back

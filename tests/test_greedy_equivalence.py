@@ -2,6 +2,7 @@
 
 import pytest
 
+from helix_serve.engine.llm_engine import RequestRejectedError
 from helix_serve.engine.sampling_params import SamplingParams
 from tests.helpers import PROMPTS, hf_greedy, make_engine
 
@@ -51,3 +52,38 @@ def test_tiny_pool_preempts_and_recomputes_without_changing_output(llama_pair):
     assert [o.token_ids for o in outputs] == reference
     assert sum(o.stats["num_preemptions"] for o in outputs) > 0
     assert engine.kv_usage()["used_blocks"] == 0
+
+
+@pytest.mark.parametrize("method", ["ngram", "hybrid"])
+@pytest.mark.parametrize("k", [3, None])
+def test_prompt_lookup_and_hybrid_match_target_greedy(engine_and_reference, method, k):
+    """Ragged batch on 4-token blocks; the prompts repeat phrases, so prompt lookup has something to propose."""
+    engine, reference = engine_and_reference
+    params = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True, num_speculative_tokens=k, speculative_method=method)
+    outputs = engine.generate(PROMPTS, params)
+    assert [o.token_ids for o in outputs] == reference
+    by_proposer = [o.stats["by_proposer"] for o in outputs]
+    assert sum(b.get("ngram", {}).get("num_drafted", 0) for b in by_proposer) > 0
+    if method == "ngram":
+        assert all("draft" not in b for b in by_proposer)
+    assert engine.kv_usage()["used_blocks"] == 0
+
+
+def test_hybrid_under_preemption_matches_target_greedy(llama_pair):
+    engine = make_engine(llama_pair, num_kv_blocks=20, speculative_method="hybrid", num_speculative_tokens=3)
+    reference = [hf_greedy(engine, p, MAX_TOKENS) for p in PROMPTS]
+    outputs = engine.generate(PROMPTS, SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True))
+    assert [o.token_ids for o in outputs] == reference
+    assert sum(o.stats["num_preemptions"] for o in outputs) > 0
+    assert engine.kv_usage()["used_blocks"] == 0
+
+
+def test_an_engine_without_a_draft_model_speculates_by_prompt_lookup(llama_pair):
+    engine = make_engine(llama_pair, draft_model=None)
+    assert engine.method == "ngram"
+    reference = [hf_greedy(engine, p, MAX_TOKENS) for p in PROMPTS]
+    outputs = engine.generate(PROMPTS, SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True, num_speculative_tokens=4))
+    assert [o.token_ids for o in outputs] == reference
+    assert sum(o.stats["by_proposer"].get("ngram", {}).get("num_accepted", 0) for o in outputs) > 0
+    with pytest.raises(RequestRejectedError, match="needs a draft model"):
+        engine.add_request("x", SamplingParams(speculative_method="draft"))

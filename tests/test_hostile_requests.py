@@ -63,10 +63,10 @@ def test_a_request_whose_step_inputs_fail_fails_alone(engine, alone, monkeypatch
     build = speculative._Row.build
     victim = SamplingParams(max_tokens=16, temperature=0.9, seed=77, ignore_eos=True)
 
-    def failing(seq, k, judged, vocab_size):
+    def failing(seq, draft, vocab_size):
         if seq.params is victim and seq.num_output_tokens >= 3:
             raise OverflowError("simulated: this request's settings cannot be built")
-        return build(seq, k, judged, vocab_size)
+        return build(seq, draft, vocab_size)
 
     monkeypatch.setattr(speculative._Row, "build", failing)
     normal, failed = run_together(engine, victim)

@@ -163,17 +163,26 @@ def chi_square_p_value(counts: Counter, exact: dict[tuple[int, ...], float], num
     return float(torch.special.gammaincc(dof, torch.tensor(statistic / 2, dtype=torch.float64)))
 
 
-@pytest.mark.parametrize("mode", ["target_only", "speculative", "speculative_seeded"])
+@pytest.mark.parametrize("mode", ["target_only", "speculative", "speculative_seeded", "prompt_lookup"])
 def test_sampling_with_penalties_and_min_p_has_the_target_only_distribution(engine, mode):
     """The first three output tokens: the first from the prefill, the next two from a K = 3 step (accepted
-    drafts, whose penalty state includes the drafts before them, or recovered/bonus/judged tokens)."""
+    drafts, whose penalty state includes the drafts before them, or recovered/bonus/judged tokens).
+    prompt_lookup: the drafts are one-hot proposals copied from the prompt (which repeats itself)."""
     prompt_ids = engine.tokenizer(PROMPTS[0]).input_ids
+    if mode == "prompt_lookup":
+        prompt_ids = prompt_ids * 3
     exact = exact_distribution(engine, prompt_ids, 3)
+    method = "ngram" if mode == "prompt_lookup" else "draft"
     params = [SamplingParams(max_tokens=5, ignore_eos=True, temperature=1.0, speculative=mode != "target_only",
-                             num_speculative_tokens=3, seed=i if mode == "speculative_seeded" else None, **PENALTIES)
+                             num_speculative_tokens=3, seed=i if mode == "speculative_seeded" else None,
+                             speculative_method=method, **PENALTIES)
               for i in range(NUM_DRAWS)]
     outputs = engine.generate([prompt_ids] * NUM_DRAWS, params)
-    if mode != "target_only":
+    if mode == "prompt_lookup":  # proposals were made and judged, some accepted and some not
+        counts = [o.stats["by_proposer"].get("ngram", {}) for o in outputs]
+        drafted, accepted = (sum(c.get(key, 0) for c in counts) for key in ("num_drafted", "num_accepted"))
+        assert drafted >= NUM_DRAWS and 0 < accepted < drafted
+    elif mode != "target_only":
         assert sum(o.stats["num_accepted"] for o in outputs) > NUM_DRAWS  # most second tokens were drafts
     counts = Counter(tuple(o.token_ids[:3]) for o in outputs)
     assert chi_square_p_value(counts, exact, NUM_DRAWS) > P_VALUE_FLOOR

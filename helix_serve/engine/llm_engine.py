@@ -14,16 +14,17 @@ import torch
 
 from helix_serve.config import EngineConfig
 from helix_serve.device import resolve_device
-from helix_serve.engine.adaptive_k import AdaptiveK
 from helix_serve.engine.block_manager import BlockManager
-from helix_serve.engine.calibration import StepCosts, measure_step_costs
 from helix_serve.engine.logprobs import TokenLogprob
 from helix_serve.engine.model_runner import ModelRunner
+from helix_serve.engine.ngram_proposer import NgramProposer
+from helix_serve.engine.planner import Choice, Options, Planner, Proposer
 from helix_serve.engine.sampler import sampling_row
 from helix_serve.engine.sampling_params import SamplingParams
 from helix_serve.engine.scheduler import Scheduler
 from helix_serve.engine.sequence import Sequence
-from helix_serve.engine.speculative import SequenceInputError, SpeculativeDecoder
+from helix_serve.engine.speculative import Draft, SequenceInputError, SpeculativeDecoder
+from helix_serve.engine.step_cost import StepCostModel, calibrate
 from helix_serve.engine.stop_checker import StopChecker
 from helix_serve.model.loader import ModelPair, load_model_pair
 from helix_serve.model.paged_llm import KVCache
@@ -59,11 +60,20 @@ class RequestOutput:
     error: str | None = None
     num_drafted: int = 0  # this step: the emitted chunk is `num_accepted` drafts + one target token
     num_accepted: int = 0
+    proposer: str | None = None  # who drafted this step's num_drafted tokens ("draft" or "ngram")
     text: str | None = None  # set when finished
     token_ids: list[int] | None = None  # set when finished
     stats: dict | None = None  # set when finished
     new_logprobs: list[TokenLogprob] | None = None  # one per new token, when the request asked for logprobs
     logprobs: list[TokenLogprob] | None = None  # every output token's, when finished and asked for
+
+
+@dataclass(slots=True)
+class _Planned:
+    """A running sequence's part of the next step, as the planner decided it."""
+
+    options: Options
+    choice: Choice
 
 
 class LLMEngine:
@@ -83,35 +93,38 @@ class LLMEngine:
         target_runner = self._runner(target, vocab)
         draft_runner = self._runner(self.pair.draft, vocab) if self.pair.draft is not None else None
         self.decoder = SpeculativeDecoder(target_runner, draft_runner)
+        self.method = config.speculative_method or ("hybrid" if draft_runner is not None else "ngram")
+        if self.method == "draft" and draft_runner is None:
+            raise ValueError("speculative_method 'draft' needs a draft model")
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.adaptive_k = AdaptiveK(config.k_min, config.k_max, max_num_batched_tokens=config.max_num_batched_tokens)
-        self.step_costs = self._calibrate() if draft_runner is not None else None
+        self.planner = Planner(config.k_max, config.max_num_batched_tokens)
+        self.ngram = NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
+        self.step_costs = self._step_costs()
+        self._num_steps = 0
         self.stop_checker = StopChecker(self.tokenizer, self._eos_ids(), self.max_model_len)
         self.seqs: dict[str, Sequence] = {}
         self._steps_since_oom = 0
         self._seed_rng = torch.Generator().manual_seed(config.seed)
 
-    def _calibrate(self) -> StepCosts | None:
-        """Measure c and v for adaptive K (skipped when both are configured or the pool is tiny)."""
-        if self.config.draft_cost_ratio is not None and self.config.verify_cost_ratio is not None:
-            return None
+    def _step_costs(self) -> StepCostModel:
+        """The planner's step-cost curves: configured ratios, else measured now (and refreshed by each step)."""
+        config = self.config
+        if config.draft_cost_ratio is not None and config.verify_cost_ratio is not None:
+            return StepCostModel.from_ratios(config.draft_cost_ratio, config.verify_cost_ratio,
+                                             config.max_num_batched_tokens)
         try:
-            costs = measure_step_costs(self.decoder.target, self.decoder.draft, self.block_manager)
-        except ValueError:
-            return None
-        logger.info("step costs: c=%.3f v=%.3f (target %.2f ms)", costs.draft_ratio, costs.verify_ratio,
-                    costs.target_decode_s * 1e3)
+            costs = calibrate(self.decoder.target, self.decoder.draft, self.block_manager,
+                              max_tokens=min(64, config.max_num_batched_tokens), max_rows=config.max_num_seqs)
+        except ValueError:  # a pool too small to calibrate in
+            return StepCostModel.from_ratios(DEFAULT_DRAFT_COST_RATIO, 0.0, config.max_num_batched_tokens)
+        c, v = costs.ratios
+        logger.info("step costs: c=%.3f v=%.3f (target %.2f ms)", c, v, costs.target(1) * 1e3)
         return costs
 
     @property
     def cost_ratios(self) -> tuple[float, float]:
-        """(c, v) used by adaptive K: configured values win, else the start-up calibration."""
-        c, v = self.config.draft_cost_ratio, self.config.verify_cost_ratio
-        if c is None:
-            c = self.step_costs.draft_ratio if self.step_costs else DEFAULT_DRAFT_COST_RATIO
-        if v is None:
-            v = self.step_costs.verify_ratio if self.step_costs else 0.0
-        return c, v
+        """(c, v) at batch 1 from the step-cost curves (a draft pass, each extra verified token)."""
+        return self.step_costs.ratios
 
     def _runner(self, model, vocab: int) -> ModelRunner:
         kv = KVCache.allocate(model.shape, self.config.num_kv_blocks, self.config.block_size, model.dtype, model.device)
@@ -164,6 +177,8 @@ class LLMEngine:
             )
         if (params.num_speculative_tokens or 0) > self.config.k_max:
             raise RequestRejectedError(f"num_speculative_tokens must be <= {self.config.k_max}")
+        if params.speculative_method == "draft" and not self.has_draft:
+            raise RequestRejectedError("speculative_method 'draft' needs a draft model, and none is loaded")
         try:  # what each step builds from the settings: a request it cannot build for is refused here
             sampling_row(params, vocab)
         except (TypeError, ValueError, OverflowError) as exc:
@@ -190,20 +205,23 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Advance every scheduled sequence by one speculative step."""
         expired = self._expire_deadlines()
-        seqs, ks = self.scheduler.schedule(self._choose_k)
+        plan = self._plan()
+        seqs, ks = self.scheduler.schedule(lambda seq, _: plan[seq.request_id].choice.k)
+        drafts = [self._draft(seq, k, plan.get(seq.request_id)) for seq, k in zip(seqs, ks)]
         refused: list[RequestOutput] = []
         while seqs:
             try:
-                return expired + refused + self._step_batch(seqs, ks)
+                return expired + refused + self._step_batch(seqs, drafts, plan)
             except SequenceInputError as exc:  # nothing ran: that request fails alone, its batch mates step
                 logger.warning("request %s failed while building its step inputs: %s", exc.seq.request_id, exc)
                 refused.append(self._fail(exc.seq, f"invalid request: {exc}"))
-                seqs, ks = self._without(exc.seq, seqs, ks)
+                seqs, drafts = self._without(exc.seq, seqs, drafts)
         return expired + refused
 
-    def _step_batch(self, seqs: list[Sequence], ks: list[int]) -> list[RequestOutput]:
+    def _step_batch(self, seqs: list[Sequence], drafts: list[Draft], plan: dict[str, _Planned]) -> list[RequestOutput]:
+        start = time.perf_counter()
         try:
-            out = self.decoder.step(seqs, ks)
+            out = self.decoder.step(seqs, drafts)
         except SequenceInputError:
             raise
         except Exception as exc:  # a failed step must not leak blocks or wedge other requests
@@ -212,13 +230,17 @@ class LLMEngine:
             logger.exception("engine step failed for %d sequences", len(seqs))
             return [self._fail(seq, f"{type(exc).__name__}: {exc}") for seq in seqs]
         self._regrow_batch()
-        return [self._advance(seq, k, new, a, lp)
-                for seq, k, new, a, lp in zip(seqs, ks, out.new_token_ids, out.num_accepted, out.logprobs)]
+        outputs = [self._advance(seq, d, plan.get(seq.request_id), new, a, lp)
+                   for seq, d, new, a, lp in zip(seqs, drafts, out.new_token_ids, out.num_accepted, out.logprobs)]
+        out.timing.total_s = time.perf_counter() - start
+        self.step_costs.observe(out.timing)
+        self._num_steps += 1
+        return outputs
 
     @staticmethod
-    def _without(gone: Sequence, seqs: list[Sequence], ks: list[int]) -> tuple[list[Sequence], list[int]]:
-        kept = [(s, k) for s, k in zip(seqs, ks) if s is not gone]
-        return [s for s, _ in kept], [k for _, k in kept]
+    def _without(gone: Sequence, seqs: list[Sequence], drafts: list[Draft]) -> tuple[list[Sequence], list[Draft]]:
+        kept = [(s, d) for s, d in zip(seqs, drafts) if s is not gone]
+        return [s for s, _ in kept], [d for _, d in kept]
 
     def _recover_from_oom(self, seqs: list[Sequence], exc: Exception) -> list[RequestOutput]:
         """The device ran out of memory mid-step. Nothing was committed (KV counters move only after a
@@ -252,28 +274,54 @@ class LLMEngine:
             self._finish(seq)
         return [self._output(seq, [], 0, 0) for seq in expired]
 
-    def _choose_k(self, seq: Sequence, num_running: int) -> int:
-        params = seq.params
-        if not self.has_draft or not params.speculative or seq.num_target_cached < seq.num_tokens - 1:
-            return 0
-        k = params.num_speculative_tokens
-        if k is None:
-            k = self.config.num_speculative_tokens
-        if k is None:
-            c, v = self.cost_ratios
-            k = self.adaptive_k.choose(seq, c, num_running, v)
-        room = min(params.max_tokens - seq.num_output_tokens, self.max_model_len - seq.num_tokens) - 1
-        return max(0, min(k, room))
+    # ---- speculation: which proposer and how many tokens, per sequence (planner.py) -------------
 
-    def _advance(self, seq: Sequence, k: int, new_ids: list[int], num_accepted: int,
+    def _plan(self) -> dict[str, _Planned]:
+        """The planner's choice for every running sequence (newly admitted ones prefill at K = 0)."""
+        running = self.scheduler.running
+        ready = [s for s in running if s.params.speculative and s.num_target_cached >= s.num_tokens - 1]
+        lookup = [s for s in ready if self._may_use(s, Proposer.NGRAM)]
+        found = dict(zip((s.request_id for s in lookup), self.ngram.propose(lookup, self.config.k_max)))
+        options = [self._options(seq, found.get(seq.request_id, []), seq in ready) for seq in running]
+        choices = self.planner.plan(options, self.step_costs, self._num_steps)
+        return {o.seq.request_id: _Planned(o, c) for o, c in zip(options, choices)}
+
+    def _options(self, seq: Sequence, ngram_tokens: list[int], ready: bool) -> Options:
+        params = seq.params
+        room = min(params.max_tokens - seq.num_output_tokens, self.max_model_len - seq.num_tokens) - 1
+        fixed_k = params.num_speculative_tokens
+        fixed_k = self.config.num_speculative_tokens if fixed_k is None else fixed_k
+        return Options(seq, seq.num_tokens - seq.num_target_cached, room if ready else 0,
+                       ready and self._may_use(seq, Proposer.DRAFT), ngram_tokens, fixed_k, self._judged(seq))
+
+    def _may_use(self, seq: Sequence, proposer: Proposer) -> bool:
+        method = seq.params.speculative_method or self.method
+        if proposer is Proposer.DRAFT:
+            return self.has_draft and method in ("draft", "hybrid")
+        seeded_sampling = seq.params.seed is not None and not seq.params.greedy  # draft only: see speculative.py
+        return method in ("ngram", "hybrid") and not seeded_sampling
+
+    def _judged(self, seq: Sequence) -> bool:
+        return self.decoder.judges_last(seq) and self._may_use(seq, Proposer.DRAFT)
+
+    def _draft(self, seq: Sequence, k: int, planned: _Planned | None) -> Draft:
+        """The decoder's instructions; k is the scheduler's (it drops to 0 when the KV pool is short)."""
+        if planned is None:  # admitted this step
+            return Draft(0, None, self._judged(seq))
+        given = planned.options.ngram_tokens if planned.choice.proposer is Proposer.NGRAM else None
+        return Draft(k, given, planned.options.judged)
+
+    def _advance(self, seq: Sequence, draft: Draft, planned: _Planned | None, new_ids: list[int], num_accepted: int,
                  logprobs: list[TokenLogprob] | None) -> RequestOutput:
         now = time.perf_counter()
         if seq.stats.first_token_time is None:
             seq.stats.first_token_time = now
         seq.stats.num_target_steps += 1
-        if k > 0:
-            seq.stats.record_verify(k, num_accepted)
-        self.adaptive_k.update(seq, k, num_accepted)
+        proposer = Proposer.NGRAM if draft.tokens is not None else Proposer.DRAFT
+        if draft.k > 0:
+            seq.stats.record_verify(proposer.value, draft.k, num_accepted)
+        lookup = planned.options.ngram_tokens if planned else []  # scored even when the draft model ran
+        self.planner.update(seq, Choice(proposer if draft.k else None, draft.k), num_accepted, new_ids, lookup)
         kept = self.stop_checker.append(seq, new_ids)
         if logprobs is not None:
             seq.output_logprobs.extend(logprobs[:kept])
@@ -282,7 +330,8 @@ class LLMEngine:
             self._finish(seq)
         else:
             self.block_manager.truncate(seq.block_table, seq.num_target_cached)
-        out = self._output(seq, new_ids[:kept], k, min(num_accepted, kept))
+        out = self._output(seq, new_ids[:kept], draft.k, min(num_accepted, kept))
+        out.proposer = proposer.value if draft.k else None
         out.new_logprobs = None if logprobs is None else logprobs[:kept]
         return out
 

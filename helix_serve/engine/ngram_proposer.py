@@ -7,7 +7,11 @@ sampling then accepts x with probability p(x) and stays exact under any temperat
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+from helix_serve.engine.sequence import Sequence
 
 
 def ngram_propose(
@@ -48,3 +52,32 @@ def ngram_propose(
 def one_hot_draft_probs(draft_token_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """[B, k, V] one-hot q for deterministic proposals."""
     return torch.nn.functional.one_hot(draft_token_ids, vocab_size).float()
+
+
+@dataclass(slots=True)
+class NgramProposer:
+    """Prompt lookup over a batch of sequences. Each sequence keeps its tokens as a tensor that grows with
+    it (Sequence.token_tensor), so a step copies only the new tokens."""
+
+    min_n: int = 1
+    max_n: int = 3
+
+    def propose(self, seqs: list[Sequence], k: int) -> list[list[int]]:
+        """Up to k proposals per sequence ([] where its suffix occurs nowhere earlier)."""
+        if not seqs or k <= 0:
+            return [[] for _ in seqs]
+        lengths = torch.tensor([s.num_tokens for s in seqs])
+        batch = torch.zeros(len(seqs), int(lengths.max()), dtype=torch.long)
+        for row, seq in zip(batch, seqs):
+            row[: seq.num_tokens] = _token_tensor(seq)
+        drafts, counts = ngram_propose(batch, lengths, k, self.min_n, self.max_n)
+        return [ids[:n] for ids, n in zip(drafts.tolist(), counts.tolist())]
+
+
+def _token_tensor(seq: Sequence) -> torch.Tensor:
+    have = seq.token_tensor
+    if have is None or len(have) < seq.num_tokens:  # tokens are only ever appended
+        start = 0 if have is None else len(have)
+        tail = torch.tensor(seq.token_ids[start:], dtype=torch.long)
+        seq.token_tensor = tail if have is None else torch.cat([have, tail])
+    return seq.token_tensor

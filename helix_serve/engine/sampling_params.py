@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 # and long before that the distribution is one-hot in float32 anyway.
 GREEDY_TEMPERATURE = 1e-5
 MAX_LOGPROBS = 20  # most alternatives per emitted token (OpenAI's chat limit)
+SPECULATIVE_METHODS = ("draft", "ngram", "hybrid")  # proposers a request may use; hybrid: either, per step
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range: -100 bans a token, 100 all but forces it
 
 
@@ -24,7 +25,8 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     speculative: bool = True
-    num_speculative_tokens: int | None = None  # fixed K for this request; None = adaptive
+    num_speculative_tokens: int | None = None  # fixed K for this request; None = planned per step
+    speculative_method: str | None = None  # draft | ngram | hybrid for this request; None = the engine's
     timeout_s: float | None = None  # deadline from arrival; the request ends with finish_reason "timeout"
     # Logits processing (logits_processors.py), applied identically to draft and target logits:
     repetition_penalty: float = 1.0  # > 1 discourages prompt and output tokens (HF's and vLLM's rule)
@@ -45,6 +47,8 @@ class SamplingParams:
             raise ValueError("top_k must be an integer >= 0 (0 disables it)")
         if self.num_speculative_tokens is not None and self.num_speculative_tokens < 0:
             raise ValueError("num_speculative_tokens must be >= 0")
+        if self.speculative_method not in (None, *SPECULATIVE_METHODS):
+            raise ValueError(f"speculative_method must be one of {', '.join(SPECULATIVE_METHODS)}")
         if self.timeout_s is not None and self.timeout_s <= 0:
             raise ValueError("timeout_s must be > 0")
         if any(not s for s in self.stop):

@@ -12,6 +12,19 @@ from helix_serve.engine.logprobs import TokenLogprob
 from helix_serve.engine.sampling_params import SamplingParams
 
 
+@dataclass(slots=True)
+class Acceptance:
+    """A proposer's decayed acceptance record on one sequence (planner.py reads and updates it)."""
+
+    accepted: float = 0.0  # decayed accepted draft positions
+    judged: float = 0.0  # decayed judged positions (up to and including the first rejection)
+    steps_since: int = 0  # steps since this proposer was last scored on the sequence
+
+
+def _acceptance_by_proposer() -> dict[str, Acceptance]:
+    return {"draft": Acceptance(), "ngram": Acceptance()}
+
+
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -34,10 +47,14 @@ class SequenceStats:
     # per_position_drafted[i] / per_position_accepted[i]: draft position i (0-based) tried / accepted
     per_position_drafted: list[int] = field(default_factory=list)
     per_position_accepted: list[int] = field(default_factory=list)
+    by_proposer: dict[str, list[int]] = field(default_factory=dict)  # proposer -> [drafted, accepted]
 
-    def record_verify(self, num_drafted: int, num_accepted: int) -> None:
+    def record_verify(self, proposer: str, num_drafted: int, num_accepted: int) -> None:
         self.num_drafted += num_drafted
         self.num_accepted += num_accepted
+        counts = self.by_proposer.setdefault(proposer, [0, 0])
+        counts[0] += num_drafted
+        counts[1] += num_accepted
         grow = num_drafted - len(self.per_position_drafted)
         if grow > 0:
             self.per_position_drafted.extend([0] * grow)
@@ -71,6 +88,8 @@ class SequenceStats:
             "per_position_acceptance": [
                 a / d if d else None for a, d in zip(self.per_position_accepted, self.per_position_drafted)
             ],
+            "per_position_accepted": list(self.per_position_accepted),  # counts, position 0 = the first draft
+            "by_proposer": {name: {"num_drafted": d, "num_accepted": a} for name, (d, a) in self.by_proposer.items()},
             "num_preemptions": self.num_preemptions,
             "num_prompt_tokens": self.num_prompt_tokens,
             "num_cached_tokens": self.num_cached_tokens or 0,
@@ -100,10 +119,8 @@ class Sequence:
     finish_reason: str | None = None
     error: str | None = None
     stats: SequenceStats = field(default_factory=SequenceStats)
-    # adaptive-K state: decayed counts of judged draft positions and accepted ones
-    accept_weight: float = 0.0
-    judged_weight: float = 0.0
-    steps_since_speculation: int = 0
+    acceptance: dict[str, Acceptance] = field(default_factory=_acceptance_by_proposer)  # by proposer name
+    token_tensor: torch.Tensor | None = None  # token_ids as a tensor, grown by the n-gram proposer
     # detokenization state
     output_text: str = ""
     num_text_emitted: int = 0

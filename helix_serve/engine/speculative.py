@@ -17,10 +17,16 @@ is, whatever its batch mates and across preemption. The exception is the first o
 makes it in the request's first step, the target's prefill at K = 0, so it is drawn from p with
 u_final(first) and the prefill need not wait for the draft. The price is one more draft forward per
 later step (one at K = 0). Unseeded requests, whose tokens nobody can reproduce anyway, take the bonus.
+
+Proposers. A sequence's drafts come from the draft model (sampled from its q) or are given (prompt lookup,
+ngram_proposer.py): given proposals are deterministic, so q is one-hot on them and rejection sampling
+accepts x with probability p(x) — exact under any sampling settings. Seeded sampled requests use the draft
+model only: given proposals would make their tokens depend on which proposer ran (planner.py).
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +38,7 @@ from helix_serve.engine.rejection import rejection_sample
 from helix_serve.engine.sampler import (Purpose, SamplingTensors, logits_to_probs, position_uniform,
                                         sample_from_probs, sampling_row)
 from helix_serve.engine.sequence import Sequence
+from helix_serve.engine.step_cost import StepTiming
 
 GREEDY_UNIFORM = 0.5  # greedy rows use one-hot p and q: any uniform gives the same tokens
 
@@ -45,10 +52,28 @@ class SequenceInputError(Exception):
 
 
 @dataclass(slots=True)
+class Draft:
+    """How one sequence drafts in a step."""
+
+    k: int = 0  # draft tokens the target verifies
+    tokens: list[int] | None = None  # given proposals (prompt lookup), at least k; None: the draft model samples
+    judged: bool = False  # the draft model proposes k + 1 and the last position is judged (module docstring)
+
+    @property
+    def num_proposals(self) -> int:
+        return self.k + self.judged
+
+    @property
+    def by_model(self) -> bool:
+        return self.tokens is None and self.num_proposals > 0
+
+
+@dataclass(slots=True)
 class StepOutput:
     new_token_ids: list[list[int]]  # per sequence: accepted drafts + one target token
     num_accepted: list[int]
     logprobs: list[list[TokenLogprob] | None]  # per sequence, for its new tokens; None when not asked
+    timing: StepTiming
 
 
 @dataclass(slots=True)
@@ -63,9 +88,9 @@ class _Row:
     final: list[float]  # [K + 1]
 
     @classmethod
-    def build(cls, seq: Sequence, k: int, judged: bool, vocab_size: int) -> _Row:
+    def build(cls, seq: Sequence, draft: Draft, vocab_size: int) -> _Row:
         sampling, penalties = sampling_row(seq.params, vocab_size), PenaltyRow.of(seq)
-        num_proposals = k + judged
+        k, num_proposals = draft.k, draft.num_proposals
         if seq.params.greedy:
             fixed = [GREEDY_UNIFORM] * num_proposals
             return cls(sampling, penalties, num_proposals, fixed, fixed, [GREEDY_UNIFORM] * (k + 1))
@@ -124,43 +149,62 @@ class SpeculativeDecoder:
         reproducible = params.speculative and params.seed is not None and not params.greedy
         return self.draft is not None and reproducible and seq.num_output_tokens > 0
 
-    def step(self, seqs: list[Sequence], ks: list[int]) -> StepOutput:
+    def step(self, seqs: list[Sequence], drafts: list[Draft]) -> StepOutput:
         """Raises SequenceInputError (before running anything) if one sequence's inputs cannot be built."""
-        inputs = self._inputs(seqs, ks)
-        draft_ids, draft_probs = self._propose(seqs, inputs)
-        draft_lists = draft_ids.tolist()
+        ks = [d.k for d in drafts]
+        inputs = self._inputs(seqs, drafts)
+        start = time.perf_counter()
+        draft_ids, draft_probs = self._propose(seqs, drafts, inputs)
+        draft_lists = draft_ids.tolist()  # waits for the draft passes
+        drafted = time.perf_counter()
         target_probs, target_logits, first_rows = self._score(seqs, ks, draft_ids, draft_lists, inputs)
+        self._synchronize()
+        model_rows = [d.num_proposals for d in drafts if d.by_model]
+        timing = StepTiming(time.perf_counter() - drafted, sum(s.num_tokens - s.num_target_cached for s in seqs)
+                            + sum(ks), drafted - start if model_rows else 0.0, max(model_rows, default=0),
+                            len(model_rows))
         k_tensor = torch.tensor(ks, device=self.device)
         result = rejection_sample(draft_ids, draft_probs, target_probs, k_tensor, inputs.accept_uniforms,
                                   inputs.final_uniforms, inputs.judged)
         num_accepted, next_ids = result.num_accepted.tolist(), result.next_token_ids.tolist()
         # KV counters change only once the whole step succeeded, so a failed step leaves them consistent.
-        for seq, proposals, a in zip(seqs, inputs.num_proposals, num_accepted):
+        for seq, draft, a in zip(seqs, drafts, num_accepted):
             # Rollback is a length change: K/V past the accepted prefix is simply overwritten later.
             seq.num_target_cached = seq.num_tokens + a
-            if proposals > 0:  # the draft saw everything up to its last proposal but one; keep the accepted part
-                seq.num_draft_cached = seq.num_tokens + min(proposals - 1, a)
+            if draft.by_model:  # the draft saw everything up to its last proposal but one; keep the accepted part
+                seq.num_draft_cached = seq.num_tokens + min(draft.num_proposals - 1, a)
         new_ids = [d[:a] + [t] for d, a, t in zip(draft_lists, num_accepted, next_ids)]
         logprobs = emitted_logprobs(target_logits, first_rows, new_ids, [s.params.logprobs for s in seqs])
-        return StepOutput(new_ids, num_accepted, logprobs)
+        return StepOutput(new_ids, num_accepted, logprobs, timing)
 
-    def _inputs(self, seqs: list[Sequence], ks: list[int]) -> _StepInputs:
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":  # step timings must cover the work, not its launch
+            torch.cuda.synchronize(self.device)
+
+    def _inputs(self, seqs: list[Sequence], drafts: list[Draft]) -> _StepInputs:
         rows = []
-        for seq, k in zip(seqs, ks):
+        for seq, draft in zip(seqs, drafts):
             try:
-                rows.append(_Row.build(seq, k, self.judges_last(seq), self.target.vocab_size))
+                rows.append(_Row.build(seq, draft, self.target.vocab_size))
             except Exception as exc:  # noqa: BLE001 - this request's own settings: it fails alone
                 raise SequenceInputError(seq, exc) from exc
-        return _StepInputs.stack(rows, ks, self.device, self.target.vocab_size)
+        return _StepInputs.stack(rows, [d.k for d in drafts], self.device, self.target.vocab_size)
 
-    def _propose(self, seqs: list[Sequence], inputs: _StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sample each sequence's proposals: [N, D] ids and the [N, D, V] distributions used."""
-        counts, vocab = inputs.num_proposals, self.target.vocab_size
-        width = max(counts)
+    def _propose(self, seqs: list[Sequence], drafts: list[Draft],
+                 inputs: _StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each sequence's proposals: [N, D] ids and the [N, D, V] distributions they came from
+        (sampled from the draft model, or given and one-hot)."""
+        vocab, width = self.target.vocab_size, max(inputs.num_proposals)
         draft_ids = torch.zeros(len(seqs), width, dtype=torch.long, device=self.device)
         draft_probs = torch.zeros(len(seqs), width, vocab, device=self.device)
+        for i, draft in enumerate(drafts):
+            if draft.tokens is not None and draft.k:
+                given = torch.tensor(draft.tokens[: draft.k], device=self.device)
+                draft_ids[i, : draft.k] = given
+                draft_probs[i, torch.arange(draft.k, device=self.device), given] = 1.0
+        counts = [d.num_proposals if d.by_model else 0 for d in drafts]
         previous: dict[int, int] = {}
-        for j in range(width):
+        for j in range(max(counts)):
             rows = [i for i, n in enumerate(counts) if n > j]
             if j == 0:  # the draft catches up on every token it has not seen yet
                 chunks = [seqs[i].token_ids[seqs[i].num_draft_cached :] for i in rows]

@@ -51,9 +51,12 @@ class HelixAppArgs(BaseModel):
     max_num_seqs: int = Field(32, ge=1)
     max_num_batched_tokens: int = Field(2048, ge=1)
     max_model_len: int | None = Field(None, ge=2)
+    speculative_method: Literal["draft", "ngram", "hybrid"] | None = Field(
+        None, description="proposers the planner may use; none: hybrid with a draft model, ngram without")
     num_speculative_tokens: int | None = Field(None, ge=0)
-    k_min: int = Field(0, ge=0)
     k_max: int = Field(8, ge=0)
+    prompt_lookup_min: int = Field(1, ge=1)
+    prompt_lookup_max: int = Field(3, ge=1)
     draft_cost_ratio: float | None = Field(None, gt=0)
     verify_cost_ratio: float | None = Field(None, ge=0)
     seed: int = 0
@@ -87,7 +90,8 @@ class HelixAppArgs(BaseModel):
             target_model=self.target_model, draft_model=self.draft_model, device=self.device, dtype=self.dtype,
             block_size=self.block_size, num_kv_blocks=self.num_kv_blocks, max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens, max_model_len=self.max_model_len,
-            num_speculative_tokens=self.num_speculative_tokens, k_min=self.k_min, k_max=self.k_max,
+            speculative_method=self.speculative_method, num_speculative_tokens=self.num_speculative_tokens,
+            k_max=self.k_max, prompt_lookup_min=self.prompt_lookup_min, prompt_lookup_max=self.prompt_lookup_max,
             draft_cost_ratio=self.draft_cost_ratio, verify_cost_ratio=self.verify_cost_ratio, seed=self.seed,
             enable_prefix_caching=self.enable_prefix_caching,
         )

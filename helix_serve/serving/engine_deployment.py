@@ -121,7 +121,7 @@ class HelixEngine:
         engine = self.loop.engine
         kv = await self.loop.run_on_engine(engine.kv_usage)
         self.metrics.set_kv_usage(kv)  # also after aborts and when idle, when no step reports
-        last_step = self.loop.last_step or StepSummary([], 0, kv)
+        last_step = self.loop.last_step or StepSummary([], kv)
         return {
             "target_model": self.args.target_model, "draft_model": self.args.draft_model,
             "has_draft": engine.has_draft, "device": str(engine.device), "max_model_len": engine.max_model_len,

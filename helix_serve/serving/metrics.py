@@ -60,6 +60,13 @@ class HelixMetrics:
                                      "this ingress finished", registry=r)
         self.request_acceptance = Histogram("helix_request_acceptance_rate", "Accepted / drafted tokens per "
                                             "speculative generation", buckets=RATE_BUCKETS, registry=r)
+        self.proposer_drafted = Counter("helix_proposer_draft_tokens", "Draft tokens proposed, by proposer "
+                                        "(draft: the draft model, ngram: prompt lookup)", ["proposer"], registry=r)
+        self.proposer_accepted = Counter("helix_proposer_accepted_tokens", "Draft tokens accepted, by proposer",
+                                         ["proposer"], registry=r)
+        self.accepted_per_position = Counter("helix_accepted_tokens_per_position", "Accepted draft tokens by "
+                                             "position in the draft (0 = first), as vLLM's "
+                                             "spec_decode_num_accepted_tokens_per_pos", ["position"], registry=r)
         self.speculative_k = Histogram("helix_speculative_k", "K (draft tokens proposed) per verify step of one "
                                        "sequence", buckets=K_BUCKETS, registry=r)
         self.kv_blocks = Gauge("helix_kv_blocks", "KV cache blocks of the engine replica last asked (cached: "
@@ -115,6 +122,12 @@ class HelixMetrics:
             self._num_drafted += num_drafted
             self._num_accepted += num_accepted
             self.acceptance_rate.set(self._num_accepted / self._num_drafted)
+        for proposer, counts in stats.get("by_proposer", {}).items():
+            self.proposer_drafted.labels(proposer).inc(counts["num_drafted"])
+            self.proposer_accepted.labels(proposer).inc(counts["num_accepted"])
+        for position, accepted in enumerate(stats.get("per_position_accepted", [])):
+            if accepted:
+                self.accepted_per_position.labels(str(position)).inc(accepted)
         self._observe_prefix_cache(stats)
 
     def _observe_prefix_cache(self, stats: dict[str, Any]) -> None:
@@ -186,11 +199,14 @@ class EngineMetrics:
                                     "step (0 if none did)", tags)
         self.prefix_hit_rate = metrics.Gauge("helix_engine_prefix_cache_hit_rate", "Hit / queried tokens of the "
                                              "prefix cache since the replica started", tags)
-        self.k = metrics.Histogram("helix_engine_speculative_k", "K per verify step of one sequence",
-                                   [float(k) for k in range(1, max(k_max, 1) + 1)], tags)
+        by_proposer = (*tags, "proposer")
+        self.k = metrics.Histogram("helix_engine_speculative_k", "K chosen per verify step of one sequence, by "
+                                   "proposer", [float(k) for k in range(1, max(k_max, 1) + 1)], by_proposer)
         self.steps = metrics.Counter("helix_engine_steps", "Engine steps that produced output", tags)
-        self.drafted = metrics.Counter("helix_engine_draft_tokens", "Draft tokens proposed", tags)
-        self.accepted = metrics.Counter("helix_engine_accepted_draft_tokens", "Draft tokens accepted", tags)
+        self.drafted = metrics.Counter("helix_engine_draft_tokens", "Draft tokens proposed, by proposer",
+                                       by_proposer)
+        self.accepted = metrics.Counter("helix_engine_accepted_draft_tokens", "Draft tokens accepted, by proposer",
+                                        by_proposer)
         for metric in (self.running, self.waiting, self.kv_blocks, self.mean_k, self.prefix_hit_rate, self.k,
                        self.steps, self.drafted, self.accepted):
             metric.set_default_tags({"pool": pool_name})
@@ -208,12 +224,12 @@ class EngineMetrics:
         self.set_kv_usage(step.kv)
         self.mean_k.set(step.mean_k)
         self.steps.inc()
-        for k in step.ks:
-            self.k.observe(k)
-        if step.num_drafted:
-            self.drafted.inc(step.num_drafted)
-        if step.num_accepted:
-            self.accepted.inc(step.num_accepted)
+        for proposer, k, accepted in step.speculated:
+            tags = {"proposer": proposer}
+            self.k.observe(k, tags)
+            self.drafted.inc(k, tags)
+            if accepted:
+                self.accepted.inc(accepted, tags)
 
 
 # ---- the per-request record and log line ---------------------------------------------------------------

@@ -9,12 +9,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from helix_serve.engine.sampling_params import MAX_LOGIT_BIAS
 
 SAMPLING_FIELDS = {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos", "speculative",
-                   "num_speculative_tokens", "timeout_s", "repetition_penalty", "frequency_penalty", "presence_penalty",
+                   "num_speculative_tokens", "speculative_method", "timeout_s", "repetition_penalty", "frequency_penalty", "presence_penalty",
                    "min_p", "logit_bias"}
 
 TIMEOUT_HELP = "deadline in seconds from arrival; generation then ends with finish_reason 'timeout'"
 # Larger than any vocabulary: a top_k at or above the model's vocabulary size keeps every token.
 MAX_TOP_K = 1 << 20
+SpeculativeMethod = Literal["draft", "ngram", "hybrid"]
+METHOD_HELP = ("proposers for this request: draft (the draft model), ngram (prompt lookup) or hybrid (either, "
+               "chosen per step); none: the server's")
 TOP_K_HELP = f"0 disables top-k; at most {MAX_TOP_K} (values at or above the vocabulary size keep every token)"
 
 
@@ -76,7 +79,8 @@ class SamplingFields(PenaltyFields):
     stop: list[str] = Field(default_factory=list)
     ignore_eos: bool = False
     speculative: bool = True
-    num_speculative_tokens: int | None = Field(None, ge=0, description="fixed K; None = adaptive")
+    num_speculative_tokens: int | None = Field(None, ge=0, description="fixed K; None = planned per step")
+    speculative_method: SpeculativeMethod | None = Field(None, description=METHOD_HELP)
     timeout_s: float | None = Field(None, gt=0, description=TIMEOUT_HELP)
 
     @field_validator("stop")
@@ -186,6 +190,7 @@ class OpenAISamplingFields(PenaltyFields):
     ignore_eos: bool = False
     speculative: bool = True
     num_speculative_tokens: int | None = Field(None, ge=0)
+    speculative_method: SpeculativeMethod | None = Field(None, description=METHOD_HELP)  # a Helix extension
     timeout_s: float | None = Field(None, gt=0, description=TIMEOUT_HELP)  # a Helix extension (extra_body)
 
     @model_validator(mode="before")

@@ -27,21 +27,28 @@ ENGINE_FAILURE_STATUS = 503  # the engine's failure, not the request's: the clie
 
 @dataclass(slots=True)
 class StepSummary:
-    """What one engine step did, for metrics: the K of each sequence that speculated, and KV usage after it."""
+    """What one engine step did, for metrics: each speculating sequence's proposer, K and accepted drafts,
+    and KV usage after the step."""
 
-    ks: list[int]
-    num_accepted: int
+    speculated: list[tuple[str, int, int]]  # (proposer, K, accepted)
     kv: dict[str, int]
 
     @classmethod
     def of(cls, outputs: list[RequestOutput], kv: dict[str, int]) -> StepSummary:
         # NOTE: an output's num_drafted is the K its sequence used this step (0: prefill or plain decoding).
-        speculated = [o for o in outputs if o.num_drafted > 0]
-        return cls([o.num_drafted for o in speculated], sum(o.num_accepted for o in speculated), kv)
+        return cls([(o.proposer, o.num_drafted, o.num_accepted) for o in outputs if o.num_drafted > 0], kv)
+
+    @property
+    def ks(self) -> list[int]:
+        return [k for _, k, _ in self.speculated]
 
     @property
     def num_drafted(self) -> int:
         return sum(self.ks)
+
+    @property
+    def num_accepted(self) -> int:
+        return sum(a for _, _, a in self.speculated)
 
     @property
     def mean_k(self) -> float:

@@ -1,0 +1,143 @@
+"""The speculation planner on synthetic step-cost curves: which proposer, which K, and when none."""
+
+import pytest
+import torch
+
+from helix_serve.engine.planner import Choice, Options, Planner, Proposer, expected_speedup
+from helix_serve.engine.sampling_params import SamplingParams
+from helix_serve.engine.sequence import Acceptance, Sequence
+from helix_serve.engine.step_cost import CostCurve, StepCostModel, StepTiming
+
+MAX_TOKENS = 2048
+
+
+def seq(draft_alpha: float = 0.8, ngram_alpha: float = 0.3, evidence: float = 200.0) -> Sequence:
+    s = Sequence("r", [1, 2, 3], SamplingParams(), torch.Generator())
+    s.acceptance = {"draft": Acceptance(draft_alpha * evidence, evidence),
+                    "ngram": Acceptance(ngram_alpha * evidence, evidence)}
+    return s
+
+
+def options(s: Sequence, draft: bool = True, ngram: list[int] | None = None, **kw) -> Options:
+    return Options(s, base_tokens=1, room=100, draft=draft, ngram_tokens=ngram or [], **kw)
+
+
+def costs(target: list[tuple[int, float]], draft_cost: float = 0.05) -> StepCostModel:
+    """A target curve through the given (tokens, seconds) points; a draft pass of `draft_cost` at any width."""
+    sizes, seconds = zip(*target)
+    return StepCostModel(CostCurve(list(sizes), list(seconds)), CostCurve([1, 64], [draft_cost, draft_cost]))
+
+
+MEMORY_BOUND = [(1, 1.0), (64, 1.0), (MAX_TOKENS, 32.0)]  # flat up to 64 tokens, then compute-bound
+COMPUTE_BOUND = [(1, 1.0), (MAX_TOKENS, float(MAX_TOKENS))]  # every token costs a full forward
+
+
+def test_expected_speedup_formula():
+    assert expected_speedup(0.0, 0, 0.5) == 1.0
+    assert abs(expected_speedup(0.8, 4, 0.1) - (1 - 0.8**5) / (0.2 * 1.4)) < 1e-12
+    assert expected_speedup(1.0, 3, 0.0) == 4.0
+
+
+def test_memory_bound_verify_and_a_good_cheap_draft_use_deep_drafts():
+    [choice] = Planner(k_max=8).plan([options(seq(0.9))], costs(MEMORY_BOUND, 0.02), 1)
+    assert choice == Choice(Proposer.DRAFT, 8)
+
+
+def test_compute_bound_verify_turns_speculation_off():
+    """When each verified token costs a whole forward, no acceptance rate can pay for it."""
+    planner = Planner(k_max=8)
+    [choice] = planner.plan([options(seq(0.95), ngram=[7, 8, 9])], costs(COMPUTE_BOUND, 0.0), 1)
+    assert choice == Choice(None, 0)
+
+
+def test_low_acceptance_turns_speculation_off():
+    [choice] = Planner().plan([options(seq(0.05))], costs(MEMORY_BOUND, 0.3), 1)
+    assert choice == Choice(None, 0)
+
+
+def test_k_shrinks_under_load_as_the_verify_pass_turns_compute_bound():
+    planner, curve = Planner(k_max=8), costs(MEMORY_BOUND, 0.02)
+    [alone] = planner.plan([options(seq(0.8))], curve, 1)
+    crowd = planner.plan([options(seq(0.8)) for _ in range(32)], curve, 1)
+    full = planner.plan([options(seq(0.8)) for _ in range(64)], curve, 1)
+    assert alone.k == 8
+    assert 0 < sum(c.k for c in crowd) <= 64 - 32  # the flat part of the curve is shared out
+    assert all(c == Choice(None, 0) for c in full)  # 64 sequences already fill it
+
+
+def test_prompt_lookup_wins_where_the_text_repeats_and_needs_no_draft_pass():
+    planner, curve = Planner(k_max=8), costs(MEMORY_BOUND, 0.3)
+    [choice] = planner.plan([options(seq(0.5, ngram_alpha=0.9), ngram=[5, 6, 7, 8])], curve, 1)
+    assert choice == Choice(Proposer.NGRAM, 4)
+
+
+def test_hybrid_batch_mixes_proposers_per_sequence():
+    planner, curve = Planner(k_max=4), costs(MEMORY_BOUND, 0.05)
+    repeating = options(seq(0.6, ngram_alpha=0.95), ngram=[5, 6, 7, 8])
+    fresh = options(seq(0.8, ngram_alpha=0.95))  # nothing to look up
+    lookup_only = options(seq(0.6, ngram_alpha=0.9), draft=False, ngram=[1, 2])  # request asked for ngram
+    choices = planner.plan([repeating, fresh, lookup_only], curve, 1)
+    assert [c.proposer for c in choices] == [Proposer.NGRAM, Proposer.DRAFT, Proposer.NGRAM]
+    assert choices[0].k == 4 and choices[1].k >= 1 and choices[2].k == 2
+
+
+def test_fixed_k_nothing_to_propose_and_no_room_are_respected():
+    planner, curve = Planner(k_max=8), costs(COMPUTE_BOUND)
+    fixed = options(seq(0.1), fixed_k=3)  # a request's own K wins even when the planner would not speculate
+    nothing = options(seq(0.9), draft=False)
+    no_room = Options(seq(0.9), 1, room=0, draft=True, ngram_tokens=[])
+    assert planner.plan([fixed, nothing, no_room], curve, 1) == [Choice(Proposer.DRAFT, 3), Choice(None, 0),
+                                                                 Choice(None, 0)]
+
+
+def test_judged_sequences_always_run_the_draft_model():
+    """Seeded sampling proposes K + 1 from the draft model even at K = 0 (speculative.py)."""
+    [choice] = Planner().plan([options(seq(0.05), judged=True)], costs(MEMORY_BOUND, 0.3), 1)
+    assert choice == Choice(Proposer.DRAFT, 0)
+
+
+def test_a_sequence_parked_at_k0_probes_the_draft_on_shared_steps():
+    planner, curve = Planner(probe_interval=4), costs(MEMORY_BOUND, 0.3)
+    parked = seq(0.05)
+    for _ in range(4):
+        planner.update(parked, Choice(None, 0), 0, [9], [])
+    assert planner.plan([options(parked)], curve, 5) == [Choice(None, 0)]  # not a probe step
+    assert planner.plan([options(parked)], curve, 8) == [Choice(Proposer.DRAFT, 1)]
+    planner.update(parked, Choice(Proposer.DRAFT, 1), 1, [4, 9], [])
+    assert parked.acceptance["draft"].steps_since == 0
+
+
+def test_prompt_lookup_is_scored_for_free_when_the_draft_model_ran():
+    planner, s = Planner(), seq(0.8, ngram_alpha=0.3, evidence=2.0)
+    before = planner.alpha(s, Proposer.NGRAM)
+    for _ in range(10):  # lookup proposed [4, 5, 6]; the step emitted 4, 5, 6, 1: three matches
+        planner.update(s, Choice(Proposer.DRAFT, 3), 3, [4, 5, 6, 1], [4, 5, 6])
+    assert planner.alpha(s, Proposer.NGRAM) > before + 0.3
+    for _ in range(30):  # now it proposes [2, 2, 2] and the first already misses
+        planner.update(s, Choice(Proposer.DRAFT, 3), 3, [4, 5, 6, 1], [2, 2, 2])
+    assert planner.alpha(s, Proposer.NGRAM) < 0.2
+
+
+def test_acceptance_recovers_after_it_improves():
+    planner, curve, s = Planner(), costs(MEMORY_BOUND, 0.3), seq(0.7, evidence=0.0)
+    for _ in range(10):
+        planner.update(s, Choice(Proposer.DRAFT, 4), 0, [1], [])
+    low = planner.plan([options(s)], curve, 1)[0].k
+    for _ in range(30):
+        planner.update(s, Choice(Proposer.DRAFT, 4), 4, [1, 2, 3, 4, 5], [])
+    assert planner.plan([options(s)], curve, 1)[0].k > low
+
+
+@pytest.mark.parametrize("observed", [0.5, 2.0])
+def test_live_timings_move_the_curve_towards_what_steps_cost(observed):
+    model = costs([(1, 1.0), (64, 2.0)])
+    for _ in range(40):
+        model.observe(StepTiming(target_s=observed * 2.0, target_tokens=64, total_s=observed * 2.0))
+    assert model.target(64) == pytest.approx(observed * 2.0, rel=0.01)
+    assert all(b >= a for a, b in zip(model.target.seconds, model.target.seconds[1:]))  # still non-decreasing
+
+
+def test_configured_ratios_are_not_refreshed():
+    model = StepCostModel.from_ratios(0.25, 0.1, MAX_TOKENS)
+    model.observe(StepTiming(target_s=9.0, target_tokens=5, draft_s=9.0, draft_passes=1, draft_rows=1, total_s=20))
+    assert model.ratios == pytest.approx((0.25, 0.1))
