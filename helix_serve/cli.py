@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         needs_draft = not args.no_speculative and args.method != "ngram"  # prompt lookup needs no draft model
         config = EngineConfig(target_model=args.target, draft_model=args.draft if needs_draft else None,
-                              speculative_method=args.method, device=args.device, dtype=args.dtype, enable_prefix_caching=not args.no_prefix_caching)
+                              speculative_method=args.method, device=args.device, dtype=args.dtype,
+                              enable_prefix_caching=not args.no_prefix_caching)
         engine = LLMEngine(config)
         [out] = engine.generate([_prompt(engine, args.prompt, args.raw)], params)
     except (ValueError, RequestRejectedError) as exc:

@@ -234,7 +234,9 @@ def main() -> None:
     engine = LLMEngine(EngineConfig(target_model=args.target, draft_model=args.draft, device=args.device,
                                     dtype=args.dtype))
     tokenizer = engine.tokenizer
-    encode = (lambda p: chat_prompt_ids(tokenizer, p)) if tokenizer.chat_template else (lambda p: tokenizer(p).input_ids)
+    def encode(prompt: str) -> list[int]:  # chat template where the model has one (the test pairs do not)
+        return chat_prompt_ids(tokenizer, prompt) if tokenizer.chat_template else tokenizer(prompt).input_ids
+
     sets = {kind: [encode(p) for p in prompts] for kind, prompts in (("grounded", GROUNDED), ("chat", CHAT))}
     streams, max_tokens = [int(s) for s in args.streams.split(",")], args.max_tokens
     if args.quick:

@@ -68,6 +68,7 @@ def test_linear_benchmark_times_both_projection_paths(llama_pair, tmp_path):
 def test_planner_benchmark_quick_reports_every_method_and_goal(llama_pair, tmp_path):
     target, draft = llama_pair
     result = _run("bench_planner.py", tmp_path, "--target", str(target), "--draft", str(draft), "--dtype", "float32")
-    assert {"K=0", "draft planned", "ngram planned", "hybrid planned", "HF prompt lookup"} <= set(result["batch_1"]["mixed"])
+    methods = set(result["batch_1"]["mixed"])
+    assert {"K=0", "draft planned", "ngram planned", "hybrid planned", "HF prompt lookup"} <= methods
     assert all(row["tokens"] > 0 for row in result["batch_1"]["mixed"].values())
     assert result["prompt_lookup_cost"]["ms_per_step"] > 0 and len(result["goals"]) > 10

@@ -28,6 +28,17 @@ def test_generate_json_matches_engine_greedy(llama_pair):
     assert {"acceptance_rate", "time_to_first_token", "tokens_per_second", "num_drafted"} <= result.keys()
 
 
+def test_prompt_lookup_method_needs_no_draft_and_gives_the_same_tokens(llama_pair):
+    target, _ = llama_pair
+    proc = _helix("generate", "--target", str(target), "--method", "ngram", "--dtype", "float32", "--device", "cpu",
+                  "--max-tokens", "12", "--json", "--raw", "the quick brown the quick brown")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    [expected] = make_engine(llama_pair).generate(["the quick brown the quick brown"],
+                                                  SamplingParams(max_tokens=12, speculative=False))
+    assert result["token_ids"] == expected.token_ids and set(result["by_proposer"]) <= {"ngram"}
+
+
 def test_bad_arguments_fail_clearly(llama_pair):
     target, draft = llama_pair
     proc = _helix("generate", "--target", str(target), "--draft", str(draft), "--max-tokens", "0", "hi")

@@ -87,3 +87,16 @@ def test_an_engine_without_a_draft_model_speculates_by_prompt_lookup(llama_pair)
     assert sum(o.stats["by_proposer"].get("ngram", {}).get("num_accepted", 0) for o in outputs) > 0
     with pytest.raises(RequestRejectedError, match="needs a draft model"):
         engine.add_request("x", SamplingParams(speculative_method="draft"))
+
+
+def test_a_batch_mixing_methods_per_request_matches_target_greedy(engine_and_reference):
+    engine, reference = engine_and_reference
+    settings = [dict(speculative_method="draft"), dict(speculative_method="ngram"), dict(speculative_method="hybrid"),
+                dict(speculative=False), dict(speculative_method="ngram", num_speculative_tokens=2),
+                dict(speculative_method="draft", num_speculative_tokens=5), dict(), dict(speculative_method="hybrid")]
+    params = [SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True, **s) for s in settings]
+    outputs = engine.generate(PROMPTS, params)
+    assert [o.token_ids for o in outputs] == reference
+    assert "ngram" not in outputs[0].stats["by_proposer"] and "draft" not in outputs[1].stats["by_proposer"]
+    assert outputs[3].stats["num_drafted"] == 0
+    assert engine.kv_usage()["used_blocks"] == 0

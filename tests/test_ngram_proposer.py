@@ -2,9 +2,11 @@
 
 import torch
 
-from helix_serve.engine.ngram_proposer import ngram_propose, one_hot_draft_probs
+from helix_serve.engine.ngram_proposer import NgramProposer, ngram_propose, one_hot_draft_probs
 from helix_serve.engine.rejection import rejection_sample
 from helix_serve.engine.sampler import sample_from_probs
+from helix_serve.engine.sampling_params import SamplingParams
+from helix_serve.engine.sequence import Sequence
 
 N = 200_000
 
@@ -44,3 +46,14 @@ def test_one_hot_proposal_keeps_sampled_distribution_exact():
         empirical = torch.bincount(first, minlength=8).float() / N
         assert 0.5 * float((empirical - p).abs().sum()) < 0.01
         assert abs(result.num_accepted.float().mean().item() - p[proposed].item()) < 0.01
+
+
+def test_proposer_over_sequences_follows_their_growing_tokens():
+    seqs = [Sequence("a", [1, 2, 3, 9, 1, 2], SamplingParams(), torch.Generator()),
+            Sequence("b", [4, 5], SamplingParams(), torch.Generator())]
+    proposer = NgramProposer(min_n=1, max_n=3)
+    assert proposer.propose(seqs, 3) == [[3, 9, 1], []]
+    seqs[0].token_ids += [3, 9]  # "1 2 3 9" again: the match moves on; the token tensor grows by the new tokens
+    seqs[1].token_ids += [4]
+    assert proposer.propose(seqs, 3) == [[1, 2, 3], [5, 4]]
+    assert seqs[0].token_tensor.tolist() == seqs[0].token_ids

@@ -81,6 +81,19 @@ def test_generate_greedy_matches_local_engine(http, local_engine):
     assert body["time_to_first_token"] > 0 and body["tokens_per_second"] > 0
 
 
+def test_speculative_method_per_request_on_native_and_openai_routes(http, client, local_engine):
+    """Prompt lookup only (K fixed so the planner's cost call cannot skip it): the stats say who drafted."""
+    prompt = "the quick brown fox and the quick brown fox and the quick"
+    (expected,) = local_engine.generate([prompt], SamplingParams(max_tokens=16, speculative=False))
+    body = http.post("/generate", json={"prompt": prompt, "max_tokens": 16, "speculative_method": "ngram",
+                                          "num_speculative_tokens": 4}).json()
+    assert body["generated_text"] == expected.text
+    assert body["by_proposer"]["ngram"]["num_drafted"] > 0 and "draft" not in body["by_proposer"]
+    completion = client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0,
+                                           extra_body={"speculative_method": "ngram"})
+    assert completion.choices[0].text == expected.text
+
+
 def test_generate_batch(http, local_engine):
     prompts = [PROMPT, "paged attention reads", "def add(a, b):"]
     response = http.post("/generate/batch", json={"prompts": prompts, "max_tokens": 12, "speculative": False})
@@ -154,6 +167,8 @@ def test_openai_unknown_model_is_404(client):
     ("/generate", {"prompt": 42}, 422, "prompt"),
     ("/generate", {"prompt": "fox " * 600}, 413, "context"),
     ("/generate", {"prompt": PROMPT, "num_speculative_tokens": 99}, 400, "num_speculative_tokens"),
+    ("/generate", {"prompt": PROMPT, "speculative_method": "medusa"}, 422, "speculative_method"),
+    ("/v1/completions", {"model": MODEL, "prompt": PROMPT, "speculative_method": "eagle"}, 400, "speculative_method"),
     ("/generate/batch", {"prompts": [PROMPT] * 5}, 413, "at most 4"),
     ("/generate/batch", {"prompts": [PROMPT, ""]}, 422, "prompts[1]"),
     ("/generate/stream", {"prompt": "fox " * 600}, 413, "context"),

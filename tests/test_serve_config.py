@@ -90,6 +90,14 @@ def test_mixed_cluster_pins_each_pool_to_its_kind_of_node():
     assert _deployment(path, "engine_cpu")["ray_actor_options"]["label_selector"] == {"accel": "cpu"}
 
 
+def test_speculation_args_reach_the_engine_config():
+    config = HelixAppArgs(speculative_method="ngram", prompt_lookup_min=2, prompt_lookup_max=4, k_max=6).engine_config()
+    assert (config.speculative_method, config.prompt_lookup_min, config.prompt_lookup_max, config.k_max) == \
+        ("ngram", 2, 4, 6)
+    with pytest.raises(ValueError, match="speculative_method"):
+        HelixAppArgs(speculative_method="eagle")
+
+
 def test_unknown_args_are_refused():
     with pytest.raises(ValueError, match="not_an_arg"):
         HelixAppArgs(not_an_arg=1)

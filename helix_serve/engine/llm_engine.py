@@ -279,10 +279,10 @@ class LLMEngine:
     def _plan(self) -> dict[str, _Planned]:
         """The planner's choice for every running sequence (newly admitted ones prefill at K = 0)."""
         running = self.scheduler.running
-        ready = [s for s in running if s.params.speculative and s.num_target_cached >= s.num_tokens - 1]
-        lookup = [s for s in ready if self._may_use(s, Proposer.NGRAM)]
+        ready = {s.request_id for s in running if s.params.speculative and s.num_target_cached >= s.num_tokens - 1}
+        lookup = [s for s in running if s.request_id in ready and self._may_use(s, Proposer.NGRAM)]
         found = dict(zip((s.request_id for s in lookup), self.ngram.propose(lookup, self.config.k_max)))
-        options = [self._options(seq, found.get(seq.request_id, []), seq in ready) for seq in running]
+        options = [self._options(s, found.get(s.request_id, []), s.request_id in ready) for s in running]
         choices = self.planner.plan(options, self.step_costs, self._num_steps)
         return {o.seq.request_id: _Planned(o, c) for o, c in zip(options, choices)}
 

@@ -60,7 +60,8 @@ def generate_response(generation: Generation) -> GenerateResponse:
         time_seconds=s["time_seconds"], tokens_per_second=s["tokens_per_second"],
         time_to_first_token=s["time_to_first_token"], num_drafted=s["num_drafted"], num_accepted=s["num_accepted"],
         acceptance_rate=s["acceptance_rate"], mean_accepted_length=s["mean_accepted_length"],
-        per_position_acceptance=s["per_position_acceptance"], num_preemptions=s["num_preemptions"],
+        per_position_acceptance=s["per_position_acceptance"], by_proposer=s["by_proposer"],
+        num_preemptions=s["num_preemptions"],
     )
 
 

@@ -9,7 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from helix_serve.engine.sampling_params import MAX_LOGIT_BIAS
 
 SAMPLING_FIELDS = {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos", "speculative",
-                   "num_speculative_tokens", "speculative_method", "timeout_s", "repetition_penalty", "frequency_penalty", "presence_penalty",
+                   "num_speculative_tokens", "speculative_method", "timeout_s", "repetition_penalty",
+                   "frequency_penalty", "presence_penalty",
                    "min_p", "logit_bias"}
 
 TIMEOUT_HELP = "deadline in seconds from arrival; generation then ends with finish_reason 'timeout'"
@@ -130,6 +131,7 @@ class GenerateResponse(BaseModel):
     acceptance_rate: float | None
     mean_accepted_length: float | None
     per_position_acceptance: list[float | None]  # None: that draft position was never reached
+    by_proposer: dict[str, dict[str, int]]  # "draft" / "ngram" -> num_drafted, num_accepted
     num_preemptions: int
 
 
