@@ -1,5 +1,6 @@
-"""Batch-1 decoding speed, side by side in one process: Helix speculative (fixed K and adaptive),
-Helix K=0, transformers greedy `generate`, transformers assisted generation (`assistant_model=`).
+"""Batch-1 decoding speed, side by side in one process: Helix speculative (fixed K and planned),
+Helix K=0, each of those two with `logprobs=5` (the cost of reporting logprobs), transformers greedy
+`generate`, transformers assisted generation (`assistant_model=`).
 
 Methods are interleaved prompt by prompt so machine noise hits all of them alike. Prints a table,
 writes JSON and a PNG, and compares the achieved speedup with Leviathan's theoretical
@@ -57,7 +58,9 @@ def main() -> None:
     methods = {
         f"helix spec K={args.k}": lambda p: run_helix(engine, p, max_tokens, num_speculative_tokens=args.k),
         "helix spec adaptive K": lambda p: run_helix(engine, p, max_tokens),
+        "helix adaptive+logprobs": lambda p: run_helix(engine, p, max_tokens, logprobs=5),
         "helix K=0 (plain)": lambda p: run_helix(engine, p, max_tokens, speculative=False),
+        "helix K=0+logprobs": lambda p: run_helix(engine, p, max_tokens, speculative=False, logprobs=5),
         "HF greedy generate": lambda p: run_hf(engine, p, max_tokens, assisted=False),
     }
     # transformers' assisted generation needs a draft over the target's own token ids; a sub-vocabulary
@@ -96,6 +99,9 @@ def report(rows: dict, cost: dict, args, max_tokens: int, num_runs: int) -> None
         "achieved_speedup_vs_k0": fixed["tokens_per_s"] / base,
         "achieved_over_theory": fixed["tokens_per_s"] / base / theory,
         "spec_over_hf_assisted": fixed["tokens_per_s"] / assisted if assisted else None,
+        "logprobs_cost_adaptive": rows["helix adaptive+logprobs"]["tokens_per_s"]
+        / rows["helix spec adaptive K"]["tokens_per_s"],
+        "logprobs_cost_k0": rows["helix K=0+logprobs"]["tokens_per_s"] / base,
     }
     print(f"\nbatch 1, {num_runs} runs x {max_tokens} tokens, dtype {cost['dtype']}, device {args.device}, "
           f"{torch.get_num_threads()} threads")
@@ -116,6 +122,8 @@ def report(rows: dict, cost: dict, args, max_tokens: int, num_runs: int) -> None
           f"spec / HF assisted = {fmt(summary['spec_over_hf_assisted'], '.2f')}x")
     print(f"with the measured verify growth v={v:.3f}/token the model predicts {theory_v:.2f}x "
           f"(achieved = {fixed['tokens_per_s'] / base / theory_v:.2f} of it)")
+    print(f"logprobs=5 keeps {summary['logprobs_cost_adaptive']:.3f} of the tokens/s with speculation, "
+          f"{summary['logprobs_cost_k0']:.3f} without")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_speculative.json").write_text(json.dumps({"args": vars(args), "rows": rows, "cost": cost,
@@ -127,7 +135,8 @@ def report(rows: dict, cost: dict, args, max_tokens: int, num_runs: int) -> None
 def plot(rows: dict, summary: dict, path: Path) -> None:
     fig, ax = subplots(figsize=(8, 4))
     names = list(rows)
-    ax.barh(names, [rows[n]["tokens_per_s"] for n in names], color=["#2a9d8f", "#52b69a", "#999", "#e76f51", "#f4a261"])
+    ax.barh(names, [rows[n]["tokens_per_s"] for n in names], color=["#2a9d8f", "#52b69a", "#76c893", "#999", "#bbb",
+                                                                    "#e76f51", "#f4a261"])
     ax.invert_yaxis()
     ax.set_xlabel("tokens / s (batch 1)")
     ax.set_title(f"theory {summary['theoretical_speedup']:.2f}x at α={summary['alpha_fixed_k']:.2f}, "

@@ -187,6 +187,18 @@ def test_second_request_reuses_the_prefix_and_reports_it(engines, shared):
     assert_pool_clean(engine)
 
 
+def test_samples_of_one_prompt_admitted_together_prefill_it_once(engines):
+    """OpenAI's n: the first sample prefills the prompt; the others wait one step and reuse its blocks."""
+    prompt = [5, 6, 7, 8, 5, 6] + question(engines[True], 4)  # a first block no other test has cached
+    params = [SamplingParams(max_tokens=6, temperature=1.0, seed=s, ignore_eos=True) for s in range(3)]
+    outs = {on: engine.generate([prompt] * 3, params) for on, engine in engines.items()}
+    n = len(prompt)
+    assert [o.stats["num_cached_tokens"] for o in outs[True]] == [0, (n - 1) // 4 * 4, (n - 1) // 4 * 4]
+    assert [o.token_ids for o in outs[True]] == [o.token_ids for o in outs[False]]
+    assert len({tuple(o.token_ids) for o in outs[True]}) == 3
+    assert_pool_clean(engines[True])
+
+
 def test_rollbacks_never_drop_a_cached_block(engines, shared, monkeypatch):
     engine = engines[True]
     bm = engine.block_manager

@@ -139,6 +139,11 @@ class BlockManager:
         """The cached blocks a waiting sequence could start from (nothing is taken yet)."""
         return self.prefix_cache.lookup(seq) if self.prefix_cache else NO_PREFIX
 
+    def first_missing_block(self, seq: Sequence, prefix: CachedPrefix) -> bytes | None:
+        """What the sequence would prefill first that the prefix cache could have held (None: nothing, or
+        caching is off)."""
+        return self.prefix_cache.first_missing_block(seq, prefix) if self.prefix_cache else None
+
     def admit(self, seq: Sequence, prefix: CachedPrefix) -> bool:
         """Give a waiting sequence (empty table) blocks for all its tokens: `prefix`'s cached blocks
         shared, new ones after them; all or nothing. The prefix counts as computed for the target, and

@@ -89,6 +89,11 @@ class PrefixCache:
                          len(block_ids))
         return CachedPrefix(block_ids, len(block_ids) * self.block_size, num_draft * self.block_size)
 
+    def first_missing_block(self, seq: Sequence, prefix: CachedPrefix) -> bytes | None:
+        """The hash of the first full block a lookup could cover but did not find (None: there is none)."""
+        i = len(prefix.block_ids)
+        return self.block_hashes(seq, i + 1)[i] if i < (seq.num_tokens - 1) // self.block_size else None
+
     def register(self, seq: Sequence) -> None:
         """Cache the full blocks of verified tokens; mark those whose draft K/V is written too."""
         num_verified = min(seq.num_target_cached, seq.num_tokens) // self.block_size

@@ -4,7 +4,9 @@ Each step every running sequence reserves slots for its uncached tokens plus its
 When the pool is short a sequence first gives up speculation (K = 0); if that is not enough the
 newest running sequence is preempted: its blocks are freed and it is recomputed from its tokens later.
 A waiting sequence starts from the longest prefix the prefix cache holds (when enabled), so it
-prefills only the rest; free blocks include cached ones that allocation may evict.
+prefills only the rest; free blocks include cached ones that allocation may evict. A sequence whose next
+full block another one admitted in the same step is about to prefill waits one step and reuses it: n
+samples of one prompt prefill it once.
 """
 
 from __future__ import annotations
@@ -37,12 +39,18 @@ class Scheduler:
         scheduled, ks = self._schedule_running(choose_k)
         used = sum(s.num_tokens - s.num_target_cached + k for s, k in zip(scheduled, ks))
         budget = self.max_num_batched_tokens - used
+        prefilling: set[bytes] = set()  # the first uncached block of each sequence admitted this step
         while self.waiting and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             prefix = self.block_manager.cached_prefix(seq)
+            missing = self.block_manager.first_missing_block(seq, prefix)
+            if missing in prefilling:
+                break  # a sibling (same prompt, e.g. OpenAI's n) prefills it now: reuse its blocks next step
             need = seq.num_tokens - prefix.num_tokens
             if (need > budget and scheduled) or not self.block_manager.admit(seq, prefix):
                 break
+            if missing is not None:
+                prefilling.add(missing)
             if seq.stats.num_cached_tokens is None:
                 seq.stats.num_cached_tokens = prefix.num_tokens
             self.waiting.popleft()

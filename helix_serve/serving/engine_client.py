@@ -15,7 +15,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from helix_serve.serving.app_config import RoutingConfig
 from helix_serve.serving.metrics import CURRENT_REQUEST, HelixMetrics
 from helix_serve.serving.pools import Pool, PoolRouter
-from helix_serve.serving.protocol import EngineChunk, EngineRequest
+from helix_serve.serving.protocol import EngineChunk, EngineRequest, TokenLogprobs
 
 # Failures that say "this pool cannot take a request now", not "this request is bad": try another pool.
 POOL_UNAVAILABLE = (TimeoutError, RayActorError, BackPressureError, DeploymentUnavailableError,
@@ -50,6 +50,7 @@ class Generation:
     num_prompt_tokens: int
     stats: dict[str, Any] = field(default_factory=dict)
     status_code: int | None = None  # with an error: 503 when the engine failed, not the request
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # one per token, when the request asked
 
 
 class EngineStream:
@@ -105,15 +106,16 @@ class EngineStream:
             self._pool = None
 
     async def collect(self) -> Generation:
-        text, token_ids, last = [], [], None
+        text, token_ids, logprobs, last = [], [], [], None
         async for chunk in self.chunks():
             text.append(chunk.text)
             token_ids.extend(chunk.token_ids)
+            logprobs.extend(chunk.logprobs or [])
             last = chunk
         if last is None or not last.finished:  # the replica went away mid-generation
             raise EnginesUnavailableError("the engine stream ended before the generation finished")
         return Generation(self.request_id, "".join(text), token_ids, last.finish_reason, last.error,
-                          self.num_prompt_tokens, last.stats or {}, last.status_code)
+                          self.num_prompt_tokens, last.stats or {}, last.status_code, logprobs)
 
 
 class EngineClient:

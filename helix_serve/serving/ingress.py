@@ -26,7 +26,8 @@ from helix_serve.serving.metrics import HelixMetrics, RequestObserverMiddleware
 from helix_serve.serving.playground import playground_router
 from helix_serve.serving.protocol import EngineRequest
 from helix_serve.serving.schemas import (BatchGenerateRequest, BatchGenerateResponse, ChatCompletionRequest,
-                                         CompletionRequest, GenerateRequest, GenerateResponse)
+                                         CompletionRequest, GenerateRequest, GenerateResponse,
+                                         OpenAISamplingFields, TokenLogprob)
 from helix_serve.serving.security import Guard, SecurityConfig
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's documented default for /v1/completions
@@ -50,7 +51,7 @@ def request_id(request: Request) -> str:
     return request.headers.get("x-request-id") or uuid.uuid4().hex
 
 
-def generate_response(generation: Generation) -> GenerateResponse:
+def generate_response(generation: Generation, logprobs: bool = False) -> GenerateResponse:
     if generation.finish_reason == "error":
         raise GenerationFailedError(generation.error, generation.status_code)
     s = generation.stats
@@ -62,7 +63,21 @@ def generate_response(generation: Generation) -> GenerateResponse:
         acceptance_rate=s["acceptance_rate"], mean_accepted_length=s["mean_accepted_length"],
         per_position_acceptance=s["per_position_acceptance"], by_proposer=s["by_proposer"],
         num_preemptions=s["num_preemptions"],
+        logprobs=[TokenLogprob.of(lp) for lp in generation.logprobs] if logprobs else None,
     )
+
+
+def choice_requests(base: str, sampling: dict[str, Any], n: int, prompts: list[dict[str, Any]]) -> list[EngineRequest]:
+    """n generations per prompt, choice i of prompt p at index p × n + i (OpenAI's order). With a seed,
+    choice i samples with seed + i, so each choice is reproducible on its own."""
+    requests = []
+    for p, prompt in enumerate(prompts):
+        for i in range(n):
+            seed = sampling.get("seed")
+            fields = sampling if seed is None else {**sampling, "seed": seed + i}
+            request_id = base if len(prompts) * n == 1 else f"{base}.{p * n + i}"
+            requests.append(EngineRequest(request_id, fields, **prompt))
+    return requests
 
 
 @serve.deployment(name="HelixIngress", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=256)
@@ -81,7 +96,7 @@ class HelixIngress:
     @app.post("/generate", response_model=GenerateResponse)
     async def generate(self, body: GenerateRequest, request: Request) -> GenerateResponse:
         engine_request = EngineRequest(request_id(request), body.sampling(), **body.engine_prompt())
-        return generate_response(await self.engine.generate(engine_request, "/generate"))
+        return generate_response(await self.engine.generate(engine_request, "/generate"), body.logprobs is not None)
 
     @app.post("/generate/batch", response_model=BatchGenerateResponse)
     async def generate_batch(self, body: BatchGenerateRequest, request: Request) -> BatchGenerateResponse:
@@ -91,7 +106,7 @@ class HelixIngress:
         base = request_id(request)
         requests = [EngineRequest(f"{base}.{i}", body.sampling(), prompt=p) for i, p in enumerate(body.prompts)]
         generations = await self._generate_all(requests, "/generate/batch")
-        results = [generate_response(g) for g in generations]
+        results = [generate_response(g, body.logprobs is not None) for g in generations]
         elapsed = time.perf_counter() - started
         total = sum(r.tokens_generated for r in results)
         return BatchGenerateResponse(results=results, num_prompts=len(results), total_tokens_generated=total,
@@ -120,54 +135,57 @@ class HelixIngress:
 
     # ---- OpenAI-compatible routes ---------------------------------------------------------------
 
-    def _check_model(self, model: str) -> None:
-        if model != self.model_name:
-            raise OpenAIError(404, f"The model `{model}` does not exist.", "NotFoundError", "model")
-
     @app.get("/v1/models")
     async def models(self) -> dict[str, Any]:
         return openai_format.models_list(self.model_name, self.created)
 
     @app.post("/v1/completions")
     async def completions(self, body: CompletionRequest, request: Request) -> Any:
-        self._check_model(body.model)
-        base, created = request_id(request), int(time.time())
+        base, created = self._openai_request(body, request, len(body.prompts))
         sampling = body.sampling(COMPLETIONS_DEFAULT_MAX_TOKENS)
-        response_id = f"cmpl-{base}"
+        requests = choice_requests(base, sampling, body.n, [{"prompt": p} for p in body.prompts])
+        response_id, logprobs = f"cmpl-{base}", body.logprobs is not None
         if body.stream:
-            if len(body.prompts) != 1:
-                raise OpenAIError(400, "streaming supports a single prompt", "invalid_request_error", "prompt")
-            opened = await self.engine.open(EngineRequest(base, sampling, prompt=body.prompts[0]), "/v1/completions")
-            stream = await sse_streams.started(opened)  # failures before the first token: a status, not an event
-
-            def build(text: str, reason: str | None, usage: dict | None = None) -> dict[str, Any]:
-                return openai_format.completion_chunk(response_id, self.model_name, created, text, reason, usage)
-
-            return EventSourceResponse(sse_streams.openai_events(stream, build, body.include_usage))
-        requests = [EngineRequest(f"{base}.{i}", sampling, prompt=p) for i, p in enumerate(body.prompts)]
+            streams = await self._open_all(requests, "/v1/completions")
+            shapes = openai_format.CompletionChunks(response_id, self.model_name, created, logprobs)
+            return EventSourceResponse(sse_streams.openai_events(streams, body.n, shapes, body.include_usage))
         generations = self._check_generations(await self._generate_all(requests, "/v1/completions"))
-        return openai_format.completion(response_id, self.model_name, created, generations)
+        return openai_format.completion(response_id, self.model_name, created, generations, body.n, logprobs)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Any:
-        self._check_model(body.model)
-        base, created = request_id(request), int(time.time())
-        messages = [m.engine_message() for m in body.messages]
-        engine_request = EngineRequest(base, body.sampling(CHAT_DEFAULT_MAX_TOKENS), messages=messages,
-                                       max_tokens_limit=GUARD.limits.max_tokens)
+        base, created = self._openai_request(body, request, 1)
+        messages = {"messages": [m.engine_message() for m in body.messages],
+                    "max_tokens_limit": GUARD.limits.max_tokens}
+        requests = choice_requests(base, body.sampling(CHAT_DEFAULT_MAX_TOKENS), body.n, [messages])
         response_id = f"chatcmpl-{base}"
-        if not body.stream:
-            generation = self._check_generations([await self.engine.generate(engine_request, "/v1/chat/completions")])
-            return openai_format.chat_completion(response_id, self.model_name, created, generation[0])
-        stream = await sse_streams.started(await self.engine.open(engine_request, "/v1/chat/completions"))
+        if body.stream:
+            streams = await self._open_all(requests, "/v1/chat/completions")
+            shapes = openai_format.ChatChunks(response_id, self.model_name, created, body.logprobs)
+            return EventSourceResponse(sse_streams.openai_events(streams, body.n, shapes, body.include_usage))
+        generations = self._check_generations(await self._generate_all(requests, "/v1/chat/completions"))
+        return openai_format.chat_completion(response_id, self.model_name, created, generations, body.logprobs)
 
-        def build(text: str, reason: str | None, usage: dict | None = None) -> dict[str, Any]:
-            delta = {"content": text} if text else {}
-            return openai_format.chat_chunk(response_id, self.model_name, created, delta, reason, usage)
+    def _openai_request(self, body: OpenAISamplingFields, request: Request, num_prompts: int) -> tuple[str, int]:
+        """The request's id and creation time, once its model and number of generations are known to be fine."""
+        if body.model != self.model_name:
+            raise OpenAIError(404, f"The model `{body.model}` does not exist.", "NotFoundError", "model")
+        if num_prompts * body.n > self.max_batch_prompts:
+            raise OpenAIError(400, f"{num_prompts} prompt(s) × n={body.n} generations; at most "
+                                   f"{self.max_batch_prompts} per request", "invalid_request_error", "n")
+        return request_id(request), int(time.time())
 
-        role = openai_format.chat_chunk(response_id, self.model_name, created, {"role": "assistant", "content": ""},
-                                        None)
-        return EventSourceResponse(sse_streams.openai_events(stream, build, body.include_usage, [role]))
+    async def _open_all(self, requests: list[EngineRequest], route: str) -> list[sse_streams.StartedStream]:
+        """Every choice's stream, each past its first output; if one fails, the others are aborted."""
+        async def one(engine_request: EngineRequest) -> sse_streams.StartedStream:
+            return await sse_streams.started(await self.engine.open(engine_request, route))
+
+        results = await asyncio.gather(*(one(r) for r in requests), return_exceptions=True)
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures:
+            await asyncio.gather(*(r.aclose() for r in results if not isinstance(r, BaseException)))
+            raise failures[0]
+        return results
 
     @staticmethod
     def _check_generations(generations: list[Generation]) -> list[Generation]:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Any
 
 from helix_serve.serving.engine_client import Generation
+from helix_serve.serving.protocol import TokenLogprobs
 
 
 def finish_reason(reason: str | None) -> str | None:
@@ -28,34 +31,94 @@ def models_list(model: str, created: int) -> dict[str, Any]:
     return {"object": "list", "data": [{"id": model, "object": "model", "created": created, "owned_by": "helix"}]}
 
 
-def _usage_of(generations: list[Generation]) -> dict[str, Any]:
-    return usage(sum(g.num_prompt_tokens for g in generations), sum(len(g.token_ids) for g in generations),
-                 sum(g.stats.get("num_cached_tokens", 0) for g in generations))
+def _usage_of(generations: list[Generation], n: int) -> dict[str, Any]:
+    """One prompt's tokens per n choices (OpenAI's count), every choice's completion tokens."""
+    firsts = generations[::n]
+    return usage(sum(g.num_prompt_tokens for g in firsts), sum(len(g.token_ids) for g in generations),
+                 sum(g.stats.get("num_cached_tokens", 0) for g in firsts))
 
 
-def completion(response_id: str, model: str, created: int, generations: list[Generation]) -> dict[str, Any]:
-    choices = [{"index": i, "text": g.text, "logprobs": None, "finish_reason": finish_reason(g.finish_reason)}
-               for i, g in enumerate(generations)]
+def completion_logprobs(logprobs: list[TokenLogprobs], text_offset: int = 0) -> dict[str, Any]:
+    """The legacy completions shape; `text_offset` counts characters of the completion's tokens."""
+    offsets = list(accumulate((len(lp.token) for lp in logprobs), initial=text_offset))[:len(logprobs)]
+    return {"tokens": [lp.token for lp in logprobs], "token_logprobs": [lp.logprob for lp in logprobs],
+            "top_logprobs": [dict(lp.top) for lp in logprobs], "text_offset": offsets}
+
+
+def _token(text: str, logprob: float) -> dict[str, Any]:
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+
+def chat_logprobs(logprobs: list[TokenLogprobs]) -> dict[str, Any]:
+    content = [{**_token(lp.token, lp.logprob), "top_logprobs": [_token(t, v) for t, v in lp.top]} for lp in logprobs]
+    return {"content": content, "refusal": None}
+
+
+def completion(response_id: str, model: str, created: int, generations: list[Generation], n: int,
+               logprobs: bool) -> dict[str, Any]:
+    choices = [{"index": i, "text": g.text, "logprobs": completion_logprobs(g.logprobs) if logprobs else None,
+                "finish_reason": finish_reason(g.finish_reason)} for i, g in enumerate(generations)]
     return {"id": response_id, "object": "text_completion", "created": created, "model": model,
-            "choices": choices, "usage": _usage_of(generations)}
+            "choices": choices, "usage": _usage_of(generations, n)}
 
 
-def chat_completion(response_id: str, model: str, created: int, generation: Generation) -> dict[str, Any]:
-    choice = {"index": 0, "message": {"role": "assistant", "content": generation.text}, "logprobs": None,
-              "finish_reason": finish_reason(generation.finish_reason)}
+def chat_completion(response_id: str, model: str, created: int, generations: list[Generation],
+                    logprobs: bool) -> dict[str, Any]:
+    choices = [{"index": i, "message": {"role": "assistant", "content": g.text},
+                "logprobs": chat_logprobs(g.logprobs) if logprobs else None,
+                "finish_reason": finish_reason(g.finish_reason)} for i, g in enumerate(generations)]
     return {"id": response_id, "object": "chat.completion", "created": created, "model": model,
-            "choices": [choice], "usage": _usage_of([generation])}
+            "choices": choices, "usage": _usage_of(generations, len(generations))}
 
 
-def completion_chunk(response_id: str, model: str, created: int, text: str, reason: str | None,
-                     chunk_usage: dict[str, int] | None = None) -> dict[str, Any]:
-    choices = [] if chunk_usage else [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}]
-    return {"id": response_id, "object": "text_completion", "created": created, "model": model,
-            "choices": choices, "usage": chunk_usage}
+@dataclass(slots=True)
+class CompletionChunks:
+    """The chunks of a streamed /v1/completions reply (choice i of prompt p has index p × n + i)."""
+
+    response_id: str
+    model: str
+    created: int
+    logprobs: bool
+    _offsets: dict[int, int] = field(default_factory=dict)  # characters streamed so far, per choice
+
+    def _chunk(self, choices: list[dict[str, Any]], chunk_usage: dict[str, Any] | None = None) -> dict[str, Any]:
+        return {"id": self.response_id, "object": "text_completion", "created": self.created, "model": self.model,
+                "choices": choices, "usage": chunk_usage}
+
+    def opening(self, index: int) -> list[dict[str, Any]]:
+        return []
+
+    def choice(self, index: int, text: str, reason: str | None, logprobs: list[TokenLogprobs]) -> dict[str, Any]:
+        offset = self._offsets.get(index, 0)
+        self._offsets[index] = offset + sum(len(lp.token) for lp in logprobs)
+        block = completion_logprobs(logprobs, offset) if self.logprobs else None
+        return self._chunk([{"index": index, "text": text, "logprobs": block, "finish_reason": reason}])
+
+    def usage(self, chunk_usage: dict[str, Any]) -> dict[str, Any]:
+        return self._chunk([], chunk_usage)
 
 
-def chat_chunk(response_id: str, model: str, created: int, delta: dict[str, str], reason: str | None,
-               chunk_usage: dict[str, int] | None = None) -> dict[str, Any]:
-    choices = [] if chunk_usage else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]
-    return {"id": response_id, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": choices, "usage": chunk_usage}
+@dataclass(slots=True)
+class ChatChunks:
+    """The chunks of a streamed /v1/chat/completions reply: each choice opens with the assistant role."""
+
+    response_id: str
+    model: str
+    created: int
+    logprobs: bool
+
+    def _chunk(self, choices: list[dict[str, Any]], chunk_usage: dict[str, Any] | None = None) -> dict[str, Any]:
+        return {"id": self.response_id, "object": "chat.completion.chunk", "created": self.created,
+                "model": self.model, "choices": choices, "usage": chunk_usage}
+
+    def opening(self, index: int) -> list[dict[str, Any]]:
+        return [self._chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                              "finish_reason": None}])]
+
+    def choice(self, index: int, text: str, reason: str | None, logprobs: list[TokenLogprobs]) -> dict[str, Any]:
+        block = chat_logprobs(logprobs) if self.logprobs else None
+        delta = {"content": text} if text else {}
+        return self._chunk([{"index": index, "delta": delta, "logprobs": block, "finish_reason": reason}])
+
+    def usage(self, chunk_usage: dict[str, Any]) -> dict[str, Any]:
+        return self._chunk([], chunk_usage)

@@ -30,6 +30,7 @@ class TokenLogprobs:
     number of most likely tokens at that position as (text, logprob) pairs, most likely first."""
 
     token: str
+    token_id: int
     logprob: float
     top: list[tuple[str, float]] = field(default_factory=list)
 

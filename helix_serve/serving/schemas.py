@@ -6,12 +6,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from helix_serve.engine.sampling_params import MAX_LOGIT_BIAS
+from helix_serve.engine.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS
+from helix_serve.serving.protocol import TokenLogprobs
 
 SAMPLING_FIELDS = {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos", "speculative",
                    "num_speculative_tokens", "speculative_method", "timeout_s", "repetition_penalty",
                    "frequency_penalty", "presence_penalty",
-                   "min_p", "logit_bias"}
+                   "min_p", "logit_bias", "logprobs"}
 
 TIMEOUT_HELP = "deadline in seconds from arrival; generation then ends with finish_reason 'timeout'"
 # Larger than any vocabulary: a top_k at or above the model's vocabulary size keeps every token.
@@ -20,6 +21,10 @@ SpeculativeMethod = Literal["draft", "ngram", "hybrid"]
 METHOD_HELP = ("proposers for this request: draft (the draft model), ngram (prompt lookup) or hybrid (either, "
                "chosen per step); none: the server's")
 TOP_K_HELP = f"0 disables top-k; at most {MAX_TOP_K} (values at or above the vocabulary size keep every token)"
+LOGPROBS_HELP = ("report the target's log-probability of each emitted token (log_softmax of its raw logits) "
+                 "and of this many most likely alternatives; null: off")
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for /v1/completions (chat's top_logprobs goes to MAX_LOGPROBS)
+MAX_N = 128  # choices per OpenAI request; the ingress also caps prompts × n at its max_batch_prompts
 
 
 def _non_blank(value: str, name: str) -> str:
@@ -83,6 +88,7 @@ class SamplingFields(PenaltyFields):
     num_speculative_tokens: int | None = Field(None, ge=0, description="fixed K; None = planned per step")
     speculative_method: SpeculativeMethod | None = Field(None, description=METHOD_HELP)
     timeout_s: float | None = Field(None, gt=0, description=TIMEOUT_HELP)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description=LOGPROBS_HELP)
 
     @field_validator("stop")
     @classmethod
@@ -117,6 +123,25 @@ class BatchGenerateRequest(SamplingFields):
         return [_non_blank(p, f"prompts[{i}]") for i, p in enumerate(prompts)]
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+
+
+class TokenLogprob(BaseModel):
+    """The target's log-probability of one emitted token, and of the most likely tokens at its position."""
+
+    token: str
+    token_id: int
+    logprob: float
+    top_logprobs: list[TopLogprob]
+
+    @classmethod
+    def of(cls, logprob: TokenLogprobs) -> TokenLogprob:
+        top = [TopLogprob(token=t, logprob=v) for t, v in logprob.top]
+        return cls(token=logprob.token, token_id=logprob.token_id, logprob=logprob.logprob, top_logprobs=top)
+
+
 class GenerateResponse(BaseModel):
     request_id: str
     generated_text: str
@@ -133,6 +158,7 @@ class GenerateResponse(BaseModel):
     per_position_acceptance: list[float | None]  # None: that draft position was never reached
     by_proposer: dict[str, dict[str, int]]  # "draft" / "ngram" -> num_drafted, num_accepted
     num_preemptions: int
+    logprobs: list[TokenLogprob] | None = None  # one per generated token, when the request asked
 
 
 class BatchGenerateResponse(BaseModel):
@@ -152,7 +178,7 @@ class StreamOptions(BaseModel):
 
 # OpenAI's spec lets a client send null for these, meaning "the default".
 NULL_MEANS_DEFAULT = frozenset({"temperature", "top_p", "top_k", "n", "stream", "ignore_eos", "speculative",
-                                "frequency_penalty", "presence_penalty", "repetition_penalty", "min_p"})
+                                "frequency_penalty", "presence_penalty", "repetition_penalty", "min_p", "logprobs"})
 
 
 def _requested(value: Any) -> bool:
@@ -162,8 +188,6 @@ def _requested(value: Any) -> bool:
 
 # OpenAI fields Helix does not implement: asking for them is a 400 naming the field, never silently ignored.
 UNSUPPORTED = {
-    "logprobs": lambda v: v is not None and v is not False,  # completions' logprobs: 0 still asks for them
-    "top_logprobs": _requested,
     "tools": _requested,
     "functions": _requested,
     "echo": _requested,
@@ -186,7 +210,7 @@ class OpenAISamplingFields(PenaltyFields):
     top_k: int = Field(0, ge=0, le=MAX_TOP_K, description=TOP_K_HELP)
     seed: int | None = None
     stop: str | list[str] | None = None  # normalised to a list by the validator below
-    n: int = Field(1, ge=1, le=1, description="only one choice per prompt is supported")
+    n: int = Field(1, ge=1, le=MAX_N, description="choices per prompt; with a seed, choice i uses seed + i")
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
@@ -219,7 +243,13 @@ class OpenAISamplingFields(PenaltyFields):
         fields = {**self.model_dump(include=SAMPLING_FIELDS), **self.penalty_sampling()}
         fields["max_tokens"] = self.requested_max_tokens or default_max_tokens
         fields["stop"] = _stop_list(self.stop)
+        fields["logprobs"] = self.engine_logprobs
         return fields
+
+    @property
+    def engine_logprobs(self) -> int | None:
+        """How many alternatives per token the engine reports (None: no logprobs)."""
+        return None
 
     @property
     def include_usage(self) -> bool:
@@ -228,6 +258,7 @@ class OpenAISamplingFields(PenaltyFields):
 
 class CompletionRequest(OpenAISamplingFields):
     prompt: str | list[str]
+    logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS, strict=True, description=LOGPROBS_HELP)
 
     @field_validator("prompt")
     @classmethod
@@ -241,6 +272,10 @@ class CompletionRequest(OpenAISamplingFields):
     @property
     def prompts(self) -> list[str]:
         return [self.prompt] if isinstance(self.prompt, str) else self.prompt
+
+    @property
+    def engine_logprobs(self) -> int | None:
+        return self.logprobs
 
 
 def _text_parts(parts: list[Any]) -> list[Any]:
@@ -290,6 +325,19 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(OpenAISamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = Field(False, description="report the target's log-probability of each output token")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, strict=True,
+                                     description="with logprobs: this many most likely tokens at each position")
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs requires logprobs: true")
+        return self
+
+    @property
+    def engine_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def requested_max_tokens(self) -> int | None:

@@ -208,4 +208,5 @@ def token_logprobs(logprobs: list[TokenLogprob], tokenizer: Any) -> list[TokenLo
     """Engine logprobs with each token id as its own decoded text (what OpenAI's `token` fields hold)."""
     ids = sorted({i for lp in logprobs for i in [lp.token_id, *(t for t, _ in lp.top)]})
     text = dict(zip(ids, tokenizer.batch_decode([[i] for i in ids])))
-    return [TokenLogprobs(text[lp.token_id], lp.logprob, [(text[t], v) for t, v in lp.top]) for lp in logprobs]
+    return [TokenLogprobs(text[lp.token_id], lp.token_id, lp.logprob, [(text[t], v) for t, v in lp.top])
+            for lp in logprobs]
