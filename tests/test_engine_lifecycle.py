@@ -188,5 +188,5 @@ def test_start_up_calibration_measures_cost_curves(engine):
     assert all(b >= a > 0 for a, b in zip(costs.target.seconds, costs.target.seconds[1:]))
     assert costs.target(64) > costs.target(1)  # 64 tokens cost more than one, even on this small model
     c, v = engine.cost_ratios
-    assert c == costs.draft(1) / costs.by_width.get(1, costs.target)(1) and v >= 0  # batch 1, as live steps see it
+    assert c == costs.draft(1) / costs.target(1) and v >= 0
     assert engine.kv_usage()["used_blocks"] == 0  # the scratch sequence gave its blocks back

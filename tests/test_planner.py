@@ -133,23 +133,8 @@ def test_live_timings_move_the_curve_towards_what_steps_cost(observed):
     model = costs([(1, 1.0), (64, 2.0)])
     for _ in range(40):
         model.observe(StepTiming(target_s=observed * 2.0, target_tokens=64, total_s=observed * 2.0))
-    live = model.target_curve(1)
-    assert live(64) == pytest.approx(observed * 2.0, rel=0.01)
-    assert all(b >= a for a, b in zip(live.seconds, live.seconds[1:]))  # still non-decreasing
-
-
-def test_live_corrections_are_per_batch_width_and_keep_the_curve_shape():
-    """16 sequences' steps measured 1.5x the calibrated 16-token cost: their width's whole curve scales
-    (unmeasured points take the nearest measured correction), so the marginal cost of wider steps grows
-    with it instead of being flattened; steps of one sequence keep the calibration."""
-    model = costs([(1, 1.0), (16, 2.0), (64, 6.0)])
-    for _ in range(60):
-        model.observe(StepTiming(target_s=2.5, target_tokens=16, total_s=3.0, num_seqs=16))  # 0.5 s around it
-    wide = model.target_curve(16)
-    assert wide(16) == pytest.approx(3.0, rel=0.01) and wide(64) == pytest.approx(9.0, rel=0.01)
-    assert set(model.by_width) == {16} and model.target(16) == 2.0
-    assert model.step_seconds(64, 0, 0, num_seqs=20) == pytest.approx(9.0, rel=0.01)  # 20 rows: width 16
-    assert model.target_curve(4)(16) == pytest.approx(3.0, rel=0.01)  # a new width starts from the nearest
+    assert model.target(64) == pytest.approx(observed * 2.0, rel=0.01)
+    assert all(b >= a for a, b in zip(model.target.seconds, model.target.seconds[1:]))  # still non-decreasing
 
 
 def test_configured_ratios_are_not_refreshed():

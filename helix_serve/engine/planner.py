@@ -3,9 +3,8 @@ tokens, chosen for the goodput of the whole step.
 
 Gain. A proposer accepted at rate α that drafts K tokens makes its sequence emit E(α, K) = (1 − α^(K+1)) /
 (1 − α) tokens (Leviathan et al. 2023): its j-th draft token adds α^j expected tokens, less for each j.
-Cost. A step of S sequences costs target_S(N) + P · draft(R) (step_cost.py): N batched tokens, P draft-model
-passes over R rows; target_S also holds the work around the forward (sampling, rejection). The curves are
-measured, per batch width S, so a verify pass that turns compute-bound under load shows up.
+Cost. A step costs target(N) + P · draft(R) + overhead (step_cost.py): N batched tokens, P draft-model
+passes over R rows; the curves are measured, so a verify pass that turns compute-bound under load shows up.
 Choice. For each draft depth P (0 … k_max) every sequence takes the proposer that expects more tokens from
 it (prompt lookup costs nothing to run but proposes only where the text repeats itself); all the possible
 extra draft tokens of the batch are ranked by gain, and the prefix of that ranking with the most expected
@@ -100,7 +99,7 @@ class Planner:
             rows = len(fixed_draft) + sum(p.proposer is Proposer.DRAFT for p in picks)
             judged = any(options[i].judged for i in free)
             passes = max(fixed_passes, (depth if rows else 0) + judged)  # judged rows propose K + 1
-            seconds = costs.step_seconds(base + np.arange(len(expected)), passes, rows, len(options))
+            seconds = costs.step_seconds(base + np.arange(len(expected)), passes, rows)
             rate = expected / seconds
             m = int(np.argmax(rate))
             if best is None or rate[m] > best[0] * (1 + 1e-9):

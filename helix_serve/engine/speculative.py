@@ -162,7 +162,7 @@ class SpeculativeDecoder:
         model_rows = [d.num_proposals for d in drafts if d.by_model]
         timing = StepTiming(time.perf_counter() - drafted, sum(s.num_tokens - s.num_target_cached for s in seqs)
                             + sum(ks), drafted - start if model_rows else 0.0, max(model_rows, default=0),
-                            len(model_rows), num_seqs=len(seqs))
+                            len(model_rows))
         k_tensor = torch.tensor(ks, device=self.device)
         result = rejection_sample(draft_ids, draft_probs, target_probs, k_tensor, inputs.accept_uniforms,
                                   inputs.final_uniforms, inputs.judged)
