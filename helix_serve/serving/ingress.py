@@ -124,7 +124,9 @@ class HelixIngress:
             try:
                 return await self.engine.generate(engine_request, route)
             except EngineRejectedError as exc:
-                raise EngineRejectedError(exc.status_code, f"prompt {index}: {exc.message}") from exc
+                if len(requests) == 1:
+                    raise
+                raise EngineRejectedError(exc.status_code, f"generation {index}: {exc.message}") from exc
 
         try:
             async with asyncio.TaskGroup() as group:
