@@ -9,6 +9,7 @@ import sys
 from helix_serve.config import DEFAULT_DRAFT, DEFAULT_TARGET, EngineConfig
 from helix_serve.engine.llm_engine import LLMEngine, RequestRejectedError
 from helix_serve.engine.sampling_params import SPECULATIVE_METHODS, SamplingParams
+from helix_serve.model.paged_llm import QUANTIZATIONS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--device", default="auto", help="auto | cpu | cuda | directml (HELIX_DEVICE overrides)")
     gen.add_argument("--dtype", default="auto")
+    gen.add_argument("--quantization", choices=QUANTIZATIONS, default="none",
+                     help="int4: the target's projections as 4-bit weights (CPU only; not the fp32 numerics)")
     gen.add_argument("--no-prefix-caching", action="store_true",
                      help="recompute every prompt (no reuse of cached prefix blocks)")
     gen.add_argument("--json", action="store_true", help="print text, token_ids and stats as JSON")
@@ -85,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         needs_draft = not args.no_speculative and args.method != "ngram"  # prompt lookup needs no draft model
         config = EngineConfig(target_model=args.target, draft_model=args.draft if needs_draft else None,
                               speculative_method=args.method, device=args.device, dtype=args.dtype,
-                              enable_prefix_caching=not args.no_prefix_caching)
+                              quantization=args.quantization, enable_prefix_caching=not args.no_prefix_caching)
         engine = LLMEngine(config)
         [out] = engine.generate([_prompt(engine, args.prompt, args.raw)], params)
     except (ValueError, RequestRejectedError) as exc:

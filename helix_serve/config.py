@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from helix_serve.engine.sampling_params import SPECULATIVE_METHODS
+from helix_serve.model.paged_llm import QUANTIZATIONS
 from helix_serve.model.sources import SMOLLM2_ALIAS
 
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
@@ -25,6 +26,7 @@ class EngineConfig:
     draft_model: str | None = DEFAULT_DRAFT
     device: str = "auto"
     dtype: str = "auto"
+    quantization: str = "none"  # int4: the target's projections as 4-bit weights, CPU only (model/int4.py)
     block_size: int = 16
     num_kv_blocks: int = 1024
     max_num_seqs: int = 32
@@ -48,6 +50,8 @@ class EngineConfig:
             raise ValueError("block_size and num_kv_blocks must be >= 1")
         if self.k_max < 0:
             raise ValueError("k_max must be >= 0")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}")
         if self.speculative_method not in (None, *SPECULATIVE_METHODS):
             raise ValueError(f"speculative_method must be one of {', '.join(SPECULATIVE_METHODS)}")
         if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:

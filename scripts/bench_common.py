@@ -11,6 +11,7 @@ import torch
 from helix_serve.config import DEFAULT_DRAFT, DEFAULT_TARGET
 from helix_serve.engine.step_cost import calibrate
 from helix_serve.engine.llm_engine import LLMEngine
+from helix_serve.model.int4 import Int4Linear
 from helix_serve.engine.sampling_params import SamplingParams
 
 # Chat questions for an instruct model (none of them is in helix distill's prompt set).
@@ -69,13 +70,18 @@ def gemv_bandwidth(dtype: torch.dtype, repeats: int = 15) -> float:
 
 def weight_bytes_per_forward(model) -> int:
     """Bytes of weights a decode forward reads: every parameter once, except an untied input embedding
-    (a lookup reads a few rows)."""
+    (a lookup reads a few rows); int4 projections at their packed size (codes, scales and zero points)."""
     hf = model.hf_model
     params = {id(p): p for p in hf.parameters()}
     embed = hf.get_input_embeddings().weight
     if embed is not hf.get_output_embeddings().weight:
         params.pop(id(embed), None)
-    return sum(p.numel() * p.element_size() for p in params.values())
+    total = sum(p.numel() * p.element_size() for p in params.values())
+    for layer in model.projections:
+        if isinstance(layer, Int4Linear):  # its fp32 weight (a view in `params`) is not read; its 4-bit copy is
+            total += layer.packed_weight.nbytes + layer.scales_and_zeros.nbytes
+            total -= layer.in_features * layer.out_features * model.dtype.itemsize
+    return total
 
 
 def bandwidth_limit(engine: LLMEngine) -> dict:

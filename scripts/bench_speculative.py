@@ -1,6 +1,7 @@
 """Batch-1 decoding speed, side by side in one process: Helix speculative (fixed K and planned),
-Helix K=0, each of those two with `logprobs=5` (the cost of reporting logprobs), transformers greedy
-`generate`, transformers assisted generation (`assistant_model=`).
+Helix K=0, each of those two with `logprobs=5` (the cost of reporting logprobs), Helix with `quantization:
+int4` (K=0 and planned; where the CPU int4 kernel exists), transformers greedy `generate`, transformers
+assisted generation (`assistant_model=`).
 
 Methods are interleaved prompt by prompt so machine noise hits all of them alike. Prints a table,
 writes JSON and a PNG, and compares the achieved speedup with Leviathan's theoretical
@@ -13,6 +14,7 @@ writes JSON and a PNG, and compares the achieved speedup with Leviathan's theore
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -25,6 +27,7 @@ from tqdm import tqdm
 from helix_serve.config import EngineConfig
 from helix_serve.engine.planner import expected_speedup
 from helix_serve.engine.llm_engine import LLMEngine
+from helix_serve.model.int4 import int4_available
 
 
 def run_hf(engine: LLMEngine, prompt: str | list[int], max_tokens: int, assisted: bool) -> dict:
@@ -51,8 +54,10 @@ def main() -> None:
     parser.add_argument("--out", default="bench_results")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    engine = LLMEngine(EngineConfig(target_model=args.target, draft_model=args.draft, device=args.device,
-                                    dtype=args.dtype, num_kv_blocks=256))
+    config = EngineConfig(target_model=args.target, draft_model=args.draft, device=args.device, dtype=args.dtype,
+                          num_kv_blocks=256)
+    engine = LLMEngine(config)
+    int4 = None if int4_available(engine.device) else LLMEngine(dataclasses.replace(config, quantization="int4"))
     prompts = bench_prompts(engine)
     prompts, max_tokens, repeats = (prompts[:2], 24, 1) if args.quick else (prompts, args.max_tokens, args.repeats)
     methods = {
@@ -63,6 +68,9 @@ def main() -> None:
         "helix K=0+logprobs": lambda p: run_helix(engine, p, max_tokens, speculative=False, logprobs=5),
         "HF greedy generate": lambda p: run_hf(engine, p, max_tokens, assisted=False),
     }
+    if int4 is not None:
+        methods["helix int4 K=0"] = lambda p: run_helix(int4, p, max_tokens, speculative=False)
+        methods["helix int4 adaptive K"] = lambda p: run_helix(int4, p, max_tokens)
     # transformers' assisted generation needs a draft over the target's own token ids; a sub-vocabulary
     # draft (helix distill's) or one with fewer rows is only understood through Helix's vocabulary map.
     if not engine.decoder.draft.vocab_map.identity:
@@ -77,8 +85,11 @@ def main() -> None:
             for name, fn in methods.items():
                 runs[name].append(fn(prompt))
     limit = bandwidth_limit(engine)
-    rows = {name: summarize(r, limit["limit_step_s"]) for name, r in runs.items()}
+    int4_limit = bandwidth_limit(int4) if int4 is not None else None  # its 4-bit projections read fewer bytes
+    rows = {name: summarize(r, (int4_limit if "int4" in name else limit)["limit_step_s"]) for name, r in runs.items()}
     cost = {**step_costs(engine), **limit, "dtype": str(engine.pair.target.dtype)}
+    if int4 is not None:
+        cost["int4"] = {**step_costs(int4), **int4_limit}
     report(rows, cost, args, max_tokens, len(prompts) * repeats)
 
 
@@ -103,6 +114,11 @@ def report(rows: dict, cost: dict, args, max_tokens: int, num_runs: int) -> None
         / rows["helix spec adaptive K"]["tokens_per_s"],
         "logprobs_cost_k0": rows["helix K=0+logprobs"]["tokens_per_s"] / base,
     }
+    if "int4" in cost:
+        summary["int4_k0_vs_k0"] = rows["helix int4 K=0"]["tokens_per_s"] / base
+        summary["int4_k0_vs_hf"] = rows["helix int4 K=0"]["tokens_per_s"] / hf
+        summary["int4_adaptive_vs_int4_k0"] = (rows["helix int4 adaptive K"]["tokens_per_s"]
+                                               / rows["helix int4 K=0"]["tokens_per_s"])
     print(f"\nbatch 1, {num_runs} runs x {max_tokens} tokens, dtype {cost['dtype']}, device {args.device}, "
           f"{torch.get_num_threads()} threads")
     print(f"bandwidth limit: {cost['weight_bytes'] / 1e6:.0f} MB of target weights / "
@@ -124,6 +140,13 @@ def report(rows: dict, cost: dict, args, max_tokens: int, num_runs: int) -> None
           f"(achieved = {fixed['tokens_per_s'] / base / theory_v:.2f} of it)")
     print(f"logprobs=5 keeps {summary['logprobs_cost_adaptive']:.3f} of the tokens/s with speculation, "
           f"{summary['logprobs_cost_k0']:.3f} without")
+    if "int4" in cost:
+        q = cost["int4"]
+        print(f"int4: {q['weight_bytes'] / 1e6:.0f} MB read per forward = {q['limit_step_s'] * 1e3:.1f} ms limit; "
+              f"decode {q['target_step_s'] * 1e3:.2f} ms, verify of 5 tokens {q['target_verify5_s'] * 1e3:.2f} ms "
+              f"({q['target_verify5_s'] / q['target_step_s']:.2f}x), c = {q['cost_ratio']:.3f}; "
+              f"K=0 {summary['int4_k0_vs_k0']:.2f}x fp32 K=0, {summary['int4_k0_vs_hf']:.2f}x HF greedy; "
+              f"planned K {summary['int4_adaptive_vs_int4_k0']:.2f}x int4 K=0")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_speculative.json").write_text(json.dumps({"args": vars(args), "rows": rows, "cost": cost,
@@ -136,7 +159,7 @@ def plot(rows: dict, summary: dict, path: Path) -> None:
     fig, ax = subplots(figsize=(8, 4))
     names = list(rows)
     ax.barh(names, [rows[n]["tokens_per_s"] for n in names], color=["#2a9d8f", "#52b69a", "#76c893", "#999", "#bbb",
-                                                                    "#e76f51", "#f4a261"])
+                                                                    "#e76f51", "#f4a261", "#6a4c93", "#8e7dbe"])
     ax.invert_yaxis()
     ax.set_xlabel("tokens / s (batch 1)")
     ax.set_title(f"theory {summary['theoretical_speedup']:.2f}x at α={summary['alpha_fixed_k']:.2f}, "

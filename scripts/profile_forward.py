@@ -17,8 +17,9 @@ import torch
 from bench_common import add_pair_args
 
 from helix_serve.config import EngineConfig
-from helix_serve.engine.calibration import median_time
+from helix_serve.engine.step_cost import median_time
 from helix_serve.engine.llm_engine import LLMEngine
+from helix_serve.model.paged_llm import QUANTIZATIONS
 
 
 def _top_ops(fn, rows: int) -> list[dict]:
@@ -36,10 +37,12 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quantization", choices=QUANTIZATIONS, default="none")
     parser.add_argument("--out", default="bench_results")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     engine = LLMEngine(EngineConfig(target_model=args.target, draft_model=None, device=args.device, dtype=args.dtype,
+                                    quantization=args.quantization,
                                     num_kv_blocks=args.batch * (args.context + args.k + 16) // 16 + 8))
     runner, bm = engine.decoder.target, engine.block_manager
     tables = [[] for _ in range(args.batch)]
@@ -68,7 +71,8 @@ def main() -> None:
             print(f"  {op['op']:48} {op['self_ms']:8.2f} ms  {op['calls']:5d} calls")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"profile_forward_b{args.batch}_{args.dtype}.json"
+    suffix = "_int4" if args.quantization == "int4" else ""
+    path = out / f"profile_forward_b{args.batch}_{args.dtype}{suffix}.json"
     path.write_text(json.dumps(result, indent=2))
     print(f"wrote {path}")
 

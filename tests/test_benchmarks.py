@@ -34,8 +34,12 @@ def test_speculative_benchmark_reports_the_bandwidth_limit(llama_pair, tmp_path)
     cost = result["cost"]
     assert cost["gemv_bytes_per_s"] > 1e8 and cost["weight_bytes"] > 0
     assert cost["limit_step_s"] == pytest.approx(cost["weight_bytes"] / cost["gemv_bytes_per_s"])
-    for row in result["rows"].values():
-        assert row["bandwidth_limit_ratio"] == pytest.approx(cost["limit_step_s"] * 1e3 / row["step_ms"])
+    # int4 rows are measured against the bytes their 4-bit projections read: fewer than fp32's
+    assert cost["int4"]["weight_bytes"] < cost["weight_bytes"]
+    for name, row in result["rows"].items():
+        limit = cost["int4"] if "int4" in name else cost
+        assert row["bandwidth_limit_ratio"] == pytest.approx(limit["limit_step_s"] * 1e3 / row["step_ms"])
+    assert {"helix int4 K=0", "helix int4 adaptive K"} <= result["rows"].keys()
 
 
 def test_scale_benchmark_quick_reports_controlled_alpha(tmp_path):

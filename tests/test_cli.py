@@ -43,3 +43,15 @@ def test_bad_arguments_fail_clearly(llama_pair):
     target, draft = llama_pair
     proc = _helix("generate", "--target", str(target), "--draft", str(draft), "--max-tokens", "0", "hi")
     assert proc.returncode == 2 and "max_tokens must be >= 1" in proc.stderr
+
+
+def test_int4_quantization_flag_reaches_the_engine(llama_pair):
+    target, _ = llama_pair
+    proc = _helix("generate", "--target", str(target), "--no-speculative", "--quantization", "int4", "--device",
+                  "cpu", "--dtype", "float32", "--max-tokens", "10", "--json", "--raw", "the quick brown")
+    assert proc.returncode == 0, proc.stderr
+    [expected] = make_engine(llama_pair, quantization="int4").generate(
+        ["the quick brown"], SamplingParams(max_tokens=10, speculative=False))
+    assert json.loads(proc.stdout)["token_ids"] == expected.token_ids
+    bad = _helix("generate", "--target", str(target), "--quantization", "int8", "the")
+    assert bad.returncode == 2 and "invalid choice: 'int8'" in bad.stderr

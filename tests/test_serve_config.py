@@ -96,6 +96,8 @@ def test_speculation_args_reach_the_engine_config():
         ("ngram", 2, 4, 6)
     with pytest.raises(ValueError, match="speculative_method"):
         HelixAppArgs(speculative_method="eagle")
+    assert HelixAppArgs(quantization="int4").engine_config().quantization == "int4"
+    assert HelixAppArgs().engine_config().quantization == "none"
 
 
 def test_unknown_args_are_refused():

@@ -80,13 +80,14 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, pair: ModelPair | None = None):
         self.config = config
         device = resolve_device(config.device) if pair is None else pair.target.device
-        self.pair = pair or load_model_pair(config.target_model, config.draft_model, device, config.dtype)
+        self.pair = pair or load_model_pair(config.target_model, config.draft_model, device, config.dtype,
+                                            config.quantization)
         self.tokenizer = self.pair.tokenizer
         target = self.pair.target
         self.device = target.device
         self.max_model_len = min(config.max_model_len or target.shape.max_model_len, target.shape.max_model_len)
         vocab = target.shape.vocab_size
-        cache_key = f"{config.target_model}|{config.draft_model}|{target.dtype}"  # what else decides the K/V
+        cache_key = f"{config.target_model}|{config.draft_model}|{target.dtype}|{target.quantization}"  # decide K/V
         self.block_manager = BlockManager(config.num_kv_blocks, config.block_size, config.enable_prefix_caching,
                                           cache_key)
         self.kv_bytes = 0

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from helix_serve.device import preferred_cpu_dtype
-from helix_serve.model.paged_llm import SUPPORTED_MODEL_TYPES, PagedCausalLM
+from helix_serve.model.paged_llm import QUANTIZATIONS, SUPPORTED_MODEL_TYPES, PagedCausalLM
 from helix_serve.model.sources import ModelSource, ModelSourceError, resolve_source
 
 logger = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(source.path, **source.kwargs)
 
 
-def load_model(name: str, device: torch.device, dtype: str = "auto") -> PagedCausalLM:
+def load_model(name: str, device: torch.device, dtype: str = "auto", quantization: str = "none") -> PagedCausalLM:
     """Load one causal LM by hub id, local path or GGUF file and wrap it for paged attention."""
     source = resolve_source(name)
     config = _load_config(source)
@@ -84,8 +84,9 @@ def load_model(name: str, device: torch.device, dtype: str = "auto") -> PagedCau
     torch_dtype = resolve_dtype(dtype, getattr(config, "dtype", None) or getattr(config, "torch_dtype", None), device)
     hf_model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch_dtype, **source.model_kwargs)
     hf_model.to(device).eval()
-    logger.info("loaded %s (%s) on %s in %s (dtype %s)", name, config.model_type, device, torch_dtype, dtype)
-    return PagedCausalLM(hf_model)
+    logger.info("loaded %s (%s) on %s in %s (dtype %s, quantization %s)", name, config.model_type, device,
+                torch_dtype, dtype, quantization)
+    return PagedCausalLM(hf_model, quantization)
 
 
 def check_compatible(target_tok, draft_tok, target_name: str, draft_name: str) -> None:
@@ -97,11 +98,16 @@ def check_compatible(target_tok, draft_tok, target_name: str, draft_name: str) -
         )
 
 
-def load_model_pair(target: str, draft: str | None, device: torch.device, dtype: str = "auto") -> ModelPair:
-    """Load the target and (optionally) the draft, refusing a pair whose vocabularies differ."""
+def load_model_pair(
+    target: str, draft: str | None, device: torch.device, dtype: str = "auto", quantization: str = "none"
+) -> ModelPair:
+    """Load the target and (optionally) the draft, refusing a pair whose vocabularies differ. `quantization`
+    applies to the target: the draft is small, and its weights decide only how much speculation pays."""
+    if quantization not in QUANTIZATIONS:  # before any loading
+        raise ValueError(f"unknown quantization {quantization!r}; expected one of {', '.join(QUANTIZATIONS)}")
     tokenizer = load_tokenizer(target)
     if draft is not None:
         check_compatible(tokenizer, load_tokenizer(draft), target, draft)
-    target_model = load_model(target, device, dtype)
+    target_model = load_model(target, device, dtype, quantization)
     draft_model = load_model(draft, device, dtype) if draft is not None else None
     return ModelPair(target_model, draft_model, tokenizer, target, draft)

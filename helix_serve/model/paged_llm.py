@@ -10,6 +10,7 @@ transformers' own forward still works).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -17,8 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from helix_serve.model.attention import AttentionMetadata, paged_attention
+from helix_serve.model.int4 import Int4Linear, int4_available, quantizable
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
+QUANTIZATIONS = ("none", "int4")  # int4: model/int4.py
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +77,7 @@ def fuse_linears(linears: list[nn.Linear]) -> nn.Linear:
 WEIGHT_MAJOR_MAX_ROWS = 256
 
 
-def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+def linear(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     """`layer(x)`, computed as (W @ xᵀ)ᵀ for the few rows of decode and verify passes on CPU in fp32.
 
     torch's CPU fp32 GEMM with a handful of rows costs far more than one row (it re-reads the weight per row
@@ -86,7 +89,8 @@ def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
     The output is a transposed view; the ops after it accept any strides.
     """
     rows = x.shape[0]
-    if x.device.type != "cpu" or x.dtype != torch.float32 or rows > WEIGHT_MAJOR_MAX_ROWS:
+    if not isinstance(layer, nn.Linear) or x.device.type != "cpu" or x.dtype != torch.float32 \
+            or rows > WEIGHT_MAJOR_MAX_ROWS:
         return layer(x)
     if rows == 1:  # one column goes to a GEMV kernel that streams slower than the GEMM for two
         x = torch.cat((x, x))
@@ -94,14 +98,34 @@ def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
     return out if layer.bias is None else out + layer.bias
 
 
+@dataclass(frozen=True, slots=True)
+class DecoderLayerWeights:
+    """One decoder layer's pieces as plain attributes: nn.Module attribute lookups cost ~1 µs each, and a
+    forward makes hundreds of them."""
+
+    input_norm: torch.Tensor
+    qkv: nn.Module  # nn.Linear, or Int4Linear with quantization int4
+    o: nn.Module
+    post_norm: torch.Tensor
+    gate_up: nn.Module
+    down: nn.Module
+    act: Callable[[torch.Tensor], torch.Tensor]
+    scale: float
+
+
 class PagedCausalLM(nn.Module):
     """Forward pass over a flat varlen batch of tokens, reading and writing K/V in a `KVCache`."""
 
-    def __init__(self, hf_model: nn.Module):
+    def __init__(self, hf_model: nn.Module, quantization: str = "none"):
         super().__init__()
         config = hf_model.config
         if config.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"unsupported architecture {config.model_type!r}; supported: {SUPPORTED_MODEL_TYPES}")
+        if quantization not in QUANTIZATIONS:
+            raise ValueError(f"unknown quantization {quantization!r}; expected one of {', '.join(QUANTIZATIONS)}")
+        if quantization == "int4" and (reason := int4_available(hf_model.device)):
+            raise ValueError(reason)
+        self.quantization = quantization
         self.hf_model = hf_model  # owns the weights; kept for reference forwards and generate()
         inner = hf_model.model
         self.embed_tokens, self.layers, self.norm = inner.embed_tokens, inner.layers, inner.norm
@@ -115,6 +139,24 @@ class PagedCausalLM(nn.Module):
         self.gate_up_proj = nn.ModuleList(fuse_linears([layer.mlp.gate_proj, layer.mlp.up_proj]) for layer in self.layers)
         self.qk_size = attn.q_proj.out_features + attn.k_proj.out_features
         self.hidden_size = config.hidden_size
+        self.rms_eps = self.norm.variance_epsilon
+        # With int4 the projections run from 4-bit copies; the embeddings, the LM head and the fp32 weights
+        # (transformers' reference forward) stay as loaded.
+        quant = Int4Linear if quantization == "int4" else None
+        project = nn.ModuleList(
+            quant(lin) if quant and quantizable(lin) else lin
+            for layer, qkv, gate_up in zip(self.layers, self.qkv_proj, self.gate_up_proj)
+            for lin in (qkv, layer.self_attn.o_proj, gate_up, layer.mlp.down_proj)
+        )
+        self.projections = project  # registered: .to(device) moves the 4-bit buffers too
+        self.weights = [
+            DecoderLayerWeights(
+                input_norm=layer.input_layernorm.weight, qkv=project[4 * i], o=project[4 * i + 1],
+                post_norm=layer.post_attention_layernorm.weight, gate_up=project[4 * i + 2],
+                down=project[4 * i + 3], act=layer.mlp.act_fn, scale=layer.self_attn.scaling,
+            )
+            for i, layer in enumerate(self.layers)
+        ]
         self.shape = ModelShape(
             num_layers=config.num_hidden_layers,
             num_kv_heads=config.num_key_value_heads,
@@ -135,31 +177,31 @@ class PagedCausalLM(nn.Module):
         """[T] token ids → [T, hidden] final hidden states."""
         hidden = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb(hidden[None], meta.positions[None])
+        # rotate_half(x) * sin == roll(x, half) * sin with its first half negated: one op fewer per layer.
+        half = self.shape.head_dim // 2
+        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
         cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # [T, 1, head_dim], broadcast over heads
-        for i, layer in enumerate(self.layers):
-            hidden = hidden + self._attention(i, self._rms_norm(layer.input_layernorm, hidden), cos, sin, meta, kv)
-            hidden = hidden + self._mlp(i, self._rms_norm(layer.post_attention_layernorm, hidden))
-        return self._rms_norm(self.norm, hidden)
+        for i, w in enumerate(self.weights):
+            hidden = hidden + self._attention(i, w, self._rms_norm(w.input_norm, hidden), cos, sin, meta, kv)
+            x = self._rms_norm(w.post_norm, hidden)
+            gate, up = linear(x, w.gate_up).chunk(2, dim=-1)
+            hidden = hidden + linear(w.act(gate) * up, w.down)
+        return self._rms_norm(self.norm.weight, hidden)
 
-    def _rms_norm(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def _rms_norm(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         # One fused op instead of the module's seven (upcast, pow, mean, rsqrt, mul, downcast, mul).
-        return F.rms_norm(x, (self.hidden_size,), norm.weight, norm.variance_epsilon)
+        return F.rms_norm(x, (self.hidden_size,), weight, self.rms_eps)
 
-    def _attention(self, i: int, x, cos, sin, meta: AttentionMetadata, kv: KVCache) -> torch.Tensor:
-        num_tokens, head_dim, attn = x.shape[0], self.shape.head_dim, self.layers[i].self_attn
-        qkv = linear(x, self.qkv_proj[i])
+    def _attention(self, i: int, w: DecoderLayerWeights, x, cos, sin, meta: AttentionMetadata, kv: KVCache):
+        num_tokens, head_dim = x.shape[0], self.shape.head_dim
+        qkv = linear(x, w.qkv)
         # RoPE rotates the query and key heads together: one set of ops for both.
         qk = qkv[:, : self.qk_size].view(num_tokens, -1, head_dim)
-        qk = qk * cos + torch.cat((-qk[..., head_dim // 2 :], qk[..., : head_dim // 2]), dim=-1) * sin
+        qk = torch.addcmul(qk * cos, qk.roll(head_dim // 2, -1), sin)
         q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
         v = qkv[:, self.qk_size :].view(num_tokens, -1, head_dim)
-        out = paged_attention(q, k, v, kv.k[i], kv.v[i], meta, attn.scaling)
-        return linear(out.reshape(num_tokens, -1), attn.o_proj)
-
-    def _mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        mlp = self.layers[i].mlp
-        gate, up = linear(x, self.gate_up_proj[i]).chunk(2, dim=-1)
-        return linear(mlp.act_fn(gate) * up, mlp.down_proj)
+        out = paged_attention(q, k, v, kv.k[i], kv.v[i], meta, w.scale)
+        return linear(out.reshape(num_tokens, -1), w.o)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head on the selected positions only, in fp32 for sampling."""

@@ -46,6 +46,8 @@ class HelixAppArgs(BaseModel):
     draft_model: str | None = DEFAULT_DRAFT
     device: str = "auto"
     dtype: str = "auto"
+    quantization: Literal["none", "int4"] = Field(
+        "none", description="int4: the target's projections as 4-bit weights (CPU only; not the fp32 numerics)")
     block_size: int = Field(16, ge=1)
     num_kv_blocks: int = Field(1024, ge=1)
     max_num_seqs: int = Field(32, ge=1)
@@ -88,7 +90,8 @@ class HelixAppArgs(BaseModel):
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
             target_model=self.target_model, draft_model=self.draft_model, device=self.device, dtype=self.dtype,
-            block_size=self.block_size, num_kv_blocks=self.num_kv_blocks, max_num_seqs=self.max_num_seqs,
+            quantization=self.quantization, block_size=self.block_size, num_kv_blocks=self.num_kv_blocks,
+            max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens, max_model_len=self.max_model_len,
             speculative_method=self.speculative_method, num_speculative_tokens=self.num_speculative_tokens,
             k_max=self.k_max, prompt_lookup_min=self.prompt_lookup_min, prompt_lookup_max=self.prompt_lookup_max,

@@ -53,14 +53,16 @@ def load_pair_for_pool(pool_name: str, pool: PoolConfig, placement: PoolDevice, 
     """Load the pair on the pool's device; if that fails (e.g. out of device memory), fail loudly, or load on
     CPU with a warning only when the pool says `fallback: cpu`. Returns (pair, the placement it ended on)."""
     try:
-        return load_model_pair(config.target_model, config.draft_model, placement.device, config.dtype), placement
+        return load_model_pair(config.target_model, config.draft_model, placement.device, config.dtype,
+                               config.quantization), placement
     except Exception as exc:
         if pool.fallback != "cpu" or placement.device.type == "cpu":
             raise
         reason = f"loading the pair on {placement.device} failed: {type(exc).__name__}: {exc}"
         logger.warning("engine pool %r: %s; running on CPU as the pool's `fallback: cpu` allows", pool_name, reason)
         cpu = PoolDevice(torch.device("cpu"), placement.requested, reason)
-        return load_model_pair(config.target_model, config.draft_model, cpu.device, config.dtype), cpu
+        return load_model_pair(config.target_model, config.draft_model, cpu.device, config.dtype,
+                               config.quantization), cpu
 
 
 @serve.deployment(
@@ -126,6 +128,7 @@ class HelixEngine:
             "target_model": self.args.target_model, "draft_model": self.args.draft_model,
             "has_draft": engine.has_draft, "device": str(engine.device), "max_model_len": engine.max_model_len,
             "dtype": str(engine.pair.target.dtype).removeprefix("torch."), "dtype_requested": self.args.dtype,
+            "quantization": engine.pair.target.quantization,
             "kv_cache": kv, "pool": self.pool_name, "device_requested": self.placement.requested,
             "device_fallback": self.placement.fallback_reason, "node_id": self.node_id,
             "last_step": last_step.info(),
