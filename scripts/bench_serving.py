@@ -118,6 +118,7 @@ def main() -> None:
     parser.add_argument("--target")
     parser.add_argument("--draft")
     parser.add_argument("--engine-threads", type=int, default=1)
+    parser.add_argument("--quantization", choices=["none", "int4"], default="none", help="the app's `quantization`")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     parser.add_argument("--requests-per-stream", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=64)
@@ -132,7 +133,8 @@ def main() -> None:
         from helix_serve.serving.app import build_app
         from helix_serve.serving.local import local_serve
 
-        app_args = {"device": "cpu", "dtype": "float32", "max_num_seqs": 32, "torch_threads": args.engine_threads}
+        app_args = {"device": "cpu", "dtype": "float32", "max_num_seqs": 32, "torch_threads": args.engine_threads,
+                    "quantization": args.quantization}
         if args.target:
             app_args.update(target_model=args.target, draft_model=args.draft)
         with local_serve(build_app(app_args), log_to_driver=False) as url:

@@ -158,8 +158,11 @@ def report(rows: dict, cost: dict, args, max_tokens: int, num_runs: int) -> None
 def plot(rows: dict, summary: dict, path: Path) -> None:
     fig, ax = subplots(figsize=(8, 4))
     names = list(rows)
-    ax.barh(names, [rows[n]["tokens_per_s"] for n in names], color=["#2a9d8f", "#52b69a", "#76c893", "#999", "#bbb",
-                                                                    "#e76f51", "#f4a261", "#6a4c93", "#8e7dbe"])
+    def color(name: str) -> str:  # one hue per family: speculative, K=0, int4, transformers
+        family = "int4" if "int4" in name else "HF" if "HF" in name else "K=0" if "K=0" in name else "spec"
+        return {"int4": "#6a4c93", "HF": "#e76f51", "K=0": "#999", "spec": "#2a9d8f"}[family]
+
+    ax.barh(names, [rows[n]["tokens_per_s"] for n in names], color=[color(n) for n in names])
     ax.invert_yaxis()
     ax.set_xlabel("tokens / s (batch 1)")
     ax.set_title(f"theory {summary['theoretical_speedup']:.2f}x at α={summary['alpha_fixed_k']:.2f}, "
