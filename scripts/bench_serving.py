@@ -21,6 +21,8 @@ import httpx
 from bench_common import PROMPTS, save_figure, subplots
 from tqdm import tqdm
 
+from helix_serve.model.paged_llm import QUANTIZATIONS
+
 
 async def one_stream(client: httpx.AsyncClient, prompt: str, max_tokens: int, speculative: bool) -> dict:
     """One /generate/stream request: TTFT, per-token gaps, tokens."""
@@ -118,7 +120,7 @@ def main() -> None:
     parser.add_argument("--target")
     parser.add_argument("--draft")
     parser.add_argument("--engine-threads", type=int, default=1)
-    parser.add_argument("--quantization", choices=["none", "int4"], default="none", help="the app's `quantization`")
+    parser.add_argument("--quantization", choices=QUANTIZATIONS, default="none", help="the app's `quantization`")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     parser.add_argument("--requests-per-stream", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=64)

@@ -50,8 +50,9 @@ def test_int4_quantization_flag_reaches_the_engine(llama_pair):
     proc = _helix("generate", "--target", str(target), "--no-speculative", "--quantization", "int4", "--device",
                   "cpu", "--dtype", "float32", "--max-tokens", "10", "--json", "--raw", "the quick brown")
     assert proc.returncode == 0, proc.stderr
-    [expected] = make_engine(llama_pair, quantization="int4").generate(
-        ["the quick brown"], SamplingParams(max_tokens=10, speculative=False))
-    assert json.loads(proc.stdout)["token_ids"] == expected.token_ids
+    params = SamplingParams(max_tokens=10, speculative=False)
+    [expected] = make_engine(llama_pair, quantization="int4").generate(["the quick brown"], params)
+    [fp32] = make_engine(llama_pair).generate(["the quick brown"], params)
+    assert json.loads(proc.stdout)["token_ids"] == expected.token_ids != fp32.token_ids  # the flag took effect
     bad = _helix("generate", "--target", str(target), "--quantization", "int8", "the")
     assert bad.returncode == 2 and "invalid choice: 'int8'" in bad.stderr

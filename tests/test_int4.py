@@ -10,7 +10,7 @@ from helix_serve.config import EngineConfig
 from helix_serve.engine.llm_engine import LLMEngine
 from helix_serve.engine.sampling_params import SamplingParams
 from helix_serve.model.int4 import GROUP_SIZE, Int4Linear, int4_available
-from helix_serve.model.loader import load_model
+from helix_serve.model.loader import load_model, load_model_pair
 from helix_serve.serving.app_config import HelixAppArgs
 from tests.helpers import PROMPTS, make_engine
 
@@ -32,6 +32,7 @@ def _on_q4_grid(out_features: int, in_features: int, seed: int) -> torch.Tensor:
 def test_int4_linear_recovers_the_4bit_grid_and_matches_the_layer_on_bf16_inputs():
     layer = nn.Linear(128, 96)
     layer.weight.copy_(_on_q4_grid(96, 128, seed=0))
+    layer.weight[3, 32:64] = 0.0123  # a constant group: scale 0, every code 0
     quantized = Int4Linear(layer)
     x = torch.randn(5, 128, generator=torch.Generator().manual_seed(1))
     expected = layer(x.bfloat16().float())  # what the kernel sees: bf16 activations, the file's weights
@@ -66,9 +67,9 @@ def test_int4_model_stays_close_to_fp32_and_quantizes_every_projection(llama_pai
     assert cosine.min() > 0.95 and not torch.equal(got, want)
 
 
-@pytest.fixture(scope="module")
-def int4_engine(llama_pair) -> LLMEngine:
-    return make_engine(llama_pair, quantization="int4")
+@pytest.fixture(scope="module", params=["llama_pair", "qwen2_pair"])  # qwen2: q/k/v biases
+def int4_engine(request) -> LLMEngine:
+    return make_engine(request.getfixturevalue(request.param), quantization="int4")
 
 
 @pytest.mark.parametrize("k", [1, 3, None])
@@ -92,3 +93,5 @@ def test_unknown_or_impossible_quantization_is_a_clear_error(llama_pair):
     model = load_model(str(target_dir), CPU, "float32")
     with pytest.raises(ValueError, match="CPU only"):  # a model on another device (meta stands in for a GPU)
         type(model)(model.hf_model.to("meta"), "int4")
+    with pytest.raises(ValueError, match="CPU only"):  # refused before anything loads
+        load_model_pair(str(target_dir), None, torch.device("meta"), "float32", "int4")

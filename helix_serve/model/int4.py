@@ -1,12 +1,14 @@
 """Int4 weight-only linear layers for CPU decoding (`quantization: int4`).
 
 Weights are stored as 4-bit codes in groups of 32 input features, each group with its own scale and zero
-point: the layout of GGUF's Q4_0/Q4_1 blocks. SmolLM2's GGUF stores every projection as Q4_1, and its
-dequantized weights lie exactly on that grid (min + scale * q, q in 0..15), so requantizing them recovers
-the file's own codes; the kernel needs the scales and zero points in bf16, which moves a weight by at most
-~2 % of a quantization step. Activations enter the kernel in bf16 and the output leaves it in bf16
-(torch's CPU int4 kernel has no fast fp32 path), so this is not the fp32 model: speculative decoding stays
-lossless relative to this quantized target, not to the fp32 one.
+point (min + scale * q, q in 0..15): the layout of GGUF's Q4_1 blocks. SmolLM2's GGUF stores every
+projection as Q4_1 and its dequantized weights lie exactly on that grid, so requantizing them by each
+group's min and max recovers the file's own codes; the kernel needs the scales and zero points in bf16,
+which typically moves a weight by a few percent of a quantization step. Activations enter the kernel in
+bf16 and the output leaves it in bf16 (torch's CPU int4 kernel has no fast fp32 path), so this is not the
+fp32 model. Speculative decoding samples from the int4 target's distribution as its verify pass computes
+it; in bf16 that distribution moves by rounding with the batch's shape, so greedy output with speculation
+can part from the int4 target's own greedy at near-ties.
 
 Why: at decode sizes a CPU forward streams its weights; 4-bit codes are an eighth of fp32. Measured on the
 2-vCPU EPYC (AVX2), SmolLM2-135M's 30 layers of projections: 32 ms per token in fp32, 10.5 ms in int4.
@@ -55,6 +57,6 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x.to(torch.bfloat16), self.packed_weight, GROUP_SIZE, self.scales_and_zeros
+            x.to(torch.bfloat16).contiguous(), self.packed_weight, GROUP_SIZE, self.scales_and_zeros
         ).to(x.dtype)
         return out if self.bias is None else out + self.bias

@@ -9,6 +9,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from helix_serve.device import preferred_cpu_dtype
+from helix_serve.model.int4 import int4_available
 from helix_serve.model.paged_llm import QUANTIZATIONS, SUPPORTED_MODEL_TYPES, PagedCausalLM
 from helix_serve.model.sources import ModelSource, ModelSourceError, resolve_source
 
@@ -105,6 +106,8 @@ def load_model_pair(
     applies to the target: the draft is small, and its weights decide only how much speculation pays."""
     if quantization not in QUANTIZATIONS:  # before any loading
         raise ValueError(f"unknown quantization {quantization!r}; expected one of {', '.join(QUANTIZATIONS)}")
+    if quantization == "int4" and (reason := int4_available(device)):
+        raise ValueError(reason)
     tokenizer = load_tokenizer(target)
     if draft is not None:
         check_compatible(tokenizer, load_tokenizer(draft), target, draft)

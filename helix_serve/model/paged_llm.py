@@ -132,11 +132,9 @@ class PagedCausalLM(nn.Module):
         self.rotary_emb, self.lm_head = inner.rotary_emb, hf_model.lm_head
         attn = self.layers[0].self_attn
         self.num_heads = config.num_attention_heads
-        self.qkv_proj = nn.ModuleList(
-            fuse_linears([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj])
-            for layer in self.layers
-        )
-        self.gate_up_proj = nn.ModuleList(fuse_linears([layer.mlp.gate_proj, layer.mlp.up_proj]) for layer in self.layers)
+        qkv_proj = [fuse_linears([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj])
+                    for layer in self.layers]
+        gate_up_proj = [fuse_linears([layer.mlp.gate_proj, layer.mlp.up_proj]) for layer in self.layers]
         self.qk_size = attn.q_proj.out_features + attn.k_proj.out_features
         self.hidden_size = config.hidden_size
         self.rms_eps = self.norm.variance_epsilon
@@ -145,10 +143,10 @@ class PagedCausalLM(nn.Module):
         quant = Int4Linear if quantization == "int4" else None
         project = nn.ModuleList(
             quant(lin) if quant and quantizable(lin) else lin
-            for layer, qkv, gate_up in zip(self.layers, self.qkv_proj, self.gate_up_proj)
+            for layer, qkv, gate_up in zip(self.layers, qkv_proj, gate_up_proj)
             for lin in (qkv, layer.self_attn.o_proj, gate_up, layer.mlp.down_proj)
         )
-        self.projections = project  # registered: .to(device) moves the 4-bit buffers too
+        self.projections = project  # the modules `weights` points at (4 per layer), registered
         self.weights = [
             DecoderLayerWeights(
                 input_norm=layer.input_layernorm.weight, qkv=project[4 * i], o=project[4 * i + 1],

@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from helix_serve.config import DEFAULT_DRAFT, DEFAULT_TARGET, EngineConfig
+from helix_serve.model.paged_llm import QUANTIZATIONS
 from helix_serve.serving.security import SecurityConfig
 
 INGRESS_NAME = "HelixIngress"
@@ -46,7 +47,7 @@ class HelixAppArgs(BaseModel):
     draft_model: str | None = DEFAULT_DRAFT
     device: str = "auto"
     dtype: str = "auto"
-    quantization: Literal["none", "int4"] = Field(
+    quantization: Literal[QUANTIZATIONS] = Field(
         "none", description="int4: the target's projections as 4-bit weights (CPU only; not the fp32 numerics)")
     block_size: int = Field(16, ge=1)
     num_kv_blocks: int = Field(1024, ge=1)
