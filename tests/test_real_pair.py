@@ -3,6 +3,8 @@ made for it — answers real questions, and Helix greedy is token-identical to t
 
 from __future__ import annotations
 
+import dataclasses
+
 import httpx
 import openai
 import pytest
@@ -13,6 +15,7 @@ from helix_serve.device import preferred_cpu_dtype
 from helix_serve.engine.llm_engine import LLMEngine
 from helix_serve.engine.sampling_params import SamplingParams
 from helix_serve.model.int4 import GROUP_SIZE
+from helix_serve.model.paged_llm import PagedCausalLM
 from helix_serve.model.vocab_map import VOCAB_MAP_KEY
 from helix_serve.serving.app import build_app
 from helix_serve.serving.local import local_serve
@@ -88,7 +91,10 @@ def test_int4_keeps_the_ggufs_4bit_codes_and_speculation_follows_the_int4_target
         scale = (high - low) / 15
         codes = torch.round((groups - low) / torch.where(scale == 0, 1, scale))
         assert torch.equal(low + scale * codes, groups)
-    int4 = LLMEngine(EngineConfig(device="cpu", dtype="float32", quantization="int4", num_kv_blocks=256))
+    # The fixture's loaded weights wrapped again with int4 projections (loading the GGUF takes ~20 s here).
+    pair = dataclasses.replace(engine.pair, target=PagedCausalLM(engine.pair.target.hf_model, "int4"))
+    int4 = LLMEngine(EngineConfig(device="cpu", dtype="float32", quantization="int4", num_kv_blocks=256,
+                                  draft_cost_ratio=0.3, verify_cost_ratio=0.05), pair)  # K is fixed: no calibration
     prompts = [_chat_ids(int4, q) for q in QUESTIONS]
     plain = int4.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS, speculative=False, logprobs=2))
     spec = int4.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS, num_speculative_tokens=3))
