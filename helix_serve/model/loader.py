@@ -10,7 +10,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from helix_serve.device import preferred_cpu_dtype
 from helix_serve.model.int4 import int4_available
-from helix_serve.model.paged_llm import QUANTIZATIONS, SUPPORTED_MODEL_TYPES, PagedCausalLM
+from helix_serve.model.paged_llm import SUPPORTED_MODEL_TYPES, PagedCausalLM
 from helix_serve.model.sources import ModelSource, ModelSourceError, resolve_source
 
 logger = logging.getLogger(__name__)
@@ -104,9 +104,7 @@ def load_model_pair(
 ) -> ModelPair:
     """Load the target and (optionally) the draft, refusing a pair whose vocabularies differ. `quantization`
     applies to the target: the draft is small, and its weights decide only how much speculation pays."""
-    if quantization not in QUANTIZATIONS:  # before any loading
-        raise ValueError(f"unknown quantization {quantization!r}; expected one of {', '.join(QUANTIZATIONS)}")
-    if quantization == "int4" and (reason := int4_available(device)):
+    if quantization == "int4" and (reason := int4_available(device)):  # before any loading
         raise ValueError(reason)
     tokenizer = load_tokenizer(target)
     if draft is not None:

@@ -141,12 +141,11 @@ class PagedCausalLM(nn.Module):
         # With int4 the projections run from 4-bit copies; the embeddings, the LM head and the fp32 weights
         # (transformers' reference forward) stay as loaded.
         quant = Int4Linear if quantization == "int4" else None
-        project = nn.ModuleList(
+        self.projections = project = nn.ModuleList(  # 4 per layer: qkv, o, gate_up, down
             quant(lin) if quant and quantizable(lin) else lin
             for layer, qkv, gate_up in zip(self.layers, qkv_proj, gate_up_proj)
             for lin in (qkv, layer.self_attn.o_proj, gate_up, layer.mlp.down_proj)
         )
-        self.projections = project  # the modules `weights` points at (4 per layer), registered
         self.weights = [
             DecoderLayerWeights(
                 input_norm=layer.input_layernorm.weight, qkv=project[4 * i], o=project[4 * i + 1],
