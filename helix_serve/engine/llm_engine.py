@@ -87,7 +87,8 @@ class LLMEngine:
         self.device = target.device
         self.max_model_len = min(config.max_model_len or target.shape.max_model_len, target.shape.max_model_len)
         vocab = target.shape.vocab_size
-        cache_key = f"{config.target_model}|{config.draft_model}|{target.dtype}|{target.quantization}"  # what sets the K/V
+        # What else decides the K/V a prefix-cache hit reuses.
+        cache_key = f"{config.target_model}|{config.draft_model}|{target.dtype}|{target.quantization}"
         self.block_manager = BlockManager(config.num_kv_blocks, config.block_size, config.enable_prefix_caching,
                                           cache_key)
         self.kv_bytes = 0
