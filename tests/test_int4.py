@@ -1,4 +1,4 @@
-"""`quantization: int4`: 4-bit projections on CPU, lossless speculation relative to the quantized target."""
+"""`quantization: int4`: 4-bit projections on CPU; speculative greedy follows the int4 target's own greedy."""
 
 from __future__ import annotations
 
