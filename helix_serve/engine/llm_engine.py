@@ -102,7 +102,6 @@ class LLMEngine:
         self.planner = Planner(config.k_max, config.max_num_batched_tokens)
         self.ngram = NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
         self.step_costs = self._step_costs()
-        self._num_steps = 0
         self.stop_checker = StopChecker(self.tokenizer, self._eos_ids(), self.max_model_len)
         self.seqs: dict[str, Sequence] = {}
         self._steps_since_oom = 0
@@ -114,9 +113,13 @@ class LLMEngine:
         if config.draft_cost_ratio is not None and config.verify_cost_ratio is not None:
             return StepCostModel.from_ratios(config.draft_cost_ratio, config.verify_cost_ratio,
                                              config.max_num_batched_tokens)
+        limit = self.max_model_len  # calibration positions stay inside the model's context
+        long_context = min(512, limit // 2)
         try:
             costs = calibrate(self.decoder.target, self.decoder.draft, self.block_manager,
-                              max_tokens=min(64, config.max_num_batched_tokens), max_rows=config.max_num_seqs)
+                              max_tokens=min(64, config.max_num_batched_tokens, limit - long_context - 1),
+                              max_rows=config.max_num_seqs, base_context=min(64, limit // 4),
+                              long_context=long_context, max_draft_tokens=min(256, limit - long_context - 1))
         except ValueError:  # a pool too small to calibrate in
             return StepCostModel.from_ratios(DEFAULT_DRAFT_COST_RATIO, 0.0, config.max_num_batched_tokens)
         c, v = costs.ratios
@@ -236,7 +239,6 @@ class LLMEngine:
                    for seq, d, new, a, lp in zip(seqs, drafts, out.new_token_ids, out.num_accepted, out.logprobs)]
         out.timing.total_s = time.perf_counter() - start
         self.step_costs.observe(out.timing)
-        self._num_steps += 1
         return outputs
 
     @staticmethod
@@ -285,7 +287,7 @@ class LLMEngine:
         lookup = [s for s in running if s.request_id in ready and self._may_use(s, Proposer.NGRAM)]
         found = dict(zip((s.request_id for s in lookup), self.ngram.propose(lookup, self.config.k_max)))
         options = [self._options(s, found.get(s.request_id, []), s.request_id in ready) for s in running]
-        choices = self.planner.plan(options, self.step_costs, self._num_steps)
+        choices = self.planner.plan(options, self.step_costs)
         return {o.seq.request_id: _Planned(o, c) for o, c in zip(options, choices)}
 
     def _options(self, seq: Sequence, ngram_tokens: list[int], ready: bool) -> Options:

@@ -38,7 +38,7 @@ from helix_serve.engine.rejection import rejection_sample
 from helix_serve.engine.sampler import (Purpose, SamplingTensors, logits_to_probs, position_uniform,
                                         sample_from_probs, sampling_row)
 from helix_serve.engine.sequence import Sequence
-from helix_serve.engine.step_cost import StepTiming
+from helix_serve.engine.step_cost import PassShape, PassTiming, StepTiming
 
 GREEDY_UNIFORM = 0.5  # greedy rows use one-hot p and q: any uniform gives the same tokens
 
@@ -153,16 +153,10 @@ class SpeculativeDecoder:
         """Raises SequenceInputError (before running anything) if one sequence's inputs cannot be built."""
         ks = [d.k for d in drafts]
         inputs = self._inputs(seqs, drafts)
-        start = time.perf_counter()
-        draft_ids, draft_probs = self._propose(seqs, drafts, inputs)
-        draft_lists = draft_ids.tolist()  # waits for the draft passes
-        drafted = time.perf_counter()
-        target_probs, target_logits, first_rows = self._score(seqs, ks, draft_ids, draft_lists, inputs)
-        self._synchronize()
-        model_rows = [d.num_proposals for d in drafts if d.by_model]
-        timing = StepTiming(time.perf_counter() - drafted, sum(s.num_tokens - s.num_target_cached for s in seqs)
-                            + sum(ks), drafted - start if model_rows else 0.0, max(model_rows, default=0),
-                            len(model_rows))
+        timing = StepTiming(drafted_tokens=sum(ks))
+        draft_ids, draft_probs = self._propose(seqs, drafts, inputs, timing)
+        draft_lists = draft_ids.tolist()
+        target_probs, target_logits, first_rows = self._score(seqs, ks, draft_ids, draft_lists, inputs, timing)
         k_tensor = torch.tensor(ks, device=self.device)
         result = rejection_sample(draft_ids, draft_probs, target_probs, k_tensor, inputs.accept_uniforms,
                                   inputs.final_uniforms, inputs.judged)
@@ -190,10 +184,10 @@ class SpeculativeDecoder:
                 raise SequenceInputError(seq, exc) from exc
         return _StepInputs.stack(rows, [d.k for d in drafts], self.device, self.target.vocab_size)
 
-    def _propose(self, seqs: list[Sequence], drafts: list[Draft],
-                 inputs: _StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    def _propose(self, seqs: list[Sequence], drafts: list[Draft], inputs: _StepInputs,
+                 timing: StepTiming) -> tuple[torch.Tensor, torch.Tensor]:
         """Each sequence's proposals: [N, D] ids and the [N, D, V] distributions they came from
-        (sampled from the draft model, or given and one-hot)."""
+        (sampled from the draft model, or given and one-hot). Times each draft pass into `timing`."""
         vocab, width = self.target.vocab_size, max(inputs.num_proposals)
         draft_ids = torch.zeros(len(seqs), width, dtype=torch.long, device=self.device)
         draft_probs = torch.zeros(len(seqs), width, vocab, device=self.device)
@@ -212,26 +206,45 @@ class SpeculativeDecoder:
             else:
                 chunks = [[previous[i]] for i in rows]
                 starts = [seqs[i].num_tokens + j - 1 for i in rows]
+            start = time.perf_counter()
             logits = self.draft.logits([seqs[i].block_table for i in rows], chunks, starts, [1] * len(rows))
+            self._synchronize()
+            forwarded = time.perf_counter()
             index = torch.tensor(rows, device=self.device)
             probs = inputs.probs(logits, index, draft_ids[index, :j], torch.full((len(rows),), j))
             tokens = sample_from_probs(probs, inputs.draft_uniforms[index.cpu(), j])
             draft_ids[index, j], draft_probs[index, j] = tokens, probs
-            previous = dict(zip(rows, tokens.tolist()))
+            previous = dict(zip(rows, tokens.tolist()))  # waits for the pass
+            timing.drafts.append(PassTiming(_shape(chunks, starts), forwarded - start))
+            timing.processing_s += time.perf_counter() - forwarded
+            timing.processed_rows += len(rows)
         return draft_ids, draft_probs
 
     def _score(self, seqs: list[Sequence], ks: list[int], draft_ids: torch.Tensor, draft_lists: list[list[int]],
-               inputs: _StepInputs) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+               inputs: _StepInputs, timing: StepTiming) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """One target pass over the uncached tokens plus the drafts. Returns the [N, K+1, V] target
         distributions, the raw [Σ(K_i+1), V] logits behind them, and each sequence's first row there."""
         chunks = [s.token_ids[s.num_target_cached :] + d[:k] for s, d, k in zip(seqs, draft_lists, ks)]
         starts = [s.num_target_cached for s in seqs]
         counts = torch.tensor(ks) + 1
+        start = time.perf_counter()
         logits = self.target.logits([s.block_table for s in seqs], chunks, starts, counts.tolist())
+        self._synchronize()
+        forwarded = time.perf_counter()
         rows = torch.repeat_interleave(torch.arange(len(seqs)), counts)
         first_rows = torch.cumsum(counts, 0) - counts
         cols = torch.arange(len(rows)) - first_rows[rows]
         probs = inputs.probs(logits, rows, draft_ids[rows.to(self.device)], cols)  # [Σ(K_i+1), V]
         padded = probs.new_zeros(len(seqs), max(ks) + 1, probs.shape[-1])
         padded[rows.to(self.device), cols.to(self.device)] = probs
+        self._synchronize()
+        timing.target = PassTiming(_shape(chunks, starts), forwarded - start)
+        timing.processing_s += time.perf_counter() - forwarded
+        timing.processed_rows += len(rows)
         return padded, logits, first_rows.tolist()
+
+
+def _shape(chunks: list[list[int]], starts: list[int]) -> PassShape:
+    """A pass over these chunks: tokens, rows, and the K/V its attention gathers (padded to the longest)."""
+    longest = max(start + len(chunk) for chunk, start in zip(chunks, starts))
+    return PassShape(sum(len(c) for c in chunks), len(chunks), len(chunks) * longest)
