@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -102,6 +103,7 @@ class LLMEngine:
         self.planner = Planner(config.k_max, config.max_num_batched_tokens)
         self.ngram = NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
         self.step_costs = self._step_costs()
+        self.step_cost_log: deque[tuple[float, float]] = deque(maxlen=4096)  # (predicted, measured) seconds per step
         self.stop_checker = StopChecker(self.tokenizer, self._eos_ids(), self.max_model_len)
         self.seqs: dict[str, Sequence] = {}
         self._steps_since_oom = 0
@@ -238,6 +240,7 @@ class LLMEngine:
         outputs = [self._advance(seq, d, plan.get(seq.request_id), new, a, lp)
                    for seq, d, new, a, lp in zip(seqs, drafts, out.new_token_ids, out.num_accepted, out.logprobs)]
         out.timing.total_s = time.perf_counter() - start
+        self.step_cost_log.append((self.step_costs.predict(out.timing), out.timing.total_s))
         self.step_costs.observe(out.timing)
         return outputs
 

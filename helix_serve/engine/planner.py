@@ -75,15 +75,6 @@ class Choice:
     k: int
 
 
-@dataclass(slots=True)
-class _Candidate:
-    """A step plan at one draft depth: every prefix m of the ranked extra tokens, as arrays over m."""
-
-    ks: np.ndarray  # [M + 1, F] each free sequence's K after the first m ranked tokens
-    picks: list[Choice]
-    rate: np.ndarray  # [M + 1] expected tokens per second
-
-
 def _population() -> dict[Proposer, Acceptance]:
     return {p: Acceptance() for p in Proposer}
 
@@ -112,18 +103,20 @@ class Planner:
 
     def plan(self, options: list[Options], costs: StepCostModel) -> list[Choice]:
         choices: list[Choice | None] = [self._forced(o) for o in options]
-        free = [i for i, c in enumerate(choices) if c is None]
+        free = [options[i] for i, c in enumerate(choices) if c is None]
         shape = _StepShape.of(options, choices, self, costs)
-        any_draft = any(options[i].draft and options[i].room > 0 for i in free)
-        best: tuple[float, list[Choice]] | None = None
-        for depth in range(self.k_max + 1) if any_draft else (0,):
-            candidate = shape.candidate([options[i] for i in free], depth)
-            m = int(np.argmax(candidate.rate))
-            if best is None or candidate.rate[m] > best[0] * (1 + 1e-9):
-                best = (float(candidate.rate[m]), [Choice(p.proposer if k or options[i].judged else None, int(k))
-                                                   for i, p, k in zip(free, candidate.picks, candidate.ks[m])])
-        for i, choice in zip(free, best[1] if best else []):
-            choices[i] = choice
+        if free:
+            table = _FreeTable.of(free, self)
+            best_rate, best = -1.0, [Choice(None, 0)] * len(free)
+            worse = 0
+            for depth in range(self.k_max + 1) if table.may_draft.any() else (0,):
+                rate, picked = shape.best_prefix(table, depth)
+                if rate > best_rate * (1 + 1e-9):
+                    best_rate, best, worse = rate, picked, 0
+                elif (worse := worse + 1) == 2:  # the rate over depth rises then falls: stop once it fell twice
+                    break
+            slots = iter(best)
+            choices = [c if c is not None else next(slots) for c in choices]
         self._probe(options, choices, shape)  # type: ignore[arg-type]
         return choices  # type: ignore[return-value]
 
@@ -170,15 +163,6 @@ class Planner:
         ngram = self.gains(o.seq, Proposer.NGRAM, min(len(o.ngram_tokens), o.room)).sum()
         draft = self.gains(o.seq, Proposer.DRAFT, min(draft_depth, o.room)).sum()
         return Proposer.NGRAM if ngram >= draft else Proposer.DRAFT
-
-    def pick(self, o: Options, depth: int) -> Choice:
-        """At draft depth `depth`: this sequence's proposer and the most tokens it may draft."""
-        if depth == 0 and not o.judged:
-            return Choice(Proposer.NGRAM, min(len(o.ngram_tokens), o.room, self.k_max)) if o.ngram_tokens \
-                else Choice(None, 0)
-        proposer = self._better(o, depth)
-        cap = depth if proposer is Proposer.DRAFT else len(o.ngram_tokens)
-        return Choice(proposer, min(cap, o.room, self.k_max))
 
     def gains(self, seq: Sequence, proposer: Proposer | None, k: int) -> np.ndarray:
         """Expected extra tokens of draft positions 1..k: α, α², ..."""
@@ -258,26 +242,71 @@ class _StepShape:
                          sum(o.catch_up for o, _ in drafting), len(drafting) * (self.context // max(self.rows, 1)))
         return float(self.costs.step_seconds(base + total_k, self.rows, self.context, work, total_k))
 
-    def candidate(self, free: list[Options], depth: int) -> _Candidate:
-        """Every free sequence's pick at this depth, its extra tokens ranked by gain, and the expected rate of
-        each prefix of that ranking."""
-        planner = self.planner
-        picks = [planner.pick(o, depth) for o in free]
-        gains = [planner.gains(o.seq, p.proposer, p.k) for o, p in zip(free, picks)]
-        owner = np.repeat(np.arange(len(free)), [len(g) for g in gains])
-        flat = np.concatenate(gains) if gains else np.zeros(0)
-        budget = max(planner.max_num_batched_tokens - self.base_tokens, 0)
+    def best_prefix(self, table: _FreeTable, depth: int) -> tuple[float, list[Choice]]:
+        """At this draft depth: the free sequences' extra tokens ranked by gain, and the prefix of that ranking
+        with the most expected tokens per second (its rate, and each free sequence's choice)."""
+        proposers, caps = table.picks(depth)
+        alphas = np.where(proposers == _DRAFT, table.alpha_draft, table.alpha_ngram)  # [F]
+        positions = np.arange(1, max(int(caps.max(initial=0)), 1) + 1)
+        gains = alphas[:, None] ** positions[None, :]  # [F, J]
+        taken = positions[None, :] <= caps[:, None]
+        owner = np.nonzero(taken)[0]
+        flat = gains[taken]
+        budget = max(self.planner.max_num_batched_tokens - self.base_tokens, 0)
         order = np.argsort(-flat, kind="stable")[:budget]
         expected = self.rows + self.fixed_gain + np.concatenate(([0.0], np.cumsum(flat[order])))
-        # ks[m, f]: sequence f's K once the first m ranked tokens are taken
-        ks = np.zeros((len(order) + 1, len(free)), dtype=np.int64)
+        ks = np.zeros((len(order) + 1, len(proposers)), dtype=np.int64)  # [M + 1, F] K after m ranked tokens
         if len(order):
-            ks[1:] = np.cumsum(owner[order][:, None] == np.arange(len(free))[None, :], axis=0)
-        by_draft = np.array([p.proposer is Proposer.DRAFT for p in picks], dtype=bool)
-        judged = np.array([o.judged for o in free], dtype=bool)
-        runs_draft = by_draft & ((ks > 0) | judged[None, :])  # [M + 1, F]
-        catch_up = np.array([o.catch_up for o in free])
-        passes = np.where(runs_draft, ks + judged[None, :], 0).max(axis=1, initial=0)
+            ks[1:] = np.cumsum(owner[order][:, None] == np.arange(len(proposers))[None, :], axis=0)
+        runs_draft = (proposers == _DRAFT)[None, :] & ((ks > 0) | table.judged[None, :])  # [M + 1, F]
+        passes = np.where(runs_draft, ks + table.judged[None, :], 0).max(axis=1, initial=0)
         seconds = self.step_seconds(np.arange(len(order) + 1), runs_draft.sum(axis=1),
-                                    (runs_draft * catch_up[None, :]).sum(axis=1), passes)
-        return _Candidate(ks, picks, expected / seconds)
+                                    (runs_draft * table.catch_up[None, :]).sum(axis=1), passes)
+        rate = expected / seconds
+        m = int(np.argmax(rate))
+        return float(rate[m]), [Choice(_PROPOSERS[p] if k or j else None, int(k))
+                                for p, k, j in zip(proposers, ks[m], table.judged)]
+
+
+_NONE, _DRAFT, _NGRAM = 0, 1, 2  # proposer codes in the vectorised tables
+_PROPOSERS = {_NONE: None, _DRAFT: Proposer.DRAFT, _NGRAM: Proposer.NGRAM}
+
+
+def _gain_sum(alpha: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """α + α² + … + α^k, elementwise."""
+    return np.where(alpha < 1.0, alpha * (1 - alpha ** k) / np.maximum(1 - alpha, 1e-12), k * 1.0)
+
+
+@dataclass(slots=True)
+class _FreeTable:
+    """The free sequences' options as arrays, for choosing over all of them at once."""
+
+    alpha_draft: np.ndarray  # [F]
+    alpha_ngram: np.ndarray
+    may_draft: np.ndarray  # bool
+    judged: np.ndarray  # bool
+    ngram_k: np.ndarray  # prompt-lookup proposals usable (room and k_max applied)
+    room: np.ndarray
+    catch_up: np.ndarray
+    k_max: int
+
+    @classmethod
+    def of(cls, free: list[Options], planner: Planner) -> _FreeTable:
+        room = np.array([min(o.room, planner.k_max) for o in free])
+        return cls(np.array([planner.alpha(o.seq, Proposer.DRAFT) for o in free]),
+                   np.array([planner.alpha(o.seq, Proposer.NGRAM) for o in free]),
+                   np.array([o.draft for o in free]), np.array([o.judged for o in free]),
+                   np.minimum([len(o.ngram_tokens) for o in free], room), room,
+                   np.array([o.catch_up for o in free]), planner.k_max)
+
+    def picks(self, depth: int) -> tuple[np.ndarray, np.ndarray]:
+        """Each sequence's proposer code and most draft tokens at this draft depth: the proposer that expects
+        more tokens (prompt lookup on a tie: it is free); at depth 0 only prompt lookup (judged rows: the draft)."""
+        draft_k = np.minimum(depth, self.room)
+        ngram_wins = _gain_sum(self.alpha_ngram, self.ngram_k) >= _gain_sum(self.alpha_draft, draft_k)
+        has_ngram = self.ngram_k > 0
+        use_ngram = ~self.judged & has_ngram & (~self.may_draft | ngram_wins | (depth == 0))
+        use_draft = ~use_ngram & ((self.may_draft & (depth > 0)) | self.judged)
+        proposers = np.where(use_ngram, _NGRAM, np.where(use_draft, _DRAFT, _NONE))
+        caps = np.where(use_ngram, self.ngram_k, np.where(use_draft, draft_k, 0))
+        return proposers, caps

@@ -78,6 +78,17 @@ def _interp(size: float | np.ndarray, sizes: list[int], seconds: list[float]) ->
     return value if isinstance(size, np.ndarray) else float(value)
 
 
+DENSE_SIZES = 4096  # curve values at every integer size below this are tabulated
+
+
+def _lookup(table: np.ndarray, size: float | np.ndarray, sizes: list[int], seconds: list[float]) -> float | np.ndarray:
+    """`_interp` from a dense table for integer sizes inside it."""
+    index = np.asarray(size)
+    if index.dtype.kind in "iu" and (index.size == 0 or (index.min() >= 0 and index.max() < len(table))):
+        return table[index]
+    return _interp(size, sizes, seconds)
+
+
 @dataclass(slots=True)
 class ForwardCost:
     """One model's forward-pass cost (module docstring), in seconds."""
@@ -90,10 +101,18 @@ class ForwardCost:
     base_context: int = 0  # C₀
     scale: float = 1.0  # live: measured ÷ predicted, averaged
 
-    def unscaled(self, tokens: float | np.ndarray, rows: int = 1, context: int | None = None) -> float | np.ndarray:
-        context = rows * self.base_context if context is None else context
-        by_tokens = _interp(tokens, self.token_sizes, self.token_seconds)
-        extra = _interp(rows, self.row_sizes, self.row_seconds) + self.per_context_s * (context - rows * self.base_context)
+    _by_tokens: np.ndarray | None = field(default=None, init=False, repr=False)  # dense tables, built once:
+    _by_rows: np.ndarray | None = field(default=None, init=False, repr=False)  # the planner asks every step
+
+    def unscaled(self, tokens: float | np.ndarray, rows: int | np.ndarray = 1,
+                 context: int | np.ndarray | None = None) -> float | np.ndarray:
+        if self._by_tokens is None:
+            self._by_tokens = np.asarray(_interp(np.arange(DENSE_SIZES), self.token_sizes, self.token_seconds))
+            self._by_rows = np.asarray(_interp(np.arange(DENSE_SIZES), self.row_sizes, self.row_seconds))
+        by_tokens = _lookup(self._by_tokens, tokens, self.token_sizes, self.token_seconds)
+        context = np.multiply(rows, self.base_context) if context is None else context
+        by_rows = _lookup(self._by_rows, rows, self.row_sizes, self.row_seconds)
+        extra = by_rows + self.per_context_s * (np.asarray(context) - np.multiply(rows, self.base_context))
         return np.maximum(by_tokens + extra, 0.5 * by_tokens)  # noisy corrections never make a pass nearly free
 
     def __call__(self, tokens: float | np.ndarray, rows: int = 1, context: int | None = None) -> float | np.ndarray:
@@ -156,6 +175,13 @@ class StepCostModel:
         logit_rows = rows + np.asarray(num_drafted) + (np.asarray(draft.passes) * draft.rows if draft else 0)
         return (self.target(num_tokens, rows, context) + self.draft_seconds(draft)
                 + self.per_row_processing_s * logit_rows + self.per_step_s + self.per_draft_token_s * np.asarray(num_drafted))
+
+    def predict(self, timing: StepTiming) -> float:
+        """What the model expects a step of this measured shape to cost (before it observes the step)."""
+        target = self.target.of(timing.target.shape) if timing.target else 0.0
+        drafts = sum(self.draft.of(d.shape) for d in timing.drafts) if self.draft else 0.0
+        return (target + drafts + self.per_row_processing_s * timing.processed_rows + self.per_step_s
+                + self.per_draft_token_s * timing.drafted_tokens)
 
     def observe(self, timing: StepTiming) -> None:
         if not self.live:
