@@ -162,6 +162,15 @@ class BlockManager:
             self.prefix_cache.stats.record(seq.num_tokens, prefix.num_tokens)
         return True
 
+    def reuse_draft_blocks(self, seq: Sequence) -> None:
+        """Count as drafted the blocks past `seq.num_draft_cached` whose draft K/V a sharer has written since
+        `seq` was admitted: n samples of one prompt are admitted before the first one's draft catches up."""
+        size, blocks, table = self.block_size, self.allocator.blocks, seq.block_table
+        i = seq.num_draft_cached // size
+        while (i + 1) * size <= seq.num_target_cached and blocks[table[i]].draft_written:
+            i += 1
+        seq.num_draft_cached = max(seq.num_draft_cached, i * size)
+
     def cache_full_blocks(self, seq: Sequence) -> None:
         """After a successful step: offer the sequence's newly verified full blocks to the prefix cache."""
         if self.prefix_cache:
