@@ -353,6 +353,24 @@ def test_no_block_leaks_on_abort_deadline_failed_step_oom_and_stop(engines, shar
     assert_pool_clean(engine)
 
 
+def test_live_tokens_count_a_shared_prefix_once(engines):
+    engine = engines[True]
+    prompt = [4, 3, 2, 1, 4, 3] + question(engine, 7)  # a first block no other test has cached
+    params = [SamplingParams(max_tokens=8, temperature=1.0, seed=s, ignore_eos=True) for s in range(4)]
+    ids = [engine.add_request(prompt, p) for p in params]
+    for _ in range(3):  # the first sample prefills, the others join on the next step, then all decode
+        engine.step()
+    seqs = [engine.seqs[i] for i in ids]
+    cached = (len(prompt) - 1) // 4 * 4  # the blocks the siblings share with the first sample
+    usage = engine.kv_usage()
+    assert usage["num_running"] == 4 and [s.stats.num_cached_tokens for s in seqs] == [0, cached, cached, cached]
+    assert usage["live_tokens"] == cached + sum(s.num_target_cached - cached for s in seqs)
+    assert usage["live_tokens"] <= usage["used_blocks"] * usage["block_size"]
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert_pool_clean(engine)
+
+
 def test_metrics_count_queried_and_hit_prompt_tokens():
     metrics = HelixMetrics()
     metrics.observe_generation("/generate", 0.1, 0.2, {"num_prompt_tokens": 100, "num_cached_tokens": 0})

@@ -182,6 +182,15 @@ class BlockManager:
         return {"cached_blocks": self.allocator.num_cached, "prefix_cache_queried_tokens": stats.num_queried_tokens,
                 "prefix_cache_hit_tokens": stats.num_hit_tokens}
 
+    def live_tokens(self, seqs: list[Sequence]) -> int:
+        """Tokens whose target K/V the sequences' blocks hold, each shared block counted once."""
+        live: dict[int, int] = {}  # block id -> tokens written in it
+        for seq in seqs:
+            num_tokens = seq.num_target_cached
+            for i, block_id in enumerate(seq.block_table[: self.blocks_for(num_tokens)]):
+                live[block_id] = max(live.get(block_id, 0), min(self.block_size, num_tokens - i * self.block_size))
+        return sum(live.values())
+
     def truncate(self, block_table: list[int], num_tokens: int) -> None:
         """Drop the blocks past `num_tokens` (rollback of rejected draft tokens)."""
         keep = self.blocks_for(num_tokens)
