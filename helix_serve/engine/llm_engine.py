@@ -389,7 +389,7 @@ class LLMEngine:
             "pool_bytes": self.kv_bytes,
             "bytes_per_token": bytes_per_token,
             "reserved_bytes": bm.num_used_blocks * bm.block_size * bytes_per_token,
-            "live_tokens": sum(s.num_target_cached for s in self.scheduler.running),
+            "live_tokens": bm.live_tokens(self.scheduler.running),
             "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting),
             "max_model_len": self.max_model_len,  # what a contiguous per-sequence cache would reserve
