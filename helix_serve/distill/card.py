@@ -62,7 +62,7 @@ def write_card(out_dir: Path, facts: dict) -> None:
         f"{args['threads']} CPU threads.", "",
         *([f"![loss curve]({plot})", ""] if plot else []),
         "## Acceptance measured by Helix's engine",
-        f"{facts['num_eval_prompts']} held-out chat prompts, {facts['eval_max_tokens']} tokens each, K = 4, "
+        f"{facts['num_eval_prompts']} held-out prompts, {facts['eval_max_tokens']} tokens each, K = 4, "
         f"{facts['dtype']}:", "",
         "| sampling | α (accepted / judged) | accepted / drafted | tokens per target step |", "|---|---|---|---|",
         f"| greedy | {greedy['alpha']:.3f} | {greedy['acceptance_rate']:.3f} | {greedy['tokens_per_target_step']:.2f} |",
