@@ -199,7 +199,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     engine = LLMEngine(EngineConfig(target_model=args.target, draft_model=args.draft, device=args.device,
-                                    dtype=args.dtype))
+                                    dtype=args.dtype, quantization=args.quantization))
     tokenizer = engine.tokenizer
     def encode(prompt: str) -> list[int]:  # chat template where the model has one (the test pairs do not)
         return chat_prompt_ids(tokenizer, prompt) if tokenizer.chat_template else tokenizer(prompt).input_ids
