@@ -144,3 +144,4 @@ def test_engine_state_reaches_rays_metrics_export(http, session):
     assert free_blocks(samples) == 128
     assert any(k.startswith("ray_helix_engine_running_sequences{") for k in samples)
     assert sum(v for k, v in samples.items() if k.startswith("ray_helix_engine_speculative_k_count")) > 0
+    assert sum(v for k, v in samples.items() if k.startswith("ray_helix_engine_generated_tokens_total")) > 0

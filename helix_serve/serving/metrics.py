@@ -203,12 +203,13 @@ class EngineMetrics:
         self.k = metrics.Histogram("helix_engine_speculative_k", "K chosen per verify step of one sequence, by "
                                    "proposer", [float(k) for k in range(1, max(k_max, 1) + 1)], by_proposer)
         self.steps = metrics.Counter("helix_engine_steps", "Engine steps that produced output", tags)
+        self.generated = metrics.Counter("helix_engine_generated_tokens", "Tokens the engine emitted", tags)
         self.drafted = metrics.Counter("helix_engine_draft_tokens", "Draft tokens proposed, by proposer",
                                        by_proposer)
         self.accepted = metrics.Counter("helix_engine_accepted_draft_tokens", "Draft tokens accepted, by proposer",
                                         by_proposer)
         for metric in (self.running, self.waiting, self.kv_blocks, self.mean_k, self.prefix_hit_rate, self.k,
-                       self.steps, self.drafted, self.accepted):
+                       self.steps, self.generated, self.drafted, self.accepted):
             metric.set_default_tags({"pool": pool_name})
 
     def set_kv_usage(self, kv: dict[str, int]) -> None:
@@ -224,6 +225,8 @@ class EngineMetrics:
         self.set_kv_usage(step.kv)
         self.mean_k.set(step.mean_k)
         self.steps.inc()
+        if step.num_generated:
+            self.generated.inc(step.num_generated)
         for proposer, k, accepted in step.speculated:
             tags = {"proposer": proposer}
             self.k.observe(k, tags)

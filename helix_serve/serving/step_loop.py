@@ -32,11 +32,13 @@ class StepSummary:
 
     speculated: list[tuple[str, int, int]]  # (proposer, K, accepted)
     kv: dict[str, int]
+    num_generated: int = 0  # tokens the step emitted, over every sequence
 
     @classmethod
     def of(cls, outputs: list[RequestOutput], kv: dict[str, int]) -> StepSummary:
         # NOTE: an output's num_drafted is the K its sequence used this step (0: prefill or plain decoding).
-        return cls([(o.proposer, o.num_drafted, o.num_accepted) for o in outputs if o.num_drafted > 0], kv)
+        return cls([(o.proposer, o.num_drafted, o.num_accepted) for o in outputs if o.num_drafted > 0], kv,
+                   sum(len(o.new_token_ids) for o in outputs))
 
     @property
     def ks(self) -> list[int]:
