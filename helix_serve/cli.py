@@ -49,6 +49,11 @@ def _parser() -> argparse.ArgumentParser:
     dist.add_argument("--batch-size", type=int, default=16, help="training batch (sequences)")
     dist.add_argument("--threads", type=int, default=2, help="torch threads")
     dist.add_argument("--max-prompts", type=int, default=None, help="only the first N prompts (quick runs)")
+    dist.add_argument("--method", choices=("draft", "eagle"), default="draft",
+                      help="draft: an early-exit draft model; eagle: a head on the target's own features")
+    dist.add_argument("--rounds", type=int, default=4, help="eagle: answer rounds (greedy, then sampled at T=0.8)")
+    dist.add_argument("--max-answer-tokens", type=int, default=192, help="eagle: longest answer generated")
+    dist.add_argument("--ttt-steps", type=int, default=3, help="eagle: training-time-test depth")
     return parser
 
 
@@ -61,9 +66,12 @@ def _distill(args: argparse.Namespace, argv: list[str] | None) -> int:
     facts = distill(DistillArgs(
         target=args.target, out=Path(args.out), budget_minutes=args.budget_minutes, resume=args.resume,
         seed=args.seed, num_layers=args.layers, draft_vocab_size=args.draft_vocab, batch_size=args.batch_size,
-        threads=args.threads, max_prompts=args.max_prompts, command=command,
+        threads=args.threads, max_prompts=args.max_prompts, command=command, method=args.method,
+        rounds=args.rounds, max_answer_tokens=args.max_answer_tokens, ttt_steps=args.ttt_steps,
     ))
-    print(json.dumps({k: facts[k] for k in ("greedy", "t0.8", "draft_cost_ratio", "verify_cost_ratio")}, indent=2))
+    keys = ("greedy", "t0.8", "draft_cost_ratio", "verify_cost_ratio") if args.method == "draft" else \
+        ("train", "num_answers", "evaluation")
+    print(json.dumps({k: facts[k] for k in keys}, indent=2))
     return 0
 
 
