@@ -24,6 +24,7 @@ class EngineConfig:
 
     target_model: str = DEFAULT_TARGET
     draft_model: str | None = DEFAULT_DRAFT
+    eagle_head: str | None = None  # a directory `helix distill --method eagle` wrote; excludes draft_model
     device: str = "auto"
     dtype: str = "auto"
     quantization: str = "none"  # int4: the target's projections as 4-bit weights, CPU only (model/int4.py)
@@ -46,6 +47,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True  # reuse the K/V of full prompt blocks seen before (prefix_cache.py)
 
     def __post_init__(self) -> None:
+        if self.eagle_head is not None and self.draft_model is not None:
+            raise ValueError("set draft_model or eagle_head, not both (one model-based proposer per engine)")
         if self.block_size < 1 or self.num_kv_blocks < 1:
             raise ValueError("block_size and num_kv_blocks must be >= 1")
         if self.k_max < 0:

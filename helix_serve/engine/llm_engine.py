@@ -15,6 +15,7 @@ import torch
 from helix_serve.config import EngineConfig
 from helix_serve.device import resolve_device
 from helix_serve.engine.block_manager import BlockManager
+from helix_serve.engine.eagle_runner import EagleRunner
 from helix_serve.engine.logprobs import TokenLogprob
 from helix_serve.engine.model_runner import ModelRunner
 from helix_serve.engine.ngram_proposer import NgramProposer
@@ -26,6 +27,7 @@ from helix_serve.engine.sequence import Sequence
 from helix_serve.engine.speculative import Draft, SequenceInputError, SpeculativeDecoder
 from helix_serve.engine.step_cost import StepCostModel, calibrate
 from helix_serve.engine.stop_checker import StopChecker
+from helix_serve.model.eagle_head import EagleHead
 from helix_serve.model.loader import ModelPair, load_model_pair
 from helix_serve.model.paged_llm import KVCache
 
@@ -89,15 +91,20 @@ class LLMEngine:
         vocab = target.shape.vocab_size
         # What else decides the K/V a prefix-cache hit reuses.
         cache_key = f"{config.target_model}|{config.draft_model}|{target.dtype}|{target.quantization}"
-        self.block_manager = BlockManager(config.num_kv_blocks, config.block_size, config.enable_prefix_caching,
-                                          cache_key)
+        # NOTE: no prefix caching with an EAGLE head yet: a reused prefix has no target features to feed it.
+        self.block_manager = BlockManager(config.num_kv_blocks, config.block_size,
+                                          config.enable_prefix_caching and config.eagle_head is None, cache_key)
         self.kv_bytes = 0
         target_runner = self._runner(target, vocab)
         draft_runner = self._runner(self.pair.draft, vocab) if self.pair.draft is not None else None
+        if config.eagle_head is not None:
+            draft_runner = self._eagle_runner(config.eagle_head, vocab)
+        self.model_proposer = "eagle" if config.eagle_head is not None else "draft"  # what Proposer.DRAFT runs
         self.decoder = SpeculativeDecoder(target_runner, draft_runner)
         self.method = config.speculative_method or ("hybrid" if draft_runner is not None else "ngram")
-        if self.method == "draft" and draft_runner is None:
-            raise ValueError("speculative_method 'draft' needs a draft model")
+        if self.method in ("draft", "eagle") and (draft_runner is None or self.method != self.model_proposer):
+            raise ValueError(f"speculative_method {self.method!r} needs " +
+                             ("a draft model" if self.method == "draft" else "an EAGLE head (eagle_head)"))
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.planner = Planner(config.k_max, config.max_num_batched_tokens)
         self.ngram = NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
@@ -115,7 +122,8 @@ class LLMEngine:
             return StepCostModel.from_ratios(config.draft_cost_ratio, config.verify_cost_ratio,
                                              config.max_num_batched_tokens)
         try:
-            costs = calibrate(self.decoder.target, self.decoder.draft, self.block_manager,
+            draft = None if self.decoder.eagle else self.decoder.draft  # TODO(eagle): calibrate the head's pass
+            costs = calibrate(self.decoder.target, draft, self.block_manager,
                               max_tokens=min(64, config.max_num_batched_tokens), max_rows=config.max_num_seqs)
         except ValueError:  # a pool too small to calibrate in
             return StepCostModel.from_ratios(DEFAULT_DRAFT_COST_RATIO, 0.0, config.max_num_batched_tokens)
@@ -133,6 +141,15 @@ class LLMEngine:
         self.kv_bytes += kv.num_bytes
         return ModelRunner(model, kv, self.config.block_size, vocab)
 
+    def _eagle_runner(self, path: str, vocab: int) -> EagleRunner:
+        target = self.pair.target
+        head = EagleHead.load(path, target.embed_tokens, target.dtype)
+        if head.config.target_vocab_size != vocab or max(head.config.capture_layers) > target.shape.num_layers:
+            raise ValueError(f"{path}: this EAGLE head was made for another target")
+        kv = KVCache.allocate(head.shape, self.config.num_kv_blocks, self.config.block_size, head.dtype, head.device)
+        self.kv_bytes += kv.num_bytes
+        return EagleRunner(head, kv, self.config.block_size, vocab)
+
     def _eos_ids(self) -> set[int]:
         ids = {self.tokenizer.eos_token_id}
         generation_eos = getattr(self.pair.target.hf_model.generation_config, "eos_token_id", None)
@@ -142,6 +159,11 @@ class LLMEngine:
     @property
     def has_draft(self) -> bool:
         return self.decoder.draft is not None
+
+    @property
+    def _loaded_proposer(self) -> str | None:
+        """"draft" or "eagle": which model-based proposer is loaded (None: neither)."""
+        return self.model_proposer if self.has_draft else None
 
     # ---- requests -------------------------------------------------------------------------------
 
@@ -179,8 +201,10 @@ class LLMEngine:
             )
         if (params.num_speculative_tokens or 0) > self.config.k_max:
             raise RequestRejectedError(f"num_speculative_tokens must be <= {self.config.k_max}")
-        if params.speculative_method == "draft" and not self.has_draft:
-            raise RequestRejectedError("speculative_method 'draft' needs a draft model, and none is loaded")
+        if params.speculative_method in ("draft", "eagle") and params.speculative_method != self._loaded_proposer:
+            raise RequestRejectedError(f"speculative_method {params.speculative_method!r} needs "
+                                       f"{'a draft model' if params.speculative_method == 'draft' else 'an EAGLE head'}"
+                                       ", and none is loaded")
         try:  # what each step builds from the settings: a request it cannot build for is refused here
             sampling_row(params, vocab)
         except (TypeError, ValueError, OverflowError) as exc:
@@ -298,8 +322,8 @@ class LLMEngine:
 
     def _may_use(self, seq: Sequence, proposer: Proposer) -> bool:
         method = seq.params.speculative_method or self.method
-        if proposer is Proposer.DRAFT:
-            return self.has_draft and method in ("draft", "hybrid")
+        if proposer is Proposer.DRAFT:  # the model-based proposer: the draft model or the EAGLE head
+            return self.has_draft and method in ("hybrid", self.model_proposer)
         seeded_sampling = seq.params.seed is not None and not seq.params.greedy  # draft only: see speculative.py
         return method in ("ngram", "hybrid") and not seeded_sampling
 
@@ -320,8 +344,9 @@ class LLMEngine:
             seq.stats.first_token_time = now
         seq.stats.num_target_steps += 1
         proposer = Proposer.NGRAM if draft.tokens is not None else Proposer.DRAFT
+        label = "ngram" if proposer is Proposer.NGRAM else self.model_proposer
         if draft.k > 0:
-            seq.stats.record_verify(proposer.value, draft.k, num_accepted)
+            seq.stats.record_verify(label, draft.k, num_accepted)
         lookup = planned.options.ngram_tokens if planned else []  # scored even when the draft model ran
         self.planner.update(seq, Choice(proposer if draft.k else None, draft.k), num_accepted, new_ids, lookup)
         kept = self.stop_checker.append(seq, new_ids)
@@ -333,7 +358,7 @@ class LLMEngine:
         else:
             self.block_manager.truncate(seq.block_table, seq.num_target_cached)
         out = self._output(seq, new_ids[:kept], draft.k, min(num_accepted, kept))
-        out.proposer = proposer.value if draft.k else None
+        out.proposer = label if draft.k else None
         out.new_logprobs = None if logprobs is None else logprobs[:kept]
         return out
 

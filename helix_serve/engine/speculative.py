@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+from helix_serve.engine.eagle_runner import EagleRunner
 from helix_serve.engine.logits_processors import Penalties, PenaltyRow
 from helix_serve.engine.logprobs import TokenLogprob, emitted_logprobs
 from helix_serve.engine.model_runner import ModelRunner
@@ -138,16 +139,19 @@ class _StepInputs:
 class SpeculativeDecoder:
     """Draft → verify → rejection-sample over a batch of sequences that share block tables."""
 
-    def __init__(self, target: ModelRunner, draft: ModelRunner | None):
+    def __init__(self, target: ModelRunner, draft: ModelRunner | EagleRunner | None):
         self.target = target
-        self.draft = draft
+        self.draft = draft  # the model-based proposer: a draft model, or an EAGLE head on the target's features
+        self.eagle = isinstance(draft, EagleRunner)
         self.device = target.device
 
     def judges_last(self, seq: Sequence) -> bool:
         """Seeded sampled requests with speculation on get K-independent tokens (see the module docstring)."""
         params = seq.params
         reproducible = params.speculative and params.seed is not None and not params.greedy
-        return self.draft is not None and reproducible and seq.num_output_tokens > 0
+        # NOTE: not with an EAGLE head: it drafts from the target's features, which a recompute prefill (the
+        # first step after a preemption) has not produced yet. Its seeded tokens stay exact, not K-independent.
+        return self.draft is not None and not self.eagle and reproducible and seq.num_output_tokens > 0
 
     def step(self, seqs: list[Sequence], drafts: list[Draft]) -> StepOutput:
         """Raises SequenceInputError (before running anything) if one sequence's inputs cannot be built."""
@@ -157,7 +161,7 @@ class SpeculativeDecoder:
         draft_ids, draft_probs = self._propose(seqs, drafts, inputs)
         draft_lists = draft_ids.tolist()  # waits for the draft passes
         drafted = time.perf_counter()
-        target_probs, target_logits, first_rows = self._score(seqs, ks, draft_ids, draft_lists, inputs)
+        target_probs, target_logits, first_rows, features = self._score(seqs, ks, draft_ids, draft_lists, inputs)
         self._synchronize()
         model_rows = [d.num_proposals for d in drafts if d.by_model]
         timing = StepTiming(time.perf_counter() - drafted, sum(s.num_tokens - s.num_target_cached for s in seqs)
@@ -168,10 +172,12 @@ class SpeculativeDecoder:
                                   inputs.final_uniforms, inputs.judged)
         num_accepted, next_ids = result.num_accepted.tolist(), result.next_token_ids.tolist()
         # KV counters change only once the whole step succeeded, so a failed step leaves them consistent.
+        if self.eagle:
+            self._keep_features(seqs, drafts, ks, num_accepted, features)
         for seq, draft, a in zip(seqs, drafts, num_accepted):
             # Rollback is a length change: K/V past the accepted prefix is simply overwritten later.
             seq.num_target_cached = seq.num_tokens + a
-            if draft.by_model:  # the draft saw everything up to its last proposal but one; keep the accepted part
+            if draft.by_model and not self.eagle:  # the draft saw all but its last proposal; keep the accepted part
                 seq.num_draft_cached = seq.num_tokens + min(draft.num_proposals - 1, a)
         new_ids = [d[:a] + [t] for d, a, t in zip(draft_lists, num_accepted, next_ids)]
         logprobs = emitted_logprobs(target_logits, first_rows, new_ids, [s.params.logprobs for s in seqs])
@@ -204,15 +210,19 @@ class SpeculativeDecoder:
                 draft_probs[i, torch.arange(draft.k, device=self.device), given] = 1.0
         counts = [d.num_proposals if d.by_model else 0 for d in drafts]
         previous: dict[int, int] = {}
+        hidden: dict[int, torch.Tensor] = {}  # EAGLE: each row's last output feature
         for j in range(max(counts)):
             rows = [i for i, n in enumerate(counts) if n > j]
-            if j == 0:  # the draft catches up on every token it has not seen yet
+            if self.eagle:
+                logits = self._eagle_logits(seqs, rows, j, previous, hidden)
+            elif j == 0:  # the draft catches up on every token it has not seen yet
                 chunks = [seqs[i].token_ids[seqs[i].num_draft_cached :] for i in rows]
                 starts = [seqs[i].num_draft_cached for i in rows]
+                logits = self.draft.logits([seqs[i].block_table for i in rows], chunks, starts, [1] * len(rows))
             else:
                 chunks = [[previous[i]] for i in rows]
                 starts = [seqs[i].num_tokens + j - 1 for i in rows]
-            logits = self.draft.logits([seqs[i].block_table for i in rows], chunks, starts, [1] * len(rows))
+                logits = self.draft.logits([seqs[i].block_table for i in rows], chunks, starts, [1] * len(rows))
             index = torch.tensor(rows, device=self.device)
             probs = inputs.probs(logits, index, draft_ids[index, :j], torch.full((len(rows),), j))
             tokens = sample_from_probs(probs, inputs.draft_uniforms[index.cpu(), j])
@@ -220,18 +230,62 @@ class SpeculativeDecoder:
             previous = dict(zip(rows, tokens.tolist()))
         return draft_ids, draft_probs
 
+    def _eagle_logits(self, seqs: list[Sequence], rows: list[int], j: int, previous: dict[int, int],
+                      hidden: dict[int, torch.Tensor]) -> torch.Tensor:
+        """Step j of chained EAGLE drafting. j = 0: the head catches up on entries num_draft_cached .. n-2 from
+        the target's kept features (eagle_runner.py), its last entry drafting token n; j > 0: entry n-2+j is
+        fed the row's own output feature and the token it drafted."""
+        picked = [seqs[i] for i in rows]
+        if j == 0:
+            features = torch.cat([s.eagle_features[: s.num_tokens - 1 - s.num_draft_cached] for s in picked])
+            features = self.draft.head.fuse(features)
+            chunks = [s.token_ids[s.num_draft_cached + 1 :] for s in picked]
+            starts = [s.num_draft_cached for s in picked]
+        else:
+            features = torch.stack([hidden[i] for i in rows])
+            chunks = [[previous[i]] for i in rows]
+            starts = [s.num_tokens - 2 + j for s in picked]
+        logits, out = self.draft.logits([s.block_table for s in picked], features, chunks, starts)
+        hidden.update(zip(rows, out))
+        return logits
+
+    @staticmethod
+    def _keep_features(seqs: list[Sequence], drafts: list[Draft], ks: list[int], num_accepted: list[int],
+                       features: torch.Tensor) -> None:
+        """Keep the target features of verified positions the head has not consumed: after this,
+        `eagle_features` covers positions num_draft_cached .. the new num_target_cached - 1."""
+        offset = 0
+        for seq, draft, k, a in zip(seqs, drafts, ks, num_accepted):
+            uncached = seq.num_tokens - seq.num_target_cached
+            fresh = features[offset : offset + uncached + a]  # the target's pass: verified positions only
+            offset += uncached + k
+            kept = seq.eagle_features
+            if kept is None or seq.num_draft_cached + len(kept) != seq.num_target_cached:  # (re)admitted
+                kept = fresh[:0]
+            kept = torch.cat((kept, fresh))
+            if draft.by_model:  # the head caught up to entry n - 2 while drafting
+                kept = kept[seq.num_tokens - 1 - seq.num_draft_cached :]
+                seq.num_draft_cached = seq.num_tokens - 1
+            seq.eagle_features = kept
+
     def _score(self, seqs: list[Sequence], ks: list[int], draft_ids: torch.Tensor, draft_lists: list[list[int]],
-               inputs: _StepInputs) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+               inputs: _StepInputs) -> tuple[torch.Tensor, torch.Tensor, list[int], torch.Tensor | None]:
         """One target pass over the uncached tokens plus the drafts. Returns the [N, K+1, V] target
-        distributions, the raw [Σ(K_i+1), V] logits behind them, and each sequence's first row there."""
+        distributions, the raw [Σ(K_i+1), V] logits behind them, each sequence's first row there, and the
+        captured features of every token of the pass (with an EAGLE head; else None)."""
         chunks = [s.token_ids[s.num_target_cached :] + d[:k] for s, d, k in zip(seqs, draft_lists, ks)]
         starts = [s.num_target_cached for s in seqs]
         counts = torch.tensor(ks) + 1
-        logits = self.target.logits([s.block_table for s in seqs], chunks, starts, counts.tolist())
+        tables = [s.block_table for s in seqs]
+        if self.eagle:  # the same pass also returns the head's features: no extra target pass
+            logits, features = self.target.logits_and_features(tables, chunks, starts, counts.tolist(),
+                                                               self.draft.capture_layers)
+        else:
+            logits, features = self.target.logits(tables, chunks, starts, counts.tolist()), None
         rows = torch.repeat_interleave(torch.arange(len(seqs)), counts)
         first_rows = torch.cumsum(counts, 0) - counts
         cols = torch.arange(len(rows)) - first_rows[rows]
         probs = inputs.probs(logits, rows, draft_ids[rows.to(self.device)], cols)  # [Σ(K_i+1), V]
         padded = probs.new_zeros(len(seqs), max(ks) + 1, probs.shape[-1])
         padded[rows.to(self.device), cols.to(self.device)] = probs
-        return padded, logits, first_rows.tolist()
+        return padded, logits, first_rows.tolist(), features

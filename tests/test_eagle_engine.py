@@ -1,0 +1,65 @@
+"""The engine's `eagle` proposer: a head on the target's features drafting in its own paged pool."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helix_serve.engine.sampling_params import SamplingParams
+from helix_serve.model.eagle_head import EagleConfig, EagleHead
+from helix_serve.model.loader import load_model
+from tests.helpers import PROMPTS, make_engine
+
+
+@pytest.fixture(scope="module")
+def eagle_dir(llama_pair, tmp_path_factory):
+    """A randomly initialised head for the tiny target (exactness does not need a trained one)."""
+    target = load_model(str(llama_pair[0]), torch.device("cpu"), "float32")
+    torch.manual_seed(5)
+    vocab = len(target.hf_model.get_input_embeddings().weight)
+    config = EagleConfig.for_target(target.hf_model.config, (0, 1, 2), list(range(0, vocab, 2)))
+    head = EagleHead(config, target.embed_tokens)
+    head.init_from_target(target.lm_head.weight, target.norm.weight)
+    path = tmp_path_factory.mktemp("eagle-head")
+    head.save(path)
+    return path
+
+
+def _engine(llama_pair, eagle_dir, **overrides):
+    return make_engine((llama_pair[0], None), draft_model=None, eagle_head=str(eagle_dir), speculative_method="eagle",
+                       draft_cost_ratio=0.05, verify_cost_ratio=0.05, **overrides)
+
+
+def test_eagle_greedy_is_target_greedy_on_a_ragged_batch(llama_pair, eagle_dir):
+    engine = _engine(llama_pair, eagle_dir)
+    spec = engine.generate(PROMPTS, SamplingParams(max_tokens=24, ignore_eos=True, num_speculative_tokens=3))
+    plain = engine.generate(PROMPTS, SamplingParams(max_tokens=24, ignore_eos=True, speculative=False))
+    assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
+    drafted = sum(o.stats["by_proposer"].get("eagle", {}).get("num_drafted", 0) for o in spec)
+    assert drafted > 0 and all(set(o.stats["by_proposer"]) <= {"eagle"} for o in spec)
+    assert sum(o.stats["num_accepted"] for o in spec) > 0  # the head's own drafts were verified, some accepted
+    assert engine.decoder.draft.kv_cache.k.abs().sum() > 0  # its K/V went to its own pool
+    assert engine.block_manager.num_free_blocks == engine.block_manager.allocator.num_blocks
+
+
+def test_eagle_blocks_are_freed_on_abort_and_other_requests_stay_exact(llama_pair, eagle_dir):
+    engine = _engine(llama_pair, eagle_dir, block_size=4, num_kv_blocks=64)
+    params = SamplingParams(max_tokens=20, ignore_eos=True, num_speculative_tokens=2)
+    kept = engine.add_request(PROMPTS[0], params)
+    gone = engine.add_request(PROMPTS[3], params)
+    for _ in range(3):
+        engine.step()
+    assert engine.block_manager.num_free_blocks < 64
+    assert engine.abort_request(gone)
+    finals = {}
+    while engine.has_unfinished_requests():
+        finals.update((o.request_id, o) for o in engine.step() if o.finished)
+    [plain] = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=20, ignore_eos=True, speculative=False))
+    assert finals[kept].token_ids == plain.token_ids
+    assert engine.block_manager.num_free_blocks == 64
+
+
+def test_eagle_method_needs_a_head(llama_pair):
+    engine = make_engine((llama_pair[0], None), draft_model=None, draft_cost_ratio=0.05, verify_cost_ratio=0.05)
+    with pytest.raises(ValueError, match="EAGLE head"):
+        engine.add_request("the quick", SamplingParams(speculative_method="eagle"))
