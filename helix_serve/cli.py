@@ -20,9 +20,11 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--raw", action="store_true", help="continue PROMPT as plain text, without the chat template")
     gen.add_argument("--target", default=DEFAULT_TARGET, help="target model: hub id, local dir or .gguf file")
     gen.add_argument("--draft", default=DEFAULT_DRAFT, help="draft model: hub id, local dir or .gguf file")
+    gen.add_argument("--eagle-head", default=None,
+                     help="an EAGLE head directory (helix distill --method eagle) instead of the draft model")
     gen.add_argument("--k", type=int, default=None, help="fixed number of draft tokens (default: planned per step)")
     gen.add_argument("--method", choices=SPECULATIVE_METHODS, default=None,
-                     help="proposers: draft model, ngram (prompt lookup) or hybrid (default: hybrid with a draft)")
+                     help="proposers: draft model, eagle head, ngram (prompt lookup) or hybrid (default: hybrid)")
     gen.add_argument("--no-speculative", action="store_true", help="plain decoding with the target alone")
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-p", type=float, default=1.0)
@@ -93,8 +95,10 @@ def main(argv: list[str] | None = None) -> int:
             max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
             seed=args.seed, stop=args.stop, speculative=not args.no_speculative, num_speculative_tokens=args.k,
         )
-        needs_draft = not args.no_speculative and args.method != "ngram"  # prompt lookup needs no draft model
+        # prompt lookup needs no draft model, and an EAGLE head replaces it
+        needs_draft = not args.no_speculative and args.method not in ("ngram", "eagle") and args.eagle_head is None
         config = EngineConfig(target_model=args.target, draft_model=args.draft if needs_draft else None,
+                              eagle_head=args.eagle_head if not args.no_speculative else None,
                               speculative_method=args.method, device=args.device, dtype=args.dtype,
                               quantization=args.quantization, enable_prefix_caching=not args.no_prefix_caching)
         engine = LLMEngine(config)

@@ -63,3 +63,16 @@ def test_eagle_method_needs_a_head(llama_pair):
     engine = make_engine((llama_pair[0], None), draft_model=None, draft_cost_ratio=0.05, verify_cost_ratio=0.05)
     with pytest.raises(ValueError, match="EAGLE head"):
         engine.add_request("the quick", SamplingParams(speculative_method="eagle"))
+
+
+def test_cli_generates_with_an_eagle_head(llama_pair, eagle_dir, capsys):
+    from helix_serve.cli import main
+
+    code = main(["generate", "the quick brown", "--raw", "--target", str(llama_pair[0]), "--eagle-head",
+                 str(eagle_dir), "--method", "eagle", "--k", "3", "--max-tokens", "12", "--dtype", "float32",
+                 "--device", "cpu", "--json"])
+    import json
+
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert code == 0 and out["tokens_generated"] == len(out["token_ids"]) > 0
+    assert set(out["by_proposer"]) == {"eagle"} and out["by_proposer"]["eagle"]["num_drafted"] > 0

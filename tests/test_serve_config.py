@@ -95,7 +95,7 @@ def test_speculation_args_reach_the_engine_config():
     assert (config.speculative_method, config.prompt_lookup_min, config.prompt_lookup_max, config.k_max) == \
         ("ngram", 2, 4, 6)
     with pytest.raises(ValueError, match="speculative_method"):
-        HelixAppArgs(speculative_method="eagle")
+        HelixAppArgs(speculative_method="medusa")
     assert HelixAppArgs(quantization="int4").engine_config().quantization == "int4"
     assert HelixAppArgs().engine_config().quantization == "none"
 

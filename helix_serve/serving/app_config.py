@@ -54,7 +54,7 @@ class HelixAppArgs(BaseModel):
     max_num_seqs: int = Field(32, ge=1)
     max_num_batched_tokens: int = Field(2048, ge=1)
     max_model_len: int | None = Field(None, ge=2)
-    speculative_method: Literal["draft", "ngram", "hybrid"] | None = Field(
+    speculative_method: Literal["draft", "ngram", "hybrid", "eagle"] | None = Field(
         None, description="proposers the planner may use; none: hybrid with a draft model, ngram without")
     num_speculative_tokens: int | None = Field(None, ge=0)
     k_max: int = Field(8, ge=0)
