@@ -96,6 +96,7 @@ def step_costs(engine: LLMEngine) -> dict:
     """Step costs measured afresh after the runs (the engine's calibration, 15 repeats per point);
     the verify of 5 tokens is read off the target curve (measured at 4 and 8 tokens)."""
     costs = calibrate(engine.decoder.target, engine.decoder.draft, engine.block_manager, max_tokens=8, max_rows=1,
+                      long_context=64, max_draft_tokens=8,
                       repeats=15)
     c, v = costs.ratios
     return {"draft_step_s": costs.draft(1) if costs.draft else None, "target_step_s": costs.target(1),

@@ -3,9 +3,11 @@
 Loopback only, bounded in count and time. Run from the repo root:
     RAY_AUTH_MODE=disabled python scripts/soak.py --quick            # ~200 requests, smoke test
     RAY_AUTH_MODE=disabled python scripts/soak.py --requests 2000 --json soak.json
+    RAY_AUTH_MODE=disabled python scripts/soak.py --quick --real-pair  # on the default SmolLM2 pair
     python scripts/soak.py --url http://127.0.0.1:8000               # an app already running
-Without --url it starts its own cluster and app: on helix_serve/pretrained/helix-{target,draft} when they
-exist, otherwise on the tests' tiny random pair.
+Without --url it starts its own cluster and app: on the embedded toy pair (TOY_TARGET/TOY_DRAFT in
+helix_serve/config.py; the tests' tiny random pair if it is missing), or with --real-pair on the default
+pair (DEFAULT_TARGET/DEFAULT_DRAFT: SmolLM2), which serves about a tenth as many requests per second.
 """
 
 from __future__ import annotations
@@ -118,10 +120,14 @@ def replica_names() -> set[str]:
     return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(REPLICA_PREFIX)}
 
 
-def model_args(workdir: Path) -> dict:
-    pretrained = REPO / "helix_serve" / "pretrained"
-    if (pretrained / "helix-target").exists():
-        return {}  # build_app's defaults are the embedded pair
+def model_args(workdir: Path, real_pair: bool) -> dict:
+    """The pair to soak, named explicitly: build_app's defaults are the real (slow) pair."""
+    from helix_serve.config import DEFAULT_DRAFT, DEFAULT_TARGET, TOY_DRAFT, TOY_TARGET
+
+    if real_pair:
+        return {"target_model": DEFAULT_TARGET, "draft_model": DEFAULT_DRAFT}
+    if Path(TOY_TARGET).exists():
+        return {"target_model": TOY_TARGET, "draft_model": TOY_DRAFT}
     sys.path.insert(0, str(REPO))
     from tests.model_factory import make_pair_dirs
 
@@ -130,12 +136,12 @@ def model_args(workdir: Path) -> dict:
 
 
 @contextmanager
-def local_app(workdir: Path) -> Iterator[str]:
-    """The app on the embedded pair (or a tiny random pair) on a private local cluster; yields its URL."""
+def local_app(workdir: Path, real_pair: bool) -> Iterator[str]:
+    """The app on the pair `model_args` names, on a private local cluster; yields its URL."""
     from helix_serve.serving.app import build_app
     from helix_serve.serving.local import local_serve
 
-    args = {"device": "cpu", "dtype": "float32", "num_kv_blocks": 256, **model_args(workdir)}
+    args = {"device": "cpu", "dtype": "float32", "num_kv_blocks": 256, **model_args(workdir, real_pair)}
     with local_serve(build_app(args), log_to_driver=False) as url:
         yield url
 
@@ -148,11 +154,14 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--max-seconds", type=float, default=900, help="stop sending after this long")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--real-pair", action="store_true", help="soak the default SmolLM2 pair, not the toy pair")
     parser.add_argument("--json", type=Path, help="write the report here")
     opts = parser.parse_args()
     num_requests = 200 if opts.quick else opts.requests
     if opts.url and urlparse(opts.url).hostname not in ("127.0.0.1", "localhost", "::1"):
         parser.error("--url must be a loopback address")
+    if opts.url and opts.real_pair:
+        parser.error("--real-pair chooses the pair of the app this script starts; --url names a running one")
 
     def run(url: str, restarts_of) -> dict:
         before = restarts_of()
@@ -165,7 +174,7 @@ def main() -> None:
     if opts.url:
         report = run(opts.url.rstrip("/"), lambda: None)  # another process owns the cluster: no replica view
     else:
-        with tempfile.TemporaryDirectory() as workdir, local_app(Path(workdir)) as url:
+        with tempfile.TemporaryDirectory() as workdir, local_app(Path(workdir), opts.real_pair) as url:
             report = run(url, replica_names)
     print(json.dumps(report, indent=2))
     if opts.json:

@@ -1,11 +1,15 @@
-"""The benchmark scripts run end to end in --quick mode and write their JSON and PNG (no timing asserted)."""
+"""The benchmark scripts run end to end in --quick mode and write their JSON and PNG (no timing asserted);
+the soak names the pair it serves."""
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from helix_serve.config import DEFAULT_DRAFT, DEFAULT_TARGET, TOY_DRAFT, TOY_TARGET
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,3 +80,11 @@ def test_planner_benchmark_quick_reports_every_method_and_goal(llama_pair, tmp_p
     assert {"K=0", "draft planned", "ngram planned", "hybrid planned", "HF prompt lookup"} <= methods
     assert all(row["tokens"] > 0 for row in result["batch_1"]["mixed"].values())
     assert result["prompt_lookup_cost"]["ms_per_step"] > 0 and len(result["goals"]) > 10
+
+
+def test_soak_serves_the_toy_pair_unless_asked_for_the_real_one(tmp_path):
+    spec = importlib.util.spec_from_file_location("soak", ROOT / "scripts" / "soak.py")
+    soak = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(soak)
+    assert soak.model_args(tmp_path, real_pair=False) == {"target_model": TOY_TARGET, "draft_model": TOY_DRAFT}
+    assert soak.model_args(tmp_path, real_pair=True) == {"target_model": DEFAULT_TARGET, "draft_model": DEFAULT_DRAFT}

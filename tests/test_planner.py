@@ -6,7 +6,7 @@ import torch
 from helix_serve.engine.planner import Choice, Options, Planner, Proposer, expected_speedup
 from helix_serve.engine.sampling_params import SamplingParams
 from helix_serve.engine.sequence import Acceptance, Sequence
-from helix_serve.engine.step_cost import CostCurve, StepCostModel, StepTiming
+from helix_serve.engine.step_cost import ForwardCost, PassShape, PassTiming, StepCostModel, StepTiming
 
 MAX_TOKENS = 2048
 
@@ -25,7 +25,7 @@ def options(s: Sequence, draft: bool = True, ngram: list[int] | None = None, **k
 def costs(target: list[tuple[int, float]], draft_cost: float = 0.05) -> StepCostModel:
     """A target curve through the given (tokens, seconds) points; a draft pass of `draft_cost` at any width."""
     sizes, seconds = zip(*target)
-    return StepCostModel(CostCurve(list(sizes), list(seconds)), CostCurve([1, 64], [draft_cost, draft_cost]))
+    return StepCostModel(ForwardCost(list(sizes), list(seconds)), ForwardCost([1, 64], [draft_cost, draft_cost]))
 
 
 MEMORY_BOUND = [(1, 1.0), (64, 1.0), (MAX_TOKENS, 32.0)]  # flat up to 64 tokens, then compute-bound
@@ -39,27 +39,27 @@ def test_expected_speedup_formula():
 
 
 def test_memory_bound_verify_and_a_good_cheap_draft_use_deep_drafts():
-    [choice] = Planner(k_max=8).plan([options(seq(0.9))], costs(MEMORY_BOUND, 0.02), 1)
+    [choice] = Planner(k_max=8).plan([options(seq(0.9))], costs(MEMORY_BOUND, 0.02))
     assert choice == Choice(Proposer.DRAFT, 8)
 
 
 def test_compute_bound_verify_turns_speculation_off():
     """When each verified token costs a whole forward, no acceptance rate can pay for it."""
     planner = Planner(k_max=8)
-    [choice] = planner.plan([options(seq(0.95), ngram=[7, 8, 9])], costs(COMPUTE_BOUND, 0.0), 1)
+    [choice] = planner.plan([options(seq(0.95), ngram=[7, 8, 9])], costs(COMPUTE_BOUND, 0.0))
     assert choice == Choice(None, 0)
 
 
 def test_low_acceptance_turns_speculation_off():
-    [choice] = Planner().plan([options(seq(0.05))], costs(MEMORY_BOUND, 0.3), 1)
+    [choice] = Planner().plan([options(seq(0.05))], costs(MEMORY_BOUND, 0.3))
     assert choice == Choice(None, 0)
 
 
 def test_k_shrinks_under_load_as_the_verify_pass_turns_compute_bound():
     planner, curve = Planner(k_max=8), costs(MEMORY_BOUND, 0.02)
-    [alone] = planner.plan([options(seq(0.8))], curve, 1)
-    crowd = planner.plan([options(seq(0.8)) for _ in range(32)], curve, 1)
-    full = planner.plan([options(seq(0.8)) for _ in range(64)], curve, 1)
+    [alone] = planner.plan([options(seq(0.8))], curve)
+    crowd = planner.plan([options(seq(0.8)) for _ in range(32)], curve)
+    full = planner.plan([options(seq(0.8)) for _ in range(64)], curve)
     assert alone.k == 8
     assert 0 < sum(c.k for c in crowd) <= 64 - 32  # the flat part of the curve is shared out
     assert all(c == Choice(None, 0) for c in full)  # 64 sequences already fill it
@@ -67,7 +67,7 @@ def test_k_shrinks_under_load_as_the_verify_pass_turns_compute_bound():
 
 def test_prompt_lookup_wins_where_the_text_repeats_and_needs_no_draft_pass():
     planner, curve = Planner(k_max=8), costs(MEMORY_BOUND, 0.3)
-    [choice] = planner.plan([options(seq(0.5, ngram_alpha=0.9), ngram=[5, 6, 7, 8])], curve, 1)
+    [choice] = planner.plan([options(seq(0.5, ngram_alpha=0.9), ngram=[5, 6, 7, 8])], curve)
     assert choice == Choice(Proposer.NGRAM, 4)
 
 
@@ -76,7 +76,7 @@ def test_hybrid_batch_mixes_proposers_per_sequence():
     repeating = options(seq(0.6, ngram_alpha=0.95), ngram=[5, 6, 7, 8])
     fresh = options(seq(0.8, ngram_alpha=0.95))  # nothing to look up
     lookup_only = options(seq(0.6, ngram_alpha=0.9), draft=False, ngram=[1, 2])  # request asked for ngram
-    choices = planner.plan([repeating, fresh, lookup_only], curve, 1)
+    choices = planner.plan([repeating, fresh, lookup_only], curve)
     assert [c.proposer for c in choices] == [Proposer.NGRAM, Proposer.DRAFT, Proposer.NGRAM]
     assert choices[0].k == 4 and choices[1].k >= 1 and choices[2].k == 2
 
@@ -86,25 +86,75 @@ def test_fixed_k_nothing_to_propose_and_no_room_are_respected():
     fixed = options(seq(0.1), fixed_k=3)  # a request's own K wins even when the planner would not speculate
     nothing = options(seq(0.9), draft=False)
     no_room = Options(seq(0.9), 1, room=0, draft=True, ngram_tokens=[])
-    assert planner.plan([fixed, nothing, no_room], curve, 1) == [Choice(Proposer.DRAFT, 3), Choice(None, 0),
+    assert planner.plan([fixed, nothing, no_room], curve) == [Choice(Proposer.DRAFT, 3), Choice(None, 0),
                                                                  Choice(None, 0)]
 
 
 def test_judged_sequences_always_run_the_draft_model():
     """Seeded sampling proposes K + 1 from the draft model even at K = 0 (speculative.py)."""
-    [choice] = Planner().plan([options(seq(0.05), judged=True)], costs(MEMORY_BOUND, 0.3), 1)
+    [choice] = Planner().plan([options(seq(0.05), judged=True)], costs(MEMORY_BOUND, 0.3))
     assert choice == Choice(Proposer.DRAFT, 0)
 
 
-def test_a_sequence_parked_at_k0_probes_the_draft_on_shared_steps():
+def park(planner: Planner, s: Sequence, steps: int) -> None:
+    for _ in range(steps):
+        planner.update(s, Choice(None, 0), 0, [9], [])
+
+
+def test_a_parked_sequence_probes_the_draft_once_the_budget_covers_the_probe():
+    """At batch 1 a probe is cheap: it runs once the sequence is stale and 1 % of the time has paid for it."""
     planner, curve = Planner(probe_interval=4), costs(MEMORY_BOUND, 0.3)
     parked = seq(0.05)
-    for _ in range(4):
-        planner.update(parked, Choice(None, 0), 0, [9], [])
-    assert planner.plan([options(parked)], curve, 5) == [Choice(None, 0)]  # not a probe step
-    assert planner.plan([options(parked)], curve, 8) == [Choice(Proposer.DRAFT, 1)]
+    park(planner, parked, 3)
+    assert planner.plan([options(parked)], curve) == [Choice(None, 0)]  # not stale yet
+    park(planner, parked, 1)
+    plans = [planner.plan([options(parked)], curve)[0] for _ in range(200)]
+    first = plans.index(Choice(Proposer.DRAFT, 1))
+    # a probe adds a draft pass (0.3) and a verify token (free here): 0.3 / (1 % of 1.0 per step) = 30 steps
+    assert 25 <= first <= 35
     planner.update(parked, Choice(Proposer.DRAFT, 1), 1, [4, 9], [])
     assert parked.acceptance["draft"].steps_since == 0
+
+
+def test_probes_cost_at_most_their_share_of_the_time_under_load():
+    """32 stale sequences on a compute-bound target: probing all of them would add 32 verified tokens and a
+    32-row draft pass; the planner spends no more than probe_share of the predicted time on it."""
+    planner, curve = Planner(probe_interval=1), costs(COMPUTE_BOUND, 0.3)
+    crowd = [seq(0.05) for _ in range(32)]
+    for s in crowd:
+        park(planner, s, 1)
+    plain, extra, probes = 0.0, 0.0, 0
+    for _ in range(300):
+        choices = planner.plan([options(s) for s in crowd], curve)
+        tokens = 32 + sum(c.k for c in choices)
+        rows = sum(c.proposer is Proposer.DRAFT for c in choices)
+        extra += curve.step_seconds(tokens, 32) - curve.step_seconds(32, 32) + (0.3 if rows else 0.0)
+        plain += curve.step_seconds(32, 32)
+        probes += rows
+    assert 0 < probes and extra <= 0.011 * plain
+
+
+def test_a_new_sequence_starts_from_the_engine_wide_acceptance():
+    planner = Planner()
+    fresh_before = planner.alpha(seq(evidence=0.0), Proposer.DRAFT)
+    for i in range(200):  # other requests: 1 accepted of 6 judged positions every 5 steps
+        planner.update(seq(evidence=0.0), Choice(Proposer.DRAFT, 4), 0 if i % 5 else 1, [1], [])
+    fresh_after = planner.alpha(seq(evidence=0.0), Proposer.DRAFT)
+    assert fresh_before == pytest.approx(0.5) and fresh_after < 0.3
+    [choice] = planner.plan([options(seq(evidence=0.0))], costs(MEMORY_BOUND, 0.3))
+    assert choice == Choice(None, 0)  # with the prior of 0.5 it would have drafted
+
+
+def test_the_draft_catch_up_is_charged_to_the_plan_that_runs_the_draft():
+    """A sequence whose draft lags by 500 tokens pays for the catch-up pass: the draft is not worth it there,
+    though it is for the same sequence with its draft up to date."""
+    planner = Planner(k_max=4)
+    curve = StepCostModel(ForwardCost([1, 64, MAX_TOKENS], [1.0, 1.0, 32.0]), ForwardCost([1, 512], [0.1, 3.0]))
+    synced, lagging = seq(0.6), seq(0.6)
+    synced.token_ids, lagging.token_ids = list(range(600)), list(range(600))
+    synced.num_draft_cached, lagging.num_draft_cached = 599, 99
+    assert planner.plan([options(synced)], curve)[0].proposer is Proposer.DRAFT
+    assert planner.plan([options(lagging)], curve)[0] == Choice(None, 0)
 
 
 def test_prompt_lookup_is_scored_for_free_when_the_draft_model_ran():
@@ -122,22 +172,22 @@ def test_acceptance_recovers_after_it_improves():
     planner, curve, s = Planner(), costs(MEMORY_BOUND, 0.3), seq(0.7, evidence=0.0)
     for _ in range(10):
         planner.update(s, Choice(Proposer.DRAFT, 4), 0, [1], [])
-    low = planner.plan([options(s)], curve, 1)[0].k
+    low = planner.plan([options(s)], curve)[0].k
     for _ in range(30):
         planner.update(s, Choice(Proposer.DRAFT, 4), 4, [1, 2, 3, 4, 5], [])
-    assert planner.plan([options(s)], curve, 1)[0].k > low
+    assert planner.plan([options(s)], curve)[0].k > low
 
 
 @pytest.mark.parametrize("observed", [0.5, 2.0])
-def test_live_timings_move_the_curve_towards_what_steps_cost(observed):
+def test_live_timings_scale_the_calibrated_shape(observed):
     model = costs([(1, 1.0), (64, 2.0)])
-    for _ in range(40):
-        model.observe(StepTiming(target_s=observed * 2.0, target_tokens=64, total_s=observed * 2.0))
+    for _ in range(60):
+        model.observe(StepTiming(PassTiming(PassShape(64, 1, 0), observed * 2.0), total_s=observed * 2.0))
     assert model.target(64) == pytest.approx(observed * 2.0, rel=0.01)
-    assert all(b >= a for a, b in zip(model.target.seconds, model.target.seconds[1:]))  # still non-decreasing
+    assert model.target(1) == pytest.approx(observed * 1.0, rel=0.01)  # the shape is kept
 
 
 def test_configured_ratios_are_not_refreshed():
     model = StepCostModel.from_ratios(0.25, 0.1, MAX_TOKENS)
-    model.observe(StepTiming(target_s=9.0, target_tokens=5, draft_s=9.0, draft_passes=1, draft_rows=1, total_s=20))
+    model.observe(StepTiming(PassTiming(PassShape(5, 1, 5), 9.0), [PassTiming(PassShape(1, 1, 1), 9.0)], total_s=20))
     assert model.ratios == pytest.approx((0.25, 0.1))

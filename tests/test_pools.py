@@ -9,8 +9,10 @@ from typing import Any
 import pytest
 from ray.exceptions import RayActorError
 
+from helix_serve.serving import openai_format
 from helix_serve.serving.engine_client import EngineClient, EngineRejectedError, EnginesUnavailableError
-from helix_serve.serving.metrics import HelixMetrics
+from helix_serve.serving.ingress import choice_requests
+from helix_serve.serving.metrics import CURRENT_REQUEST, HelixMetrics, RequestRecord
 from helix_serve.serving.pools import Pool, PoolRouter
 from helix_serve.serving.protocol import EngineChunk, EngineRequest
 
@@ -107,6 +109,22 @@ def test_ongoing_requests_weighted_by_capacity_and_released_when_done():
 
     assert run(scenario()) == ["a", "b", "b"]
     assert pools["a"].ongoing == pools["b"].ongoing == 0
+
+
+def test_a_requests_log_record_counts_each_prompt_once_as_usage_does():
+    """OpenAI's n: every choice's stream reports its prompt's 3 tokens; the prompt was sent once."""
+    client, _ = make_client(cpu=(FakeHandle(), 1.0))
+    record = RequestRecord("req", "/v1/completions", 0.0)
+
+    async def scenario() -> list:
+        CURRENT_REQUEST.set(record)  # as the ingress's middleware does for each HTTP request
+        requests = choice_requests("req", {"max_tokens": 1}, 4, [{"prompt": "a"}, {"prompt": "b"}])
+        return [await client.generate(r, "/v1/completions") for r in requests]
+
+    generations = run(scenario())
+    usage = openai_format.completion("cmpl-req", "m", 0, generations, 4, False)["usage"]
+    assert record.num_prompt_tokens == usage["prompt_tokens"] == 2 * 3
+    assert len(record.finish_reasons) == 8
 
 
 def test_pool_that_never_admits_is_retried_elsewhere_then_skipped():

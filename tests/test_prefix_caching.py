@@ -199,6 +199,34 @@ def test_samples_of_one_prompt_admitted_together_prefill_it_once(engines):
     assert_pool_clean(engines[True])
 
 
+def test_samples_of_one_prompt_admitted_together_draft_it_once(engines, monkeypatch):
+    """The siblings are admitted before the first sample's draft has written the prompt: they must pick up its
+    draft K/V once it has, not compute the prompt again in the draft."""
+    engine = engines[True]
+    prompt = [9, 8, 7, 6, 9, 8] + question(engine, 1)  # a first block no other test has cached
+    computed = {"target": 0, "draft": 0}  # prompt positions each model ran over
+
+    def counting(name, runner):
+        logits = runner.logits
+
+        def wrapped(block_tables, chunks, starts, num_logits):
+            computed[name] += sum(max(0, min(len(prompt), s + len(c)) - s) for c, s in zip(chunks, starts))
+            return logits(block_tables, chunks, starts, num_logits)
+        monkeypatch.setattr(runner, "logits", wrapped)
+
+    counting("target", engine.decoder.target)
+    counting("draft", engine.decoder.draft)
+    # seeded sampling: every step after the prefill runs the draft model (speculative.py)
+    params = [SamplingParams(max_tokens=6, temperature=1.0, seed=s, num_speculative_tokens=2, ignore_eos=True)
+              for s in range(4)]
+    outs = engine.generate([prompt] * 4, params)
+    n, cached = len(prompt), (len(prompt) - 1) // 4 * 4
+    assert [o.stats["num_cached_tokens"] for o in outs] == [0, cached, cached, cached]
+    assert computed == {"target": n + 3 * (n - cached), "draft": n + 3 * (n - cached)}
+    assert [o.token_ids for o in outs] == [o.token_ids for o in engines[False].generate([prompt] * 4, params)]
+    assert_pool_clean(engine)
+
+
 def test_rollbacks_never_drop_a_cached_block(engines, shared, monkeypatch):
     engine = engines[True]
     bm = engine.block_manager
@@ -322,6 +350,24 @@ def test_no_block_leaks_on_abort_deadline_failed_step_oom_and_stop(engines, shar
     on = engine.generate(prompts[:1], stop)[0]
     off = engines[False].generate(prompts[:1], stop)[0]
     assert on.token_ids == off.token_ids and on.finish_reason == "stop"
+    assert_pool_clean(engine)
+
+
+def test_live_tokens_count_a_shared_prefix_once(engines):
+    engine = engines[True]
+    prompt = [4, 3, 2, 1, 4, 3] + question(engine, 7)  # a first block no other test has cached
+    params = [SamplingParams(max_tokens=8, temperature=1.0, seed=s, ignore_eos=True) for s in range(4)]
+    ids = [engine.add_request(prompt, p) for p in params]
+    for _ in range(3):  # the first sample prefills, the others join on the next step, then all decode
+        engine.step()
+    seqs = [engine.seqs[i] for i in ids]
+    cached = (len(prompt) - 1) // 4 * 4  # the blocks the siblings share with the first sample
+    usage = engine.kv_usage()
+    assert usage["num_running"] == 4 and [s.stats.num_cached_tokens for s in seqs] == [0, cached, cached, cached]
+    assert usage["live_tokens"] == cached + sum(s.num_target_cached - cached for s in seqs)
+    assert usage["live_tokens"] <= usage["used_blocks"] * usage["block_size"]
+    while engine.has_unfinished_requests():
+        engine.step()
     assert_pool_clean(engine)
 
 

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from helix_serve.distill.card import write_card
 from helix_serve.distill.data import chat_prompt_ids, generate_responses, read_examples
-from helix_serve.distill.draft_model import build_draft, coverage, select_vocab
+from helix_serve.distill.draft_model import build_draft, coverage, select_vocab, set_vocab
 from helix_serve.distill.prompts import build_prompts, split_prompts
 from helix_serve.distill.trainer import CHECKPOINT, TrainConfig, train_draft
 from helix_serve.device import preferred_cpu_dtype
@@ -76,23 +76,23 @@ def distill(args: DistillArgs) -> dict:
     train_prompts, held_out = split_prompts(build_prompts(args.seed))
     train_prompts, held_out = train_prompts[: args.max_prompts], held_out[: args.max_prompts]
 
-    answers = args.out / ANSWERS
+    answers, vocab_path = args.out / ANSWERS, args.out / VOCAB
     if not args.resume:
-        for stale in (answers, args.out / CHECKPOINT, args.out / "loss.jsonl", args.out / VOCAB):
+        for stale in (answers, args.out / CHECKPOINT, args.out / "loss.jsonl", vocab_path):
             stale.unlink(missing_ok=True)
+    full_vocab = target.config.vocab_size
+    saved_vocab = json.loads(vocab_path.read_text()) if vocab_path.exists() else None
+    vocab_size = len(saved_vocab) if saved_vocab else min(args.draft_vocab_size, full_vocab)
+    # Built before answering: a target config the draft cannot take fails now, not after 45 % of the budget.
+    draft = build_draft(target, args.num_layers, vocab_size)
     examples = generate_responses(target, tokenizer, train_prompts, answers, deadline=start + DATA_SHARE * budget_s)
     if not examples:
         raise ValueError("the answer budget ran out before the first batch: raise --budget-minutes")
 
-    full_vocab = target.config.vocab_size
-    vocab_path = args.out / VOCAB
-    if vocab_path.exists():
-        vocab_ids = json.loads(vocab_path.read_text())
-    else:
-        vocab_ids = select_vocab(examples, tokenizer.all_special_ids, args.draft_vocab_size, full_vocab)
-        vocab_path.write_text(json.dumps(vocab_ids))
+    vocab_ids = saved_vocab or select_vocab(examples, tokenizer.all_special_ids, args.draft_vocab_size, full_vocab)
+    vocab_path.write_text(json.dumps(vocab_ids))
     vocab = VocabMap(len(vocab_ids), full_vocab, vocab_ids, torch.device("cpu"))
-    draft = build_draft(target, vocab_ids, args.num_layers)
+    set_vocab(draft, target, vocab_ids)
     train_budget = TRAIN_SHARE * budget_s
     cfg = TrainConfig(batch_size=args.batch_size, seed=args.seed, autocast_bf16=dtype == torch.bfloat16)
     del target  # training uses the distributions stored with the answers

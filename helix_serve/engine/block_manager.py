@@ -162,6 +162,15 @@ class BlockManager:
             self.prefix_cache.stats.record(seq.num_tokens, prefix.num_tokens)
         return True
 
+    def reuse_draft_blocks(self, seq: Sequence) -> None:
+        """Count as drafted the blocks past `seq.num_draft_cached` whose draft K/V a sharer has written since
+        `seq` was admitted: n samples of one prompt are admitted before the first one's draft catches up."""
+        size, blocks, table = self.block_size, self.allocator.blocks, seq.block_table
+        i = seq.num_draft_cached // size
+        while (i + 1) * size <= seq.num_target_cached and blocks[table[i]].draft_written:
+            i += 1
+        seq.num_draft_cached = max(seq.num_draft_cached, i * size)
+
     def cache_full_blocks(self, seq: Sequence) -> None:
         """After a successful step: offer the sequence's newly verified full blocks to the prefix cache."""
         if self.prefix_cache:
@@ -172,6 +181,15 @@ class BlockManager:
         stats = self.prefix_cache.stats if self.prefix_cache else PrefixCacheStats()
         return {"cached_blocks": self.allocator.num_cached, "prefix_cache_queried_tokens": stats.num_queried_tokens,
                 "prefix_cache_hit_tokens": stats.num_hit_tokens}
+
+    def live_tokens(self, seqs: list[Sequence]) -> int:
+        """Tokens whose target K/V the sequences' blocks hold, each shared block counted once."""
+        live: dict[int, int] = {}  # block id -> tokens written in it
+        for seq in seqs:
+            num_tokens = seq.num_target_cached
+            for i, block_id in enumerate(seq.block_table[: self.blocks_for(num_tokens)]):
+                live[block_id] = max(live.get(block_id, 0), min(self.block_size, num_tokens - i * self.block_size))
+        return sum(live.values())
 
     def truncate(self, block_table: list[int], num_tokens: int) -> None:
         """Drop the blocks past `num_tokens` (rollback of rejected draft tokens)."""

@@ -42,3 +42,21 @@ class EagleRunner:
         hidden = self.head(features.to(self.head.dtype), token_ids, meta, self.kv_cache)  # [T, H]
         last = (torch.tensor(query_lens).cumsum(0) - 1).to(self.device)
         return self.vocab_map.logits(self.head.compute_logits(hidden[last])), hidden[last]
+
+
+class HeadPasses:
+    """The head behind `ModelRunner.logits`'s signature, for calibration (step_cost.calibrate_forward)."""
+
+    def __init__(self, runner: EagleRunner):
+        self.runner = runner
+        self.vocab_size = runner.vocab_size
+        self.width = runner.head.config.hidden_size * len(runner.capture_layers)  # the captured target states
+
+    def logits(self, block_tables: list[list[int]], chunks: list[list[int]], starts: list[int],
+               num_logits: list[int]) -> torch.Tensor:
+        """One head pass over these entries, fed zero target features: its cost does not depend on their values.
+        Every pass fuses them as a catch-up pass does; a chained pass skips that one [3H → H] row, a small
+        overestimate for one-token rows."""
+        features = torch.zeros(sum(len(c) for c in chunks), self.width, dtype=self.runner.head.dtype,
+                               device=self.runner.device)
+        return self.runner.logits(block_tables, self.runner.head.fuse(features), chunks, starts)[0]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -109,7 +110,7 @@ class LLMEngine:
         self.planner = Planner(config.k_max, config.max_num_batched_tokens)
         self.ngram = NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
         self.step_costs = self._step_costs()
-        self._num_steps = 0
+        self.step_cost_log: deque[tuple[float, float]] = deque(maxlen=4096)  # (predicted, measured) seconds per step
         self.stop_checker = StopChecker(self.tokenizer, self._eos_ids(), self.max_model_len)
         self.seqs: dict[str, Sequence] = {}
         self._steps_since_oom = 0
@@ -120,13 +121,17 @@ class LLMEngine:
         config = self.config
         if config.draft_cost_ratio is not None and config.verify_cost_ratio is not None:
             return StepCostModel.from_ratios(config.draft_cost_ratio, config.verify_cost_ratio,
-                                             config.max_num_batched_tokens)
+                                             config.max_num_batched_tokens, self.decoder.eagle)
+        limit = self.max_model_len  # calibration positions stay inside the model's context
+        long_context = min(512, limit // 2)
         try:
-            draft = None if self.decoder.eagle else self.decoder.draft  # TODO(eagle): calibrate the head's pass
-            costs = calibrate(self.decoder.target, draft, self.block_manager,
-                              max_tokens=min(64, config.max_num_batched_tokens), max_rows=config.max_num_seqs)
+            costs = calibrate(self.decoder.target, self.decoder.draft, self.block_manager,
+                              max_tokens=min(64, config.max_num_batched_tokens, limit - long_context - 1),
+                              max_rows=config.max_num_seqs, base_context=min(64, limit // 4),
+                              long_context=long_context, max_draft_tokens=min(256, limit - long_context - 1))
         except ValueError:  # a pool too small to calibrate in
-            return StepCostModel.from_ratios(DEFAULT_DRAFT_COST_RATIO, 0.0, config.max_num_batched_tokens)
+            return StepCostModel.from_ratios(DEFAULT_DRAFT_COST_RATIO, 0.0, config.max_num_batched_tokens,
+                                             self.decoder.eagle)
         c, v = costs.ratios
         logger.info("step costs: c=%.3f v=%.3f (target %.2f ms)", c, v, costs.target(1) * 1e3)
         return costs
@@ -259,8 +264,8 @@ class LLMEngine:
         outputs = [self._advance(seq, d, plan.get(seq.request_id), new, a, lp)
                    for seq, d, new, a, lp in zip(seqs, drafts, out.new_token_ids, out.num_accepted, out.logprobs)]
         out.timing.total_s = time.perf_counter() - start
+        self.step_cost_log.append((self.step_costs.predict(out.timing), out.timing.total_s))
         self.step_costs.observe(out.timing)
-        self._num_steps += 1
         return outputs
 
     @staticmethod
@@ -309,7 +314,7 @@ class LLMEngine:
         lookup = [s for s in running if s.request_id in ready and self._may_use(s, Proposer.NGRAM)]
         found = dict(zip((s.request_id for s in lookup), self.ngram.propose(lookup, self.config.k_max)))
         options = [self._options(s, found.get(s.request_id, []), s.request_id in ready) for s in running]
-        choices = self.planner.plan(options, self.step_costs, self._num_steps)
+        choices = self.planner.plan(options, self.step_costs)
         return {o.seq.request_id: _Planned(o, c) for o, c in zip(options, choices)}
 
     def _options(self, seq: Sequence, ngram_tokens: list[int], ready: bool) -> Options:
@@ -409,7 +414,7 @@ class LLMEngine:
             "pool_bytes": self.kv_bytes,
             "bytes_per_token": bytes_per_token,
             "reserved_bytes": bm.num_used_blocks * bm.block_size * bytes_per_token,
-            "live_tokens": sum(s.num_target_cached for s in self.scheduler.running),
+            "live_tokens": bm.live_tokens(self.scheduler.running),
             "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting),
             "max_model_len": self.max_model_len,  # what a contiguous per-sequence cache would reserve

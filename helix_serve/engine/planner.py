@@ -3,30 +3,34 @@ tokens, chosen for the goodput of the whole step.
 
 Gain. A proposer accepted at rate α that drafts K tokens makes its sequence emit E(α, K) = (1 − α^(K+1)) /
 (1 − α) tokens (Leviathan et al. 2023): its j-th draft token adds α^j expected tokens, less for each j.
-Cost. A step costs target(N) + P · draft(R) + overhead (step_cost.py): N batched tokens, P draft-model
-passes over R rows; the curves are measured, so a verify pass that turns compute-bound under load shows up.
+Cost. The step-cost model (step_cost.py) predicts the whole step from its shape: the target pass over every
+batched token, the draft model's passes (the first one catching each drafting sequence up on the tokens it has
+not seen), processing every row of logits, and the rest.
 Choice. For each draft depth P (0 … k_max) every sequence takes the proposer that expects more tokens from
 it (prompt lookup costs nothing to run but proposes only where the text repeats itself); all the possible
 extra draft tokens of the batch are ranked by gain, and the prefix of that ranking with the most expected
 tokens per second wins. K = 0 everywhere is a candidate like the others, so speculation switches itself off
-when it does not pay, per sequence and per step.
-Acceptance. α is a decayed ratio of accepted to judged draft positions, per sequence and per proposer,
-pulled towards a prior while evidence is thin. Prompt lookup is scored every step for free ("shadow"): its
-proposals are compared with the tokens the step emitted, which are exact samples of the target, so a match
-at a position happens with the probability it would have been accepted. The draft model can only be scored
-by running it: a sequence that has not used it for `probe_interval` steps gets K = 1 from it on the next step
-whose index is a multiple of `probe_interval`, so that under load the probes share one draft pass.
+when it does not pay, per sequence and per step, whatever the load.
+Acceptance. α is a decayed ratio of accepted to judged draft positions, per sequence and per proposer, pulled
+towards the engine-wide rate of that proposer while the sequence's own evidence is thin (a new request starts
+from what the proposer has been doing lately, not from a fixed guess). Prompt lookup is scored every step for
+free ("shadow"): its proposals are compared with the tokens the step emitted, which are exact samples of the
+target, so a match is a token it would have had accepted. The draft model can only be scored by running it:
+a sequence that has not used it for `probe_interval` steps gets K = 1 from it — when the probe budget allows.
+The budget grows by `probe_share` of every step's predicted time and each probe spends what it is predicted to
+add to its step, so probing costs at most that share of the time at any load (under load, where a verify token
+is expensive, probes become rare; at batch 1 they are cheap and frequent).
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from helix_serve.engine.sequence import Acceptance, Sequence
-from helix_serve.engine.step_cost import StepCostModel
+from helix_serve.engine.step_cost import DraftWork, StepCostModel
 
 
 class Proposer(str, enum.Enum):
@@ -34,7 +38,10 @@ class Proposer(str, enum.Enum):
     NGRAM = "ngram"  # prompt lookup over the sequence's own tokens
 
 
-PRIORS = {Proposer.DRAFT: (0.7, 4.0), Proposer.NGRAM: (0.3, 2.0)}  # (α, weight in judged positions)
+# (α, weight in judged positions) before any evidence: the engine-wide rate starts here...
+PRIORS = {Proposer.DRAFT: (0.5, 4.0), Proposer.NGRAM: (0.3, 4.0)}
+SEQUENCE_PRIOR_WEIGHT = 4.0  # ...and a sequence's own α starts at the engine-wide rate, with this weight
+POPULATION_DECAY = 0.995  # per judged step of any sequence: the engine-wide rate follows the recent requests
 
 
 def expected_speedup(alpha: float, k: int, cost_ratio: float, verify_ratio: float = 0.0) -> float:
@@ -56,11 +63,20 @@ class Options:
     fixed_k: int | None = None  # the request's or the engine's fixed K
     judged: bool = False  # seeded sampling: the draft model always proposes K + 1 (speculative.py)
 
+    @property
+    def catch_up(self) -> int:
+        """Tokens the draft model's first pass would process for this sequence."""
+        return max(self.seq.num_tokens - self.seq.num_draft_cached, 1)
+
 
 @dataclass(slots=True)
 class Choice:
     proposer: Proposer | None
     k: int
+
+
+def _population() -> dict[Proposer, Acceptance]:
+    return {p: Acceptance() for p in Proposer}
 
 
 @dataclass(slots=True)
@@ -69,49 +85,43 @@ class Planner:
     max_num_batched_tokens: int = 2048
     decay: float = 0.9
     probe_interval: int = 16
+    probe_share: float = 0.01  # of predicted step time, spent on probing the draft model at most
+    population: dict[Proposer, Acceptance] = field(default_factory=_population)
+    probe_budget_s: float = 0.0
+
+    def prior(self, proposer: Proposer) -> float:
+        """The engine-wide acceptance rate of a proposer (recent sequences, pulled towards PRIORS)."""
+        alpha, weight = PRIORS[proposer]
+        state = self.population[proposer]
+        return (state.accepted + alpha * weight) / (state.judged + weight)
 
     def alpha(self, seq: Sequence, proposer: Proposer) -> float:
-        prior, weight = PRIORS[proposer]
         state = seq.acceptance[proposer.value]
-        return (state.accepted + prior * weight) / (state.judged + weight)
+        return (state.accepted + self.prior(proposer) * SEQUENCE_PRIOR_WEIGHT) / (state.judged + SEQUENCE_PRIOR_WEIGHT)
 
     # ---- choosing ------------------------------------------------------------------------------
 
-    def plan(self, options: list[Options], costs: StepCostModel, step_index: int) -> list[Choice]:
-        choices: list[Choice | None] = [self._forced(o, step_index) for o in options]
-        free = [i for i, c in enumerate(choices) if c is None]
-        fixed = [(options[i], c) for i, c in enumerate(choices) if c is not None]
-        fixed_tokens = sum(c.k for _, c in fixed)
-        fixed_gain = sum(self._gains(o.seq, c.proposer, c.k).sum() for o, c in fixed if c.proposer)
-        fixed_draft = [(o, c) for o, c in fixed if c.proposer is Proposer.DRAFT]
-        fixed_passes = max((c.k + o.judged for o, c in fixed_draft), default=0)
-        base = sum(o.base_tokens for o in options) + fixed_tokens
-        budget = max(self.max_num_batched_tokens - base, 0)
-        any_draft = any(options[i].draft and options[i].room > 0 for i in free)
-        best: tuple[float, int, list[Choice]] | None = None
-        for depth in range(self.k_max + 1) if any_draft else (0,):
-            picks = [self._pick(options[i], depth) for i in free]
-            gains = [self._gains(options[i].seq, p.proposer, p.k) for i, p in zip(free, picks)]
-            owner = np.repeat(np.arange(len(free)), [len(g) for g in gains])
-            flat = np.concatenate(gains) if gains else np.zeros(0)
-            order = np.argsort(-flat, kind="stable")[:budget]
-            expected = len(options) + fixed_gain + np.concatenate(([0.0], np.cumsum(flat[order])))
-            rows = len(fixed_draft) + sum(p.proposer is Proposer.DRAFT for p in picks)
-            judged = any(options[i].judged for i in free)
-            passes = max(fixed_passes, (depth if rows else 0) + judged)  # judged rows propose K + 1
-            seconds = costs.step_seconds(base + np.arange(len(expected)), passes, rows)
-            rate = expected / seconds
-            m = int(np.argmax(rate))
-            if best is None or rate[m] > best[0] * (1 + 1e-9):
-                ks = np.bincount(owner[order[:m]], minlength=len(free)) if len(free) else []
-                best = (float(rate[m]), depth, [Choice(p.proposer if k or options[i].judged else None, int(k))
-                                                for i, p, k in zip(free, picks, ks)])
-        for i, choice in zip(free, best[2] if best else []):
-            choices[i] = choice
+    def plan(self, options: list[Options], costs: StepCostModel) -> list[Choice]:
+        choices: list[Choice | None] = [self._forced(o) for o in options]
+        free = [options[i] for i, c in enumerate(choices) if c is None]
+        shape = _StepShape.of(options, choices, self, costs)
+        if free:
+            table = _FreeTable.of(free, self)
+            best_rate, best = -1.0, [Choice(None, 0)] * len(free)
+            worse = 0
+            for depth in range(self.k_max + 1) if table.may_draft.any() else (0,):
+                rate, picked = shape.best_prefix(table, depth)
+                if rate > best_rate * (1 + 1e-9):
+                    best_rate, best, worse = rate, picked, 0
+                elif (worse := worse + 1) == 2:  # the rate over depth rises then falls: stop once it fell twice
+                    break
+            slots = iter(best)
+            choices = [c if c is not None else next(slots) for c in choices]
+        self._probe(options, choices, shape)  # type: ignore[arg-type]
         return choices  # type: ignore[return-value]
 
-    def _forced(self, o: Options, step_index: int) -> Choice | None:
-        """A choice that is not the planner's to make: fixed K, nothing to propose, or a probe."""
+    def _forced(self, o: Options) -> Choice | None:
+        """A choice that is not the planner's to make: fixed K or nothing to propose."""
         if o.room <= 0 or not (o.draft or o.ngram_tokens):
             return Choice(Proposer.DRAFT if o.judged else None, 0)
         if o.fixed_k is not None:
@@ -119,10 +129,30 @@ class Planner:
             cap = o.fixed_k if proposer is Proposer.DRAFT else len(o.ngram_tokens)
             k = min(o.fixed_k, cap, o.room)
             return Choice(proposer if k or o.judged else None, k)
-        stale = o.seq.acceptance[Proposer.DRAFT.value].steps_since >= self.probe_interval
-        if o.draft and stale and step_index % self.probe_interval == 0:
-            return Choice(Proposer.DRAFT, 1)
         return None
+
+    def _probe(self, options: list[Options], choices: list[Choice], shape: _StepShape) -> None:
+        """Give the stalest sequences a K = 1 draft-model probe, as many as the probe budget covers."""
+        seconds = shape.seconds(options, choices)
+        self.probe_budget_s = min(self.probe_budget_s + self.probe_share * seconds, seconds)
+        stale = sorted((i for i, (o, c) in enumerate(zip(options, choices))
+                        if o.draft and o.room > 0 and o.fixed_k is None and c.proposer is not Proposer.DRAFT
+                        and o.seq.acceptance[Proposer.DRAFT.value].steps_since >= self.probe_interval),
+                       key=lambda i: -options[i].seq.acceptance[Proposer.DRAFT.value].steps_since)
+
+        def probed(n: int) -> list[Choice]:
+            return [Choice(Proposer.DRAFT, 1) if i in stale[:n] else c for i, c in enumerate(choices)]
+
+        low, high = 0, len(stale)  # the most probes whose predicted extra time fits the budget (it grows with n)
+        while low < high:
+            mid = (low + high + 1) // 2
+            if shape.seconds(options, probed(mid)) - seconds <= self.probe_budget_s:
+                low = mid
+            else:
+                high = mid - 1
+        if low:
+            self.probe_budget_s -= shape.seconds(options, probed(low)) - seconds
+            choices[:] = probed(low)
 
     def _better(self, o: Options, draft_depth: int) -> Proposer:
         """The proposer that expects more tokens from this sequence (prompt lookup on a tie: it is free)."""
@@ -130,20 +160,11 @@ class Planner:
             return Proposer.NGRAM if not o.judged and o.ngram_tokens else Proposer.DRAFT
         if not o.ngram_tokens:
             return Proposer.DRAFT
-        ngram = self._gains(o.seq, Proposer.NGRAM, min(len(o.ngram_tokens), o.room)).sum()
-        draft = self._gains(o.seq, Proposer.DRAFT, min(draft_depth, o.room)).sum()
+        ngram = self.gains(o.seq, Proposer.NGRAM, min(len(o.ngram_tokens), o.room)).sum()
+        draft = self.gains(o.seq, Proposer.DRAFT, min(draft_depth, o.room)).sum()
         return Proposer.NGRAM if ngram >= draft else Proposer.DRAFT
 
-    def _pick(self, o: Options, depth: int) -> Choice:
-        """At draft depth `depth`: this sequence's proposer and the most tokens it may draft."""
-        if depth == 0 and not o.judged:
-            return Choice(Proposer.NGRAM, min(len(o.ngram_tokens), o.room, self.k_max)) if o.ngram_tokens \
-                else Choice(None, 0)
-        proposer = self._better(o, depth)
-        cap = depth if proposer is Proposer.DRAFT else len(o.ngram_tokens)
-        return Choice(proposer, min(cap, o.room, self.k_max))
-
-    def _gains(self, seq: Sequence, proposer: Proposer | None, k: int) -> np.ndarray:
+    def gains(self, seq: Sequence, proposer: Proposer | None, k: int) -> np.ndarray:
         """Expected extra tokens of draft positions 1..k: α, α², ..."""
         if proposer is None or k <= 0:
             return np.zeros(0)
@@ -157,14 +178,135 @@ class Planner:
         for proposer in Proposer:
             seq.acceptance[proposer.value].steps_since += 1
         if choice.proposer is not None and choice.k > 0:
-            self._fold(seq.acceptance[choice.proposer.value], choice.k, num_accepted)
+            self._fold(choice.proposer, seq, choice.k, num_accepted)
         if ngram_tokens and choice.proposer is not Proposer.NGRAM:
             compared = min(len(ngram_tokens), len(emitted))
             matched = next((j for j in range(compared) if ngram_tokens[j] != emitted[j]), compared)
-            self._fold(seq.acceptance[Proposer.NGRAM.value], compared, matched)
+            self._fold(Proposer.NGRAM, seq, compared, matched)
 
-    def _fold(self, state: Acceptance, num_drafted: int, num_accepted: int) -> None:
+    def _fold(self, proposer: Proposer, seq: Sequence, num_drafted: int, num_accepted: int) -> None:
         """Positions up to and including the first rejection were judged."""
+        judged = min(num_accepted + 1, num_drafted)
+        state = seq.acceptance[proposer.value]
         state.steps_since = 0
         state.accepted = self.decay * state.accepted + num_accepted
-        state.judged = self.decay * state.judged + min(num_accepted + 1, num_drafted)
+        state.judged = self.decay * state.judged + judged
+        everyone = self.population[proposer]
+        everyone.accepted = POPULATION_DECAY * everyone.accepted + num_accepted
+        everyone.judged = POPULATION_DECAY * everyone.judged + judged
+
+
+@dataclass(slots=True)
+class _StepShape:
+    """The parts of a step's cost that the planner's choices do not change, and the fixed choices' share."""
+
+    planner: Planner
+    costs: StepCostModel
+    rows: int
+    context: int  # rows × the longest context
+    base_tokens: int  # uncached tokens of every sequence, plus the fixed choices' drafts
+    fixed_gain: float
+    fixed_k: int
+    fixed_draft_rows: int
+    fixed_catch_up: int
+    fixed_passes: int
+
+    @classmethod
+    def of(cls, options: list[Options], choices: list[Choice | None], planner: Planner,
+           costs: StepCostModel) -> _StepShape:
+        fixed = [(o, c) for o, c in zip(options, choices) if c is not None]
+        drafting = [(o, c) for o, c in fixed if c.proposer is Proposer.DRAFT and c.k + o.judged > 0]
+        fixed_k = sum(c.k for _, c in fixed)
+        longest = max((o.seq.num_tokens for o in options), default=0)
+        return cls(planner, costs, len(options), len(options) * longest,
+                   sum(o.base_tokens for o in options) + fixed_k,
+                   float(sum(planner.gains(o.seq, c.proposer, c.k).sum() for o, c in fixed)), fixed_k,
+                   len(drafting), sum(o.catch_up for o, _ in drafting),
+                   max((c.k + o.judged for o, c in drafting), default=0))
+
+    def step_seconds(self, drafted: np.ndarray, draft_rows: np.ndarray, catch_up: np.ndarray,
+                     passes: np.ndarray) -> np.ndarray:
+        draft_rows, catch_up = draft_rows + self.fixed_draft_rows, catch_up + self.fixed_catch_up
+        passes = np.maximum(passes, self.fixed_passes)
+        longest = self.context // max(self.rows, 1)
+        work = DraftWork(passes, draft_rows, catch_up, draft_rows * longest)
+        return self.costs.step_seconds(self.base_tokens + drafted, self.rows, self.context, work,
+                                       self.fixed_k + drafted)
+
+    def seconds(self, options: list[Options], choices: list[Choice]) -> float:
+        """The predicted time of a step with these choices (the fixed ones included)."""
+        drafting = [(o, c) for o, c in zip(options, choices) if c.proposer is Proposer.DRAFT and c.k + o.judged > 0]
+        total_k = sum(c.k for c in choices)
+        base = self.base_tokens - self.fixed_k
+        work = DraftWork(max((c.k + o.judged for o, c in drafting), default=0), len(drafting),
+                         sum(o.catch_up for o, _ in drafting), len(drafting) * (self.context // max(self.rows, 1)))
+        return float(self.costs.step_seconds(base + total_k, self.rows, self.context, work, total_k))
+
+    def best_prefix(self, table: _FreeTable, depth: int) -> tuple[float, list[Choice]]:
+        """At this draft depth: the free sequences' extra tokens ranked by gain, and the prefix of that ranking
+        with the most expected tokens per second (its rate, and each free sequence's choice)."""
+        proposers, caps = table.picks(depth)
+        alphas = np.where(proposers == _DRAFT, table.alpha_draft, table.alpha_ngram)  # [F]
+        positions = np.arange(1, max(int(caps.max(initial=0)), 1) + 1)
+        gains = alphas[:, None] ** positions[None, :]  # [F, J]
+        taken = positions[None, :] <= caps[:, None]
+        owner = np.nonzero(taken)[0]
+        flat = gains[taken]
+        budget = max(self.planner.max_num_batched_tokens - self.base_tokens, 0)
+        order = np.argsort(-flat, kind="stable")[:budget]
+        expected = self.rows + self.fixed_gain + np.concatenate(([0.0], np.cumsum(flat[order])))
+        ks = np.zeros((len(order) + 1, len(proposers)), dtype=np.int64)  # [M + 1, F] K after m ranked tokens
+        if len(order):
+            ks[1:] = np.cumsum(owner[order][:, None] == np.arange(len(proposers))[None, :], axis=0)
+        runs_draft = (proposers == _DRAFT)[None, :] & ((ks > 0) | table.judged[None, :])  # [M + 1, F]
+        passes = np.where(runs_draft, ks + table.judged[None, :], 0).max(axis=1, initial=0)
+        seconds = self.step_seconds(np.arange(len(order) + 1), runs_draft.sum(axis=1),
+                                    (runs_draft * table.catch_up[None, :]).sum(axis=1), passes)
+        rate = expected / seconds
+        m = int(np.argmax(rate))
+        return float(rate[m]), [Choice(_PROPOSERS[p] if k or j else None, int(k))
+                                for p, k, j in zip(proposers, ks[m], table.judged)]
+
+
+_NONE, _DRAFT, _NGRAM = 0, 1, 2  # proposer codes in the vectorised tables
+_PROPOSERS = {_NONE: None, _DRAFT: Proposer.DRAFT, _NGRAM: Proposer.NGRAM}
+
+
+def _gain_sum(alpha: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """α + α² + … + α^k, elementwise."""
+    return np.where(alpha < 1.0, alpha * (1 - alpha ** k) / np.maximum(1 - alpha, 1e-12), k * 1.0)
+
+
+@dataclass(slots=True)
+class _FreeTable:
+    """The free sequences' options as arrays, for choosing over all of them at once."""
+
+    alpha_draft: np.ndarray  # [F]
+    alpha_ngram: np.ndarray
+    may_draft: np.ndarray  # bool
+    judged: np.ndarray  # bool
+    ngram_k: np.ndarray  # prompt-lookup proposals usable (room and k_max applied)
+    room: np.ndarray
+    catch_up: np.ndarray
+    k_max: int
+
+    @classmethod
+    def of(cls, free: list[Options], planner: Planner) -> _FreeTable:
+        room = np.array([min(o.room, planner.k_max) for o in free])
+        return cls(np.array([planner.alpha(o.seq, Proposer.DRAFT) for o in free]),
+                   np.array([planner.alpha(o.seq, Proposer.NGRAM) for o in free]),
+                   np.array([o.draft for o in free]), np.array([o.judged for o in free]),
+                   np.minimum([len(o.ngram_tokens) for o in free], room), room,
+                   np.array([o.catch_up for o in free]), planner.k_max)
+
+    def picks(self, depth: int) -> tuple[np.ndarray, np.ndarray]:
+        """Each sequence's proposer code and most draft tokens at this draft depth: the proposer that expects
+        more tokens (prompt lookup on a tie: it is free); at depth 0 only prompt lookup (judged rows: the draft)."""
+        draft_k = np.minimum(depth, self.room)
+        ngram_wins = _gain_sum(self.alpha_ngram, self.ngram_k) >= _gain_sum(self.alpha_draft, draft_k)
+        has_ngram = self.ngram_k > 0
+        use_ngram = ~self.judged & has_ngram & (~self.may_draft | ngram_wins | (depth == 0))
+        use_draft = ~use_ngram & ((self.may_draft & (depth > 0)) | self.judged)
+        proposers = np.where(use_ngram, _NGRAM, np.where(use_draft, _DRAFT, _NONE))
+        caps = np.where(use_ngram, self.ngram_k, np.where(use_draft, draft_k, 0))
+        return proposers, caps

@@ -6,7 +6,9 @@ newest running sequence is preempted: its blocks are freed and it is recomputed 
 A waiting sequence starts from the longest prefix the prefix cache holds (when enabled), so it
 prefills only the rest; free blocks include cached ones that allocation may evict. A sequence whose next
 full block another one admitted in the same step is about to prefill waits one step and reuses it: n
-samples of one prompt prefill it once.
+samples of one prompt prefill it once. The draft writes a prompt's K/V in the first sample's second step
+(its first catch-up), after the others were admitted; each step a running sequence picks up the shared blocks
+whose draft K/V has appeared since, so the draft too computes the prompt once.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ class Scheduler:
         for seq in list(self.running):
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted earlier in this loop
+            self.block_manager.reuse_draft_blocks(seq)
             k = choose_k(seq, len(self.running))
             while not self.block_manager.ensure_slots(seq.block_table, seq.num_tokens + k):
                 if k > 0:

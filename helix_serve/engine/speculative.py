@@ -39,7 +39,7 @@ from helix_serve.engine.rejection import rejection_sample
 from helix_serve.engine.sampler import (Purpose, SamplingTensors, logits_to_probs, position_uniform,
                                         sample_from_probs, sampling_row)
 from helix_serve.engine.sequence import Sequence
-from helix_serve.engine.step_cost import StepTiming
+from helix_serve.engine.step_cost import PassShape, PassTiming, StepTiming
 
 GREEDY_UNIFORM = 0.5  # greedy rows use one-hot p and q: any uniform gives the same tokens
 
@@ -157,16 +157,11 @@ class SpeculativeDecoder:
         """Raises SequenceInputError (before running anything) if one sequence's inputs cannot be built."""
         ks = [d.k for d in drafts]
         inputs = self._inputs(seqs, drafts)
-        start = time.perf_counter()
-        draft_ids, draft_probs = self._propose(seqs, drafts, inputs)
-        draft_lists = draft_ids.tolist()  # waits for the draft passes
-        drafted = time.perf_counter()
-        target_probs, target_logits, first_rows, features = self._score(seqs, ks, draft_ids, draft_lists, inputs)
-        self._synchronize()
-        model_rows = [d.num_proposals for d in drafts if d.by_model]
-        timing = StepTiming(time.perf_counter() - drafted, sum(s.num_tokens - s.num_target_cached for s in seqs)
-                            + sum(ks), drafted - start if model_rows else 0.0, max(model_rows, default=0),
-                            len(model_rows))
+        timing = StepTiming(drafted_tokens=sum(ks))
+        draft_ids, draft_probs = self._propose(seqs, drafts, inputs, timing)
+        draft_lists = draft_ids.tolist()
+        target_probs, target_logits, first_rows, features = self._score(seqs, ks, draft_ids, draft_lists, inputs,
+                                                                         timing)
         k_tensor = torch.tensor(ks, device=self.device)
         result = rejection_sample(draft_ids, draft_probs, target_probs, k_tensor, inputs.accept_uniforms,
                                   inputs.final_uniforms, inputs.judged)
@@ -196,10 +191,10 @@ class SpeculativeDecoder:
                 raise SequenceInputError(seq, exc) from exc
         return _StepInputs.stack(rows, [d.k for d in drafts], self.device, self.target.vocab_size)
 
-    def _propose(self, seqs: list[Sequence], drafts: list[Draft],
-                 inputs: _StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    def _propose(self, seqs: list[Sequence], drafts: list[Draft], inputs: _StepInputs,
+                 timing: StepTiming) -> tuple[torch.Tensor, torch.Tensor]:
         """Each sequence's proposals: [N, D] ids and the [N, D, V] distributions they came from
-        (sampled from the draft model, or given and one-hot)."""
+        (sampled from the draft model, or given and one-hot). Times each draft pass into `timing`."""
         vocab, width = self.target.vocab_size, max(inputs.num_proposals)
         draft_ids = torch.zeros(len(seqs), width, dtype=torch.long, device=self.device)
         draft_probs = torch.zeros(len(seqs), width, vocab, device=self.device)
@@ -213,28 +208,42 @@ class SpeculativeDecoder:
         hidden: dict[int, torch.Tensor] = {}  # EAGLE: each row's last output feature
         for j in range(max(counts)):
             rows = [i for i, n in enumerate(counts) if n > j]
+            start = time.perf_counter()
             if self.eagle:
-                logits = self._eagle_logits(seqs, rows, j, previous, hidden)
-            elif j == 0:  # the draft catches up on every token it has not seen yet
-                chunks = [seqs[i].token_ids[seqs[i].num_draft_cached :] for i in rows]
-                starts = [seqs[i].num_draft_cached for i in rows]
-                logits = self.draft.logits([seqs[i].block_table for i in rows], chunks, starts, [1] * len(rows))
+                logits, chunks, starts = self._eagle_logits(seqs, rows, j, previous, hidden)
             else:
-                chunks = [[previous[i]] for i in rows]
-                starts = [seqs[i].num_tokens + j - 1 for i in rows]
-                logits = self.draft.logits([seqs[i].block_table for i in rows], chunks, starts, [1] * len(rows))
+                logits, chunks, starts = self._draft_logits(seqs, rows, j, previous)
+            self._synchronize()
+            forwarded = time.perf_counter()
             index = torch.tensor(rows, device=self.device)
             probs = inputs.probs(logits, index, draft_ids[index, :j], torch.full((len(rows),), j))
             tokens = sample_from_probs(probs, inputs.draft_uniforms[index.cpu(), j])
             draft_ids[index, j], draft_probs[index, j] = tokens, probs
-            previous = dict(zip(rows, tokens.tolist()))
+            previous = dict(zip(rows, tokens.tolist()))  # waits for the pass
+            passes = timing.heads if self.eagle else timing.drafts
+            passes.append(PassTiming(_shape(chunks, starts), forwarded - start))
+            timing.processing_s += time.perf_counter() - forwarded
+            timing.processed_rows += len(rows)
         return draft_ids, draft_probs
 
+    def _draft_logits(self, seqs: list[Sequence], rows: list[int], j: int,
+                      previous: dict[int, int]) -> tuple[torch.Tensor, list[list[int]], list[int]]:
+        """Pass j of the draft model (j = 0 catches up on every token it has not seen yet): its logits, and the
+        chunks and starts it ran on."""
+        if j == 0:
+            chunks = [seqs[i].token_ids[seqs[i].num_draft_cached :] for i in rows]
+            starts = [seqs[i].num_draft_cached for i in rows]
+        else:
+            chunks = [[previous[i]] for i in rows]
+            starts = [seqs[i].num_tokens + j - 1 for i in rows]
+        logits = self.draft.logits([seqs[i].block_table for i in rows], chunks, starts, [1] * len(rows))
+        return logits, chunks, starts
+
     def _eagle_logits(self, seqs: list[Sequence], rows: list[int], j: int, previous: dict[int, int],
-                      hidden: dict[int, torch.Tensor]) -> torch.Tensor:
+                      hidden: dict[int, torch.Tensor]) -> tuple[torch.Tensor, list[list[int]], list[int]]:
         """Step j of chained EAGLE drafting. j = 0: the head catches up on entries num_draft_cached .. n-2 from
         the target's kept features (eagle_runner.py), its last entry drafting token n; j > 0: entry n-2+j is
-        fed the row's own output feature and the token it drafted."""
+        fed the row's own output feature and the token it drafted. Also returns the chunks and starts."""
         picked = [seqs[i] for i in rows]
         if j == 0:
             features = torch.cat([s.eagle_features[: s.num_tokens - 1 - s.num_draft_cached] for s in picked])
@@ -247,7 +256,7 @@ class SpeculativeDecoder:
             starts = [s.num_tokens - 2 + j for s in picked]
         logits, out = self.draft.logits([s.block_table for s in picked], features, chunks, starts)
         hidden.update(zip(rows, out))
-        return logits
+        return logits, chunks, starts
 
     @staticmethod
     def _keep_features(seqs: list[Sequence], drafts: list[Draft], ks: list[int], num_accepted: list[int],
@@ -269,7 +278,8 @@ class SpeculativeDecoder:
             seq.eagle_features = kept
 
     def _score(self, seqs: list[Sequence], ks: list[int], draft_ids: torch.Tensor, draft_lists: list[list[int]],
-               inputs: _StepInputs) -> tuple[torch.Tensor, torch.Tensor, list[int], torch.Tensor | None]:
+               inputs: _StepInputs, timing: StepTiming
+               ) -> tuple[torch.Tensor, torch.Tensor, list[int], torch.Tensor | None]:
         """One target pass over the uncached tokens plus the drafts. Returns the [N, K+1, V] target
         distributions, the raw [Σ(K_i+1), V] logits behind them, each sequence's first row there, and the
         captured features of every token of the pass (with an EAGLE head; else None)."""
@@ -277,15 +287,28 @@ class SpeculativeDecoder:
         starts = [s.num_target_cached for s in seqs]
         counts = torch.tensor(ks) + 1
         tables = [s.block_table for s in seqs]
+        start = time.perf_counter()
         if self.eagle:  # the same pass also returns the head's features: no extra target pass
             logits, features = self.target.logits_and_features(tables, chunks, starts, counts.tolist(),
                                                                self.draft.capture_layers)
         else:
             logits, features = self.target.logits(tables, chunks, starts, counts.tolist()), None
+        self._synchronize()
+        forwarded = time.perf_counter()
         rows = torch.repeat_interleave(torch.arange(len(seqs)), counts)
         first_rows = torch.cumsum(counts, 0) - counts
         cols = torch.arange(len(rows)) - first_rows[rows]
         probs = inputs.probs(logits, rows, draft_ids[rows.to(self.device)], cols)  # [Σ(K_i+1), V]
         padded = probs.new_zeros(len(seqs), max(ks) + 1, probs.shape[-1])
         padded[rows.to(self.device), cols.to(self.device)] = probs
+        self._synchronize()
+        timing.target = PassTiming(_shape(chunks, starts), forwarded - start)
+        timing.processing_s += time.perf_counter() - forwarded
+        timing.processed_rows += len(rows)
         return padded, logits, first_rows.tolist(), features
+
+
+def _shape(chunks: list[list[int]], starts: list[int]) -> PassShape:
+    """A pass over these chunks: tokens, rows, and the K/V its attention gathers (padded to the longest)."""
+    longest = max(start + len(chunk) for chunk, start in zip(chunks, starts))
+    return PassShape(sum(len(c) for c in chunks), len(chunks), len(chunks) * longest)

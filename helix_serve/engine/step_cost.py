@@ -1,108 +1,224 @@
-"""What one engine step costs on this device, as curves over how much work the step holds.
+"""What one engine step costs on this device, predicted from the step's shape.
 
-A step is: draft-model passes (one token per drafting sequence each), one target pass over every batched
-token (uncached tokens plus drafts), and per-step work around them (sampling, rejection, bookkeeping).
-The planner needs each as a function of load, not one batch-1 number: a verify pass is nearly free while
-the target is memory-bound and costs real compute once it is not. So the engine
-- calibrates at start: target forwards of 1, 2, 4, ... tokens, draft forwards of 1, 2, 4, ... rows;
-- refreshes from live steps: every step's measured times are folded into its curve (an exponential moving
-  average at the nearest calibration point, rescaled along the curve), so the curves follow the real batch
-  shapes, context lengths and thread counts the engine meets.
+A step is: draft-model passes, one target pass, turning logits into distributions (penalties, temperature,
+top-k/top-p; per row of logits), and the rest (rejection, bookkeeping). The planner needs each as a function of
+the step's shape, not one batch-1 number: a verify pass is nearly free while the target is memory-bound and
+costs real compute once it is not. A forward pass of either model costs, to a good approximation,
+
+    forward(T, R, C) = tokens(T) + rows(R) + per_context · (C − R · C₀)
+
+- tokens(T): T batched tokens of one sequence (projections and LM head). Sampled at every T up to 8 and more
+  sparsely after: CPU GEMM kernels change at small widths (on the 2-core EPYC, 5 rows cost ~1.4× 4 rows).
+- rows(R): what R sequences of one token each cost over R tokens of one sequence (per-sequence attention work).
+- per_context: each token of K/V the paged attention gathers (R × the longest context, with padding) beyond the
+  C₀ per row that calibration used.
+
+The engine calibrates these at start, for the target and its model-based proposer: the draft model or an EAGLE
+head (one decoder layer over the target's features, engine/eagle_runner.py; at most one of the two per engine). Live steps then refresh one scale per model
+(an exponential moving average of measured ÷ predicted), so the curves keep their measured shape while following
+threads, contention and clock speed; a per-point refresh would let one noisy step reshape a curve for good.
+The draft's first pass in a step catches it up on every token it has not seen yet (after the target's prefill,
+after steps where prompt lookup or nothing drafted, after preemption): a pass of that many tokens, not a one-row
+pass. The head's catch-up pass is shaped the same way but one token shorter: its entry t pairs the target's
+feature at t with token t + 1, so it trails the sequence by one. Processing and the rest are moving averages: per row
+of logits, and per step plus per drafted token.
 """
 
 from __future__ import annotations
 
-import bisect
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from helix_serve.engine.block_manager import BlockManager
+from helix_serve.engine.eagle_runner import EagleRunner, HeadPasses
 from helix_serve.engine.model_runner import ModelRunner
 
-LIVE_WEIGHT = 0.2  # weight of one live observation in a curve point's moving average
+LIVE_WEIGHT = 0.1  # weight of one live step in the moving averages
+SCALE_RANGE = (0.25, 4.0)  # one step moves a scale at most this far (a stall or a paused process is not a trend)
+
+
+@dataclass(frozen=True, slots=True)
+class PassShape:
+    """What one forward pass holds."""
+
+    tokens: int  # batched tokens
+    rows: int  # sequences
+    context: int  # K/V tokens the attention gathers: rows × the longest context
+
+
+@dataclass(slots=True)
+class PassTiming:
+    shape: PassShape
+    seconds: float
 
 
 @dataclass(slots=True)
 class StepTiming:
     """What the decoder measured in one step."""
 
-    target_s: float
-    target_tokens: int
-    draft_s: float = 0.0
-    draft_passes: int = 0
-    draft_rows: int = 0  # the widest draft pass's rows
+    target: PassTiming | None = None
+    drafts: list[PassTiming] = field(default_factory=list)  # the draft model's passes, catch-up pass first
+    heads: list[PassTiming] = field(default_factory=list)  # the EAGLE head's passes, catch-up pass first
+    processing_s: float = 0.0  # logits → distributions (and sampling the drafts), both models
+    processed_rows: int = 0
+    drafted_tokens: int = 0  # draft tokens proposed (by any proposer)
     total_s: float = 0.0
+
+    @property
+    def rest_s(self) -> float:
+        passes = (self.target.seconds if self.target else 0.0) + sum(d.seconds for d in self.drafts + self.heads)
+        return max(self.total_s - passes - self.processing_s, 0.0)
+
+
+def _interp(size: float | np.ndarray, sizes: list[int], seconds: list[float]) -> float | np.ndarray:
+    """Piecewise linear through the points, extended linearly past the last one."""
+    value = np.interp(size, sizes, seconds)
+    if len(sizes) > 1:
+        slope = (seconds[-1] - seconds[-2]) / (sizes[-1] - sizes[-2])
+        past = np.asarray(size) > sizes[-1]
+        value = np.where(past, seconds[-1] + slope * (np.asarray(size) - sizes[-1]), value)
+    return value if isinstance(size, np.ndarray) else float(value)
+
+
+DENSE_SIZES = 4096  # curve values at every integer size below this are tabulated
+
+
+def _lookup(table: np.ndarray, size: float | np.ndarray, sizes: list[int], seconds: list[float]) -> float | np.ndarray:
+    """`_interp` from a dense table for integer sizes inside it."""
+    index = np.asarray(size)
+    if index.dtype.kind in "iu" and (index.size == 0 or (index.min() >= 0 and index.max() < len(table))):
+        return table[index]
+    return _interp(size, sizes, seconds)
 
 
 @dataclass(slots=True)
-class CostCurve:
-    """Seconds as a non-decreasing piecewise-linear function of size (tokens or rows), extrapolated
-    linearly past the last point."""
+class ForwardCost:
+    """One model's forward-pass cost (module docstring), in seconds."""
 
-    sizes: list[int]
-    seconds: list[float]
+    token_sizes: list[int]
+    token_seconds: list[float]  # one sequence of T tokens at context C₀
+    row_sizes: list[int] = field(default_factory=lambda: [1])
+    row_seconds: list[float] = field(default_factory=lambda: [0.0])  # R one-token rows over one R-token row
+    per_context_s: float = 0.0
+    base_context: int = 0  # C₀
+    scale: float = 1.0  # live: measured ÷ predicted, averaged
 
-    def __post_init__(self) -> None:
-        self._monotone()
+    _by_tokens: np.ndarray | None = field(default=None, init=False, repr=False)  # dense tables, built once:
+    _by_rows: np.ndarray | None = field(default=None, init=False, repr=False)  # the planner asks every step
 
-    def _monotone(self) -> None:  # noise must never make more work look cheaper
-        self.seconds = np.maximum.accumulate(np.maximum(self.seconds, 1e-9)).tolist()
+    def unscaled(self, tokens: float | np.ndarray, rows: int | np.ndarray = 1,
+                 context: int | np.ndarray | None = None) -> float | np.ndarray:
+        if self._by_tokens is None:
+            self._by_tokens = np.asarray(_interp(np.arange(DENSE_SIZES), self.token_sizes, self.token_seconds))
+            self._by_rows = np.asarray(_interp(np.arange(DENSE_SIZES), self.row_sizes, self.row_seconds))
+        by_tokens = _lookup(self._by_tokens, tokens, self.token_sizes, self.token_seconds)
+        context = np.multiply(rows, self.base_context) if context is None else context
+        by_rows = _lookup(self._by_rows, rows, self.row_sizes, self.row_seconds)
+        extra = by_rows + self.per_context_s * (np.asarray(context) - np.multiply(rows, self.base_context))
+        return np.maximum(by_tokens + extra, 0.5 * by_tokens)  # noisy corrections never make a pass nearly free
 
-    def __call__(self, size: float | np.ndarray) -> float | np.ndarray:
-        sizes, seconds = self.sizes, self.seconds
-        value = np.interp(size, sizes, seconds)
-        if len(sizes) > 1:
-            slope = (seconds[-1] - seconds[-2]) / (sizes[-1] - sizes[-2])
-            value = np.where(np.asarray(size) > sizes[-1], seconds[-1] + slope * (np.asarray(size) - sizes[-1]),
-                             value)
-        return value if isinstance(size, np.ndarray) else float(value)
+    def __call__(self, tokens: float | np.ndarray, rows: int = 1, context: int | None = None) -> float | np.ndarray:
+        return self.scale * self.unscaled(tokens, rows, context)
 
-    def observe(self, size: int, seconds: float) -> None:
-        """Fold in one measurement: moved to the nearest point along the curve's shape, then averaged."""
-        i = min(bisect.bisect_left(self.sizes, size), len(self.sizes) - 1)
-        if i > 0 and abs(self.sizes[i - 1] - size) < abs(self.sizes[i] - size):
-            i -= 1
-        at_point = seconds * self.seconds[i] / self(size)
-        self.seconds[i] = (1 - LIVE_WEIGHT) * self.seconds[i] + LIVE_WEIGHT * at_point
-        self._monotone()
+    def of(self, shape: PassShape) -> float:
+        return float(self(shape.tokens, shape.rows, shape.context))
+
+    def observe(self, timing: PassTiming) -> None:
+        shape = timing.shape
+        ratio = timing.seconds / float(self.unscaled(shape.tokens, shape.rows, shape.context))
+        ratio = min(max(ratio, self.scale * SCALE_RANGE[0]), self.scale * SCALE_RANGE[1])
+        self.scale = (1 - LIVE_WEIGHT) * self.scale + LIVE_WEIGHT * ratio
+
+
+@dataclass(frozen=True, slots=True)
+class DraftWork:
+    """The model proposer's part of a step: `passes` passes over `rows` sequences, the first also catching up."""
+
+    passes: int | np.ndarray
+    rows: int | np.ndarray
+    catch_up_tokens: int | np.ndarray  # tokens of the first pass (each row's unseen tokens, its newest included)
+    context: int | np.ndarray
+    head: bool = False  # the EAGLE head's passes, not the draft model's
+
+
+def _ema(average: float, value: float) -> float:
+    return (1 - LIVE_WEIGHT) * average + LIVE_WEIGHT * value
 
 
 @dataclass(slots=True)
 class StepCostModel:
-    target: CostCurve  # one target pass, by batched tokens
-    draft: CostCurve | None  # one draft-model pass, by rows
-    overhead_s: float = 0.0  # the rest of a step
+    target: ForwardCost
+    draft: ForwardCost | None  # the draft model's passes
+    per_row_processing_s: float = 0.0  # one row of logits to its distribution
+    per_step_s: float = 0.0  # the rest of a step without drafts...
+    per_draft_token_s: float = 0.0  # ...and what each drafted token adds to it
     live: bool = True  # False for configured costs: they stay as given
+    eagle: ForwardCost | None = None  # the EAGLE head's passes (an engine loads it or a draft model, not both)
 
     @classmethod
-    def from_ratios(cls, draft_ratio: float, verify_ratio: float, max_tokens: int = 2048) -> StepCostModel:
-        """Costs in units of one target forward: a verify pass grows by `verify_ratio` per extra token
-        and a draft pass costs `draft_ratio` whatever its rows (the configured c and v)."""
+    def from_ratios(cls, draft_ratio: float, verify_ratio: float, max_tokens: int = 2048,
+                    head: bool = False) -> StepCostModel:
+        """Costs in units of one target forward: a verify pass grows by `verify_ratio` per extra token and a
+        proposer pass (the draft model's, or the EAGLE head's with `head`) costs `draft_ratio` whatever its shape
+        (the configured c and v)."""
         sizes = [1, max(2, max_tokens)]
-        target = CostCurve(sizes, [1.0, 1.0 + verify_ratio * (sizes[1] - 1)])
-        return cls(target, CostCurve(sizes, [draft_ratio, draft_ratio]), 0.0, live=False)
+        target = ForwardCost(sizes, [1.0, 1.0 + verify_ratio * (sizes[1] - 1)])
+        proposer = ForwardCost(sizes, [draft_ratio, draft_ratio])
+        return cls(target, None, live=False, eagle=proposer) if head else cls(target, proposer, live=False)
 
-    def step_seconds(self, num_tokens: int | np.ndarray, draft_passes: int, draft_rows: int) -> float | np.ndarray:
-        drafting = self.draft(draft_rows) * draft_passes if self.draft is not None and draft_passes else 0.0
-        return self.target(num_tokens) + drafting + self.overhead_s
+    def draft_seconds(self, work: DraftWork | None) -> float | np.ndarray:
+        """The model proposer's passes (the fields of `work` may be arrays over candidate plans)."""
+        cost = None if work is None else self.eagle if work.head else self.draft
+        if cost is None:
+            return 0.0
+        passes, rows = np.asarray(work.passes), np.maximum(np.asarray(work.rows), 1)
+        first = cost(np.maximum(work.catch_up_tokens, rows), rows, work.context)
+        later = cost(rows, rows, work.context)
+        return np.where(passes > 0, first + np.maximum(passes - 1, 0) * later, 0.0)
+
+    def step_seconds(self, num_tokens: int | np.ndarray, rows: int = 1, context: int | None = None,
+                     draft: DraftWork | None = None, num_drafted: int | np.ndarray = 0) -> float | np.ndarray:
+        """A whole step: target pass over `num_tokens` tokens of `rows` sequences, the draft's work, the
+        processing of every row of logits, and the rest."""
+        logit_rows = rows + np.asarray(num_drafted) + (np.asarray(draft.passes) * draft.rows if draft else 0)
+        return (self.target(num_tokens, rows, context) + self.draft_seconds(draft)
+                + self.per_row_processing_s * logit_rows + self.per_step_s + self.per_draft_token_s * np.asarray(num_drafted))
+
+    def predict(self, timing: StepTiming) -> float:
+        """What the model expects a step of this measured shape to cost (before it observes the step)."""
+        target = self.target.of(timing.target.shape) if timing.target else 0.0
+        drafts = sum(self.draft.of(d.shape) for d in timing.drafts) if self.draft else 0.0
+        drafts += sum(self.eagle.of(h.shape) for h in timing.heads) if self.eagle else 0.0
+        return (target + drafts + self.per_row_processing_s * timing.processed_rows + self.per_step_s
+                + self.per_draft_token_s * timing.drafted_tokens)
 
     def observe(self, timing: StepTiming) -> None:
         if not self.live:
             return
-        self.target.observe(timing.target_tokens, timing.target_s)
-        if self.draft is not None and timing.draft_passes:
-            self.draft.observe(timing.draft_rows, timing.draft_s / timing.draft_passes)
-        rest = max(timing.total_s - timing.target_s - timing.draft_s, 0.0)
-        self.overhead_s = (1 - LIVE_WEIGHT) * self.overhead_s + LIVE_WEIGHT * rest
+        if timing.target is not None:
+            self.target.observe(timing.target)
+        for pass_timing in timing.drafts:
+            self.draft.observe(pass_timing)
+        for pass_timing in timing.heads:
+            self.eagle.observe(pass_timing)
+        if timing.processed_rows:
+            self.per_row_processing_s = _ema(self.per_row_processing_s, timing.processing_s / timing.processed_rows)
+        if timing.drafted_tokens:
+            extra = (timing.rest_s - self.per_step_s) / timing.drafted_tokens
+            self.per_draft_token_s = max(_ema(self.per_draft_token_s, extra), 0.0)
+        else:
+            self.per_step_s = _ema(self.per_step_s, timing.rest_s)
 
     @property
     def ratios(self) -> tuple[float, float]:
-        """(c, v) at batch 1: a draft pass and each extra verified token, relative to one target forward."""
+        """(c, v) at batch 1: a proposer pass (the EAGLE head's when loaded, else the draft model's) and each
+        extra verified token, relative to one target forward."""
         one = self.target(1)
-        c = self.draft(1) / one if self.draft is not None else 0.0
+        proposer = self.eagle if self.eagle is not None else self.draft
+        c = proposer(1) / one if proposer is not None else 0.0
         return c, (self.target(5) - one) / 4 / one
 
 
@@ -115,35 +231,71 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(samples)
 
 
-def calibrate(target: ModelRunner, draft: ModelRunner | None, block_manager: BlockManager, max_tokens: int = 64,
-              max_rows: int = 32, context: int = 64, repeats: int = 3) -> StepCostModel:
-    """Time target forwards of 1, 2, 4, ... max_tokens tokens and draft forwards of 1, 2, 4, ... max_rows
-    rows on a scratch sequence with `context` cached tokens. Raises ValueError when the pool is too small."""
+def least_time(fn, repeats: int, min_seconds: float = 0.02) -> float:
+    """The fastest of at least `repeats` runs (more while they take under `min_seconds` in all, up to 4×):
+    interference only ever adds time, so the minimum is the cost of the work itself."""
+    samples: list[float] = []
+    while len(samples) < repeats or (sum(samples) < min_seconds and len(samples) < 4 * repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return min(samples)
+
+
+TOKEN_SIZES = (1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+ROW_SIZES = (1, 2, 4, 8, 16, 32, 64)
+SWEEPS = 2  # every point is timed in each sweep; a stall must hit all of them to show
+
+
+def calibrate_forward(runner: ModelRunner | HeadPasses, table: list[int], max_tokens: int, max_rows: int, base_context: int,
+                      long_context: int, repeats: int) -> ForwardCost:
+    """Time `runner` on a scratch sequence whose table holds `long_context` + `max_tokens` slots."""
+    tokens = [t % runner.vocab_size for t in range(1, long_context + max_tokens + 1)]
+    runner.logits([table], [tokens[:long_context]], [0], [1])  # write the scratch context; warms up
+
+    def forward(num_tokens: int, rows: int, context: int) -> float:
+        chunk = tokens[context: context + num_tokens]
+        return least_time(lambda: runner.logits([table] * rows, [chunk] * rows, [context] * rows,
+                                                [num_tokens] * rows), repeats)
+
+    token_sizes = [n for n in TOKEN_SIZES if n <= max_tokens] or [1]
+    row_sizes = [r for r in ROW_SIZES if r <= max_rows]
+    points = [(n, 1, base_context) for n in token_sizes] + [(1, r, base_context) for r in row_sizes[1:]]
+    points += [(1, 1, long_context)] if long_context > base_context else []
+    seconds = dict.fromkeys(points, float("inf"))
+    for _ in range(SWEEPS):
+        for point in points:
+            seconds[point] = min(seconds[point], forward(*point))
+    # More tokens never cost less: a point above a later one was disturbed (the suffix minimum drops it).
+    token_seconds = np.minimum.accumulate([seconds[(n, 1, base_context)] for n in token_sizes][::-1])[::-1].tolist()
+    # R one-token rows never cost more than R separate forwards: a bound that also catches a disturbed last point
+    extra_rows = [min(seconds[(1, r, base_context)], r * token_seconds[0]) - _interp(r, token_sizes, token_seconds)
+                  for r in row_sizes[1:]]
+    row_seconds = [0.0] + np.minimum.accumulate(extra_rows[::-1])[::-1].tolist() if extra_rows else [0.0]
+    per_context = (seconds[(1, 1, long_context)] - token_seconds[0]) / (long_context - base_context) \
+        if long_context > base_context else 0.0
+    return ForwardCost(token_sizes, token_seconds, row_sizes, row_seconds, max(per_context, 0.0), base_context)
+
+
+def calibrate(target: ModelRunner, draft: ModelRunner | EagleRunner | None, block_manager: BlockManager,
+              max_tokens: int = 64, max_rows: int = 32, base_context: int = 64, long_context: int = 512,
+              repeats: int = 2, max_draft_tokens: int = 256) -> StepCostModel:
+    """Measure the target's and the proposer's (a draft model or an EAGLE head) forward costs on a scratch
+    sequence. Raises ValueError when the pool is too small."""
     table: list[int] = []
-    if not block_manager.ensure_slots(table, context + max_tokens):
-        raise ValueError("the KV pool is too small to calibrate")
+    slots = long_context + max(max_tokens, max_draft_tokens)
+    if not block_manager.ensure_slots(table, slots):
+        long_context = base_context
+        slots = base_context + max(max_tokens, max_draft_tokens)
+        if not block_manager.ensure_slots(table, slots):
+            raise ValueError("the KV pool is too small to calibrate")
     try:
-        tokens = [t % target.vocab_size for t in range(1, context + max_tokens + 1)]
-        for runner in (target, draft) if draft is not None else (target,):
-            runner.logits([table], [tokens[:context]], [0], [1])  # prefill the scratch context; warms up
-
-        def forward(runner: ModelRunner, num_tokens: int, rows: int) -> None:
-            chunk = tokens[context : context + num_tokens]
-            runner.logits([table] * rows, [chunk] * rows, [context] * rows, [num_tokens] * rows)
-
-        sizes = _powers_of_two(max_tokens)
-        target_curve = CostCurve(sizes, [median_time(lambda n=n: forward(target, n, 1), repeats) for n in sizes])
-        draft_curve = None
-        if draft is not None:
-            rows = _powers_of_two(max_rows)
-            draft_curve = CostCurve(rows, [median_time(lambda r=r: forward(draft, 1, r), repeats) for r in rows])
-        return StepCostModel(target_curve, draft_curve)
+        target_cost = calibrate_forward(target, table, max_tokens, max_rows, base_context, long_context, repeats)
+        if draft is None:
+            return StepCostModel(target_cost, None)
+        head = isinstance(draft, EagleRunner)
+        draft_cost = calibrate_forward(HeadPasses(draft) if head else draft, table, max_draft_tokens, max_rows,
+                                       base_context, long_context, repeats)
+        return StepCostModel(target_cost, None, eagle=draft_cost) if head else StepCostModel(target_cost, draft_cost)
     finally:
         block_manager.release(table)
-
-
-def _powers_of_two(limit: int) -> list[int]:
-    sizes = [1]
-    while sizes[-1] * 2 <= limit:
-        sizes.append(sizes[-1] * 2)
-    return sizes

@@ -49,7 +49,8 @@ def resolve_dtype(
     return config_dtype if isinstance(config_dtype, torch.dtype) else torch.float32
 
 
-def _check_architecture(name: str, config) -> None:
+def check_architecture(name: str, config) -> None:
+    """Refuse an architecture the paged model cannot run, before any weights are loaded."""
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         raise ModelSourceError(
             f"{name}: architecture {config.model_type!r} is not supported (Helix runs {', '.join(SUPPORTED_MODEL_TYPES)})"
@@ -81,7 +82,7 @@ def load_model(name: str, device: torch.device, dtype: str = "auto", quantizatio
     """Load one causal LM by hub id, local path or GGUF file and wrap it for paged attention."""
     source = resolve_source(name)
     config = _load_config(source)
-    _check_architecture(name, config)
+    check_architecture(name, config)
     torch_dtype = resolve_dtype(dtype, getattr(config, "dtype", None) or getattr(config, "torch_dtype", None), device)
     hf_model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch_dtype, **source.model_kwargs)
     hf_model.to(device).eval()

@@ -57,9 +57,10 @@ class EngineStream:
     """An admitted generation. Iterate `chunks()`; leaving early aborts the sequence in the engine."""
 
     def __init__(self, response: DeploymentResponseGenerator, admission: EngineChunk, route: str,
-                 metrics: HelixMetrics, started: float, pool: Pool):
+                 metrics: HelixMetrics, started: float, pool: Pool, choice: int = 0):
         self.request_id = admission.request_id
         self.num_prompt_tokens = admission.num_prompt_tokens
+        self._recorded_prompt_tokens = self.num_prompt_tokens if choice == 0 else 0  # once per prompt, as usage
         self.pool_name = pool.name
         self._pool: Pool | None = pool
         self._response = response
@@ -97,8 +98,8 @@ class EngineStream:
             stats = chunk.stats or {}
             self._metrics.observe_generation(self._route, ttft_s, now - self._started, stats)
             if self._record is not None:
-                self._record.add_generation(self.pool_name, self.num_prompt_tokens, chunk.finish_reason, ttft_s,
-                                            stats)
+                self._record.add_generation(self.pool_name, self._recorded_prompt_tokens, chunk.finish_reason,
+                                            ttft_s, stats)
 
     def _release(self) -> None:
         if self._pool is not None:
@@ -163,7 +164,7 @@ class EngineClient:
             raise EngineRejectedError(admission.status_code, admission.error or "request rejected")
         pool.served += 1
         self._metrics.pool_requests.labels(pool.name).inc()
-        return EngineStream(response, admission, route, self._metrics, started, pool)
+        return EngineStream(response, admission, route, self._metrics, started, pool, request.choice)
 
     async def generate(self, request: EngineRequest, route: str) -> Generation:
         return await (await self.open(request, route)).collect()

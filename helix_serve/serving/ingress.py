@@ -76,7 +76,7 @@ def choice_requests(base: str, sampling: dict[str, Any], n: int, prompts: list[d
             seed = sampling.get("seed")
             fields = sampling if seed is None else {**sampling, "seed": seed + i}
             request_id = base if len(prompts) * n == 1 else f"{base}.{p * n + i}"
-            requests.append(EngineRequest(request_id, fields, **prompt))
+            requests.append(EngineRequest(request_id, fields, **prompt, choice=i))
     return requests
 
 

@@ -22,6 +22,7 @@ class EngineRequest:
     prompt: str | None = None
     messages: list[dict[str, str]] | None = None  # rendered with the engine's chat template
     max_tokens_limit: int | None = None
+    choice: int = 0  # which of its prompt's n choices (OpenAI's n); the later ones share the first's prompt
 
 
 @dataclass(slots=True)

@@ -1,0 +1,171 @@
+"""Speculation under load: every method ÷ K=0 at 1, 4, 16 and 32 concurrent streams, fp32 and int4, side by side,
+with how well the step-cost model predicted each step.
+
+The streams are chat and copy-heavy prompts mixed, all arriving together (one engine.generate call), greedy,
+`ignore_eos` so every run decodes the same number of tokens. Methods run one after another at each load, in an
+order that rotates every round, so machine noise hits all of them alike. The prediction error is the engine's own
+(`LLMEngine.step_cost_log`: the model's cost for each step's measured shape, taken before it learns from the step).
+
+    python scripts/bench_load.py --dtype float32 --threads 2     # real pair, ~25 min on 2 cores
+    python scripts/bench_load.py --quick                         # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from bench_common import add_pair_args, save_figure, subplots
+from bench_planner import CHAT, GROUNDED
+from tqdm import tqdm
+
+from helix_serve.config import EngineConfig
+from helix_serve.distill.data import chat_prompt_ids
+from helix_serve.engine.llm_engine import LLMEngine
+from helix_serve.engine.sampling_params import SamplingParams
+
+METHODS = {"K=0": {"speculative": False}, "draft": {"speculative_method": "draft"},
+           "ngram": {"speculative_method": "ngram"}, "hybrid": {"speculative_method": "hybrid"}}
+GOAL = 0.97
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def run(engine: LLMEngine, prompts: list[list[int]], max_tokens: int, overrides: dict) -> dict:
+    engine.step_cost_log.clear()
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, **overrides)
+    start = time.perf_counter()
+    outs = engine.generate(prompts, params)
+    seconds = time.perf_counter() - start
+    by: dict[str, list[int]] = {}
+    for o in outs:
+        for name, c in o.stats["by_proposer"].items():
+            slot = by.setdefault(name, [0, 0])
+            slot[0], slot[1] = slot[0] + c["num_drafted"], slot[1] + c["num_accepted"]
+    return {"seconds": seconds, "tokens": sum(o.stats["tokens_generated"] for o in outs),
+            "errors": [predicted / measured - 1 for predicted, measured in engine.step_cost_log], "by_proposer": by}
+
+
+def merge(runs: list[dict]) -> dict:
+    tokens, seconds = sum(r["tokens"] for r in runs), sum(r["seconds"] for r in runs)
+    errors = np.abs([e for r in runs for e in r["errors"]])
+    by: dict[str, list[int]] = {}
+    for r in runs:
+        for name, (d, a) in r["by_proposer"].items():
+            slot = by.setdefault(name, [0, 0])
+            slot[0], slot[1] = slot[0] + d, slot[1] + a
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "steps": len(errors),
+            "cost_error_median": float(np.median(errors)) if len(errors) else None,
+            "cost_error_p90": float(np.percentile(errors, 90)) if len(errors) else None,
+            "by_proposer": {n: {"num_drafted": d, "num_accepted": a} for n, (d, a) in by.items()}}
+
+
+def measure(engine: LLMEngine, prompts: list[list[int]], streams: list[int], max_tokens: int,
+            rounds: int) -> dict[int, dict[str, dict]]:
+    names = list(METHODS)
+    runs = {n: {name: [] for name in names} for n in streams}
+    run(engine, prompts[:2], 8, {})  # warm-up
+    for r in tqdm(range(rounds), desc="rounds"):
+        for n in streams:
+            batch = [prompts[(i + r) % len(prompts)] for i in range(n)]
+            for name in names[r % len(names):] + names[: r % len(names)]:
+                runs[n][name].append(run(engine, batch, max_tokens, METHODS[name]))
+    return {n: {name: merge(rs) for name, rs in by.items()} for n, by in runs.items()}
+
+
+def report(results: dict[str, dict[int, dict[str, dict]]]) -> list[dict]:
+    checks = []
+    for quant, table in results.items():
+        print(f"\n{quant}: tokens/s (× K=0), step-cost prediction |error| median / p90")
+        print(f"{'streams':>7} " + " ".join(f"{m:>24}" for m in METHODS))
+        for n, rows in table.items():
+            base = rows["K=0"]["tokens_per_s"]
+            cells = []
+            for m in METHODS:
+                r = rows[m]
+                ratio = r["tokens_per_s"] / base
+                err = "" if r["cost_error_median"] is None else f"{r['cost_error_median']:.2f}/{r['cost_error_p90']:.2f}"
+                cells.append(f"{r['tokens_per_s']:6.1f} ({ratio:4.2f}x) {err:>9}")
+                if m != "K=0":
+                    checks.append({"goal": f"{m} >= {GOAL}x K=0 at {n} streams ({quant})", "value": ratio,
+                                   "target": GOAL, "met": ratio >= GOAL})
+            print(f"{n:7d} " + " ".join(cells))
+        for n, rows in table.items():
+            by = {m: rows[m]["by_proposer"] for m in METHODS if rows[m]["by_proposer"]}
+            print(f"  {n} streams accepted/drafted: " + "; ".join(
+                f"{m}: " + ", ".join(f"{p} {c['num_accepted']}/{c['num_drafted']}" for p, c in b.items())
+                for m, b in by.items()))
+    errors = [r["cost_error_median"] for t in results.values() for rows in t.values() for r in rows.values()
+              if r["cost_error_median"] is not None]
+    checks.append({"goal": "step-cost prediction within 10 % (worst median |error| of any row)",
+                   "value": max(errors), "target": 0.10, "met": max(errors) <= 0.10})
+    print("\ngoals")
+    for g in checks:
+        print(f"  [{'met' if g['met'] else 'MISSED'}] {g['goal']}: {g['value']:.3f} (target {g['target']})")
+    return checks
+
+
+def plot(results: dict[str, dict[int, dict[str, dict]]], path: Path) -> None:
+    fig, axes = subplots(1, len(results), figsize=(6.5 * len(results), 4.5), squeeze=False)
+    for ax, (quant, table) in zip(axes[0], results.items()):
+        streams = list(table)
+        for m in list(METHODS)[1:]:
+            ax.plot(streams, [table[n][m]["tokens_per_s"] / table[n]["K=0"]["tokens_per_s"] for n in streams],
+                    marker="o", label=m)
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.axhline(GOAL, color="r", lw=0.8, ls="--", label=f"{GOAL} (goal)")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(streams, [str(n) for n in streams])
+        ax.set_xlabel("concurrent streams (chat + copy-heavy prompts)")
+        ax.set_ylabel("throughput ÷ K=0")
+        ax.set_title(f"quantization {quant}")
+        ax.legend()
+    save_figure(fig, path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_pair_args(parser)
+    parser.add_argument("--quantizations", nargs="+", default=["none", "int4"])
+    parser.add_argument("--streams", type=int, nargs="+", default=[1, 4, 16, 32])
+    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--quick", action="store_true", help="streams 1 and 4, 12 tokens, one round")
+    parser.add_argument("--out", default="bench_results")
+    args = parser.parse_args()
+    if args.quick:
+        args.streams, args.max_tokens, args.rounds = [1, 4], 12, 1
+    torch.set_num_threads(args.threads)
+    results, dtypes = {}, {}
+    for quant in args.quantizations:
+        engine = LLMEngine(EngineConfig(target_model=args.target, draft_model=args.draft, device=args.device,
+                                        dtype=args.dtype, quantization=quant))
+        tokenizer = engine.tokenizer
+        encode = (lambda p: chat_prompt_ids(tokenizer, p)) if tokenizer.chat_template else (
+            lambda p: tokenizer(p).input_ids)
+        prompts = [encode(p) for pair in zip(CHAT, GROUNDED) for p in pair]  # chat and copy-heavy, alternating
+        results[quant] = measure(engine, prompts, args.streams, args.max_tokens, args.rounds)
+        dtypes[quant] = str(engine.pair.target.dtype)
+        del engine
+    checks = report(results)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"args": vars(args), "cpu": cpu_name(), "threads": args.threads, "dtypes": dtypes}
+    (out / "bench_load.json").write_text(json.dumps({**meta, "results": results, "goals": checks}, indent=2))
+    plot(results, out / "bench_load.png")
+    print(f"CPU: {meta['cpu']}, {args.threads} threads; wrote {out / 'bench_load.json'} and {out / 'bench_load.png'}")
+
+
+if __name__ == "__main__":
+    main()
