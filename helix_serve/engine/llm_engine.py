@@ -63,7 +63,7 @@ class RequestOutput:
     error: str | None = None
     num_drafted: int = 0  # this step: the emitted chunk is `num_accepted` drafts + one target token
     num_accepted: int = 0
-    proposer: str | None = None  # who drafted this step's num_drafted tokens ("draft" or "ngram")
+    proposer: str | None = None  # who drafted this step's num_drafted tokens ("draft", "eagle" or "ngram")
     text: str | None = None  # set when finished
     token_ids: list[int] | None = None  # set when finished
     stats: dict | None = None  # set when finished
@@ -97,17 +97,19 @@ class LLMEngine:
                                           config.enable_prefix_caching and config.eagle_head is None, cache_key)
         self.kv_bytes = 0
         target_runner = self._runner(target, vocab)
-        draft_runner = self._runner(self.pair.draft, vocab) if self.pair.draft is not None else None
-        if config.eagle_head is not None:
+        if config.eagle_head is not None:  # a pair handed in with a draft model too: the head replaces it
             draft_runner = self._eagle_runner(config.eagle_head, vocab)
-        self.model_proposer = "eagle" if config.eagle_head is not None else "draft"  # what Proposer.DRAFT runs
+        else:
+            draft_runner = self._runner(self.pair.draft, vocab) if self.pair.draft is not None else None
+        # The model-based proposer: a draft model or an EAGLE head, never both (EngineConfig).
+        self.model_proposer = Proposer.EAGLE if config.eagle_head is not None else Proposer.DRAFT
         self.decoder = SpeculativeDecoder(target_runner, draft_runner)
         self.method = config.speculative_method or ("hybrid" if draft_runner is not None else "ngram")
-        if self.method in ("draft", "eagle") and (draft_runner is None or self.method != self.model_proposer):
+        if self.method in ("draft", "eagle") and self.method != self._loaded_proposer:
             raise ValueError(f"speculative_method {self.method!r} needs " +
                              ("a draft model" if self.method == "draft" else "an EAGLE head (eagle_head)"))
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.planner = Planner(config.k_max, config.max_num_batched_tokens)
+        self.planner = Planner(config.k_max, config.max_num_batched_tokens, model=self.model_proposer)
         self.ngram = NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
         self.step_costs = self._step_costs()
         self.step_cost_log: deque[tuple[float, float]] = deque(maxlen=4096)  # (predicted, measured) seconds per step
@@ -168,7 +170,7 @@ class LLMEngine:
     @property
     def _loaded_proposer(self) -> str | None:
         """"draft" or "eagle": which model-based proposer is loaded (None: neither)."""
-        return self.model_proposer if self.has_draft else None
+        return self.model_proposer.value if self.has_draft else None
 
     # ---- requests -------------------------------------------------------------------------------
 
@@ -323,17 +325,17 @@ class LLMEngine:
         fixed_k = params.num_speculative_tokens
         fixed_k = self.config.num_speculative_tokens if fixed_k is None else fixed_k
         return Options(seq, seq.num_tokens - seq.num_target_cached, room if ready else 0,
-                       ready and self._may_use(seq, Proposer.DRAFT), ngram_tokens, fixed_k, self._judged(seq))
+                       ready and self._may_use(seq, self.model_proposer), ngram_tokens, fixed_k, self._judged(seq))
 
     def _may_use(self, seq: Sequence, proposer: Proposer) -> bool:
         method = seq.params.speculative_method or self.method
-        if proposer is Proposer.DRAFT:  # the model-based proposer: the draft model or the EAGLE head
-            return self.has_draft and method in ("hybrid", self.model_proposer)
+        if proposer is not Proposer.NGRAM:  # a model-based proposer: only the loaded one, by its name or hybrid
+            return self.has_draft and proposer is self.model_proposer and method in ("hybrid", proposer.value)
         seeded_sampling = seq.params.seed is not None and not seq.params.greedy  # draft only: see speculative.py
         return method in ("ngram", "hybrid") and not seeded_sampling
 
     def _judged(self, seq: Sequence) -> bool:
-        return self.decoder.judges_last(seq) and self._may_use(seq, Proposer.DRAFT)
+        return self.decoder.judges_last(seq) and self._may_use(seq, self.model_proposer)
 
     def _draft(self, seq: Sequence, k: int, planned: _Planned | None) -> Draft:
         """The decoder's instructions; k is the scheduler's (it drops to 0 when the KV pool is short)."""
@@ -348,10 +350,9 @@ class LLMEngine:
         if seq.stats.first_token_time is None:
             seq.stats.first_token_time = now
         seq.stats.num_target_steps += 1
-        proposer = Proposer.NGRAM if draft.tokens is not None else Proposer.DRAFT
-        label = "ngram" if proposer is Proposer.NGRAM else self.model_proposer
+        proposer = Proposer.NGRAM if draft.tokens is not None else self.model_proposer
         if draft.k > 0:
-            seq.stats.record_verify(label, draft.k, num_accepted)
+            seq.stats.record_verify(proposer.value, draft.k, num_accepted)
         lookup = planned.options.ngram_tokens if planned else []  # scored even when the draft model ran
         self.planner.update(seq, Choice(proposer if draft.k else None, draft.k), num_accepted, new_ids, lookup)
         kept = self.stop_checker.append(seq, new_ids)
@@ -363,7 +364,7 @@ class LLMEngine:
         else:
             self.block_manager.truncate(seq.block_table, seq.num_target_cached)
         out = self._output(seq, new_ids[:kept], draft.k, min(num_accepted, kept))
-        out.proposer = label if draft.k else None
+        out.proposer = proposer.value if draft.k else None
         out.new_logprobs = None if logprobs is None else logprobs[:kept]
         return out
 

@@ -22,7 +22,7 @@ class Acceptance:
 
 
 def _acceptance_by_proposer() -> dict[str, Acceptance]:
-    return {"draft": Acceptance(), "ngram": Acceptance()}
+    return {"draft": Acceptance(), "eagle": Acceptance(), "ngram": Acceptance()}
 
 
 class SequenceStatus(enum.Enum):

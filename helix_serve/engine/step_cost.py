@@ -14,9 +14,10 @@ costs real compute once it is not. A forward pass of either model costs, to a go
   C₀ per row that calibration used.
 
 The engine calibrates these at start, for the target and its model-based proposer: the draft model or an EAGLE
-head (one decoder layer over the target's features, engine/eagle_runner.py; at most one of the two per engine). Live steps then refresh one scale per model
-(an exponential moving average of measured ÷ predicted), so the curves keep their measured shape while following
-threads, contention and clock speed; a per-point refresh would let one noisy step reshape a curve for good.
+head (one decoder layer over the target's features, engine/eagle_runner.py; at most one of the two per engine).
+Live steps then refresh one scale per model (an exponential moving average of measured ÷ predicted), so the
+curves keep their measured shape while following threads, contention and clock speed; a per-point refresh would
+let one noisy step reshape a curve for good.
 The draft's first pass in a step catches it up on every token it has not seen yet (after the target's prefill,
 after steps where prompt lookup or nothing drafted, after preemption): a pass of that many tokens, not a one-row
 pass. The head's catch-up pass is shaped the same way but one token shorter: its entry t pairs the target's
@@ -247,8 +248,8 @@ ROW_SIZES = (1, 2, 4, 8, 16, 32, 64)
 SWEEPS = 2  # every point is timed in each sweep; a stall must hit all of them to show
 
 
-def calibrate_forward(runner: ModelRunner | HeadPasses, table: list[int], max_tokens: int, max_rows: int, base_context: int,
-                      long_context: int, repeats: int) -> ForwardCost:
+def calibrate_forward(runner: ModelRunner | HeadPasses, table: list[int], max_tokens: int, max_rows: int,
+                      base_context: int, long_context: int, repeats: int) -> ForwardCost:
     """Time `runner` on a scratch sequence whose table holds `long_context` + `max_tokens` slots."""
     tokens = [t % runner.vocab_size for t in range(1, long_context + max_tokens + 1)]
     runner.logits([table], [tokens[:long_context]], [0], [1])  # write the scratch context; warms up
