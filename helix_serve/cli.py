@@ -56,6 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     dist.add_argument("--rounds", type=int, default=4, help="eagle: answer rounds (greedy, then sampled at T=0.8)")
     dist.add_argument("--max-answer-tokens", type=int, default=192, help="eagle: longest answer generated")
     dist.add_argument("--ttt-steps", type=int, default=3, help="eagle: training-time-test depth")
+    dist.add_argument("--eval-max-tokens", type=int, default=64,
+                      help="eagle: tokens per held-out prompt in each evaluation run (K = 1-6, greedy and T = 0.8)")
     return parser
 
 
@@ -70,6 +72,7 @@ def _distill(args: argparse.Namespace, argv: list[str] | None) -> int:
         seed=args.seed, num_layers=args.layers, draft_vocab_size=args.draft_vocab, batch_size=args.batch_size,
         threads=args.threads, max_prompts=args.max_prompts, command=command, method=args.method,
         rounds=args.rounds, max_answer_tokens=args.max_answer_tokens, ttt_steps=args.ttt_steps,
+        eval_max_tokens=args.eval_max_tokens,
     ))
     keys = ("greedy", "t0.8", "draft_cost_ratio", "verify_cost_ratio") if args.method == "draft" else \
         ("train", "num_answers", "evaluation")

@@ -1,4 +1,5 @@
-"""`helix distill --method eagle`: engine answers → target features → sub-vocabulary → EAGLE head → card.
+"""`helix distill --method eagle`: engine answers → target features → sub-vocabulary → EAGLE head → the
+engine's acceptance with it (eagle_eval.py) → card.
 
 Every stage resumes from what the output directory holds (answers JSONL, feature chunks, the fixed
 sub-vocabulary, the training checkpoint), so a run can span sessions with `--resume`.
@@ -15,8 +16,10 @@ from pathlib import Path
 import torch
 
 from helix_serve.distill.card import write_eagle_card
+from helix_serve.distill.data import chat_prompt_ids
 from helix_serve.distill.draft_model import coverage, select_vocab
 from helix_serve.distill.eagle_data import extract_features, generate_answers, load_sequences
+from helix_serve.distill.eagle_eval import evaluate_eagle
 from helix_serve.distill.eagle_trainer import CHECKPOINT, LOSS_LOG, EagleTrainConfig, train_eagle
 from helix_serve.distill.prompts import build_prompts, split_prompts
 from helix_serve.model.eagle_head import EagleConfig, EagleHead
@@ -78,6 +81,8 @@ def distill_eagle(args) -> dict:
                            autocast_bf16=target.dtype == torch.bfloat16)
     state = train_eagle(head, seqs, out, TRAIN_SHARE * budget_s, cfg, resume=args.resume)
     head.save(out)
+    held_out_ids = [chat_prompt_ids(engine.tokenizer, p) for p in held_out[: args.max_prompts]]
+    evaluation = evaluate_eagle(args.target, out, held_out_ids, args.eval_max_tokens, engine.pair)
     facts = {
         "method": "eagle",
         "args": {k: str(v) for k, v in asdict(args).items()},
@@ -92,7 +97,7 @@ def distill_eagle(args) -> dict:
         "head_params": sum(p.numel() for p in head.parameters()),
         "head_bytes": (out / "model.safetensors").stat().st_size,
         "wall_seconds": time.monotonic() - start,
-        "evaluation": None,  # measured by the engine with speculative_method "eagle" (not in this version yet)
+        "evaluation": evaluation,
     }
     (out / "distill.json").write_text(json.dumps(facts, indent=2))
     write_eagle_card(out, facts)

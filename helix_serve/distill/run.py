@@ -51,6 +51,7 @@ class DistillArgs:
     max_answer_tokens: int = 192  # eagle: longest answer generated
     max_num_seqs: int = 32  # eagle: the answering engine's batch
     ttt_steps: int = 3  # eagle: training-time-test depth
+    eval_max_tokens: int = 64  # eagle: tokens per held-out prompt in each evaluation run (12 runs: K 1-6 x 2)
 
 
 def _load_target(name: str, dtype: torch.dtype):
