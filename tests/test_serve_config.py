@@ -100,6 +100,15 @@ def test_speculation_args_reach_the_engine_config():
     assert HelixAppArgs().engine_config().quantization == "none"
 
 
+def test_an_eagle_head_replaces_the_default_draft_model():
+    config = HelixAppArgs(eagle_head="heads/smollm2-eagle", speculative_method="eagle").engine_config()
+    assert (config.eagle_head, config.draft_model, config.speculative_method) == \
+        ("heads/smollm2-eagle", None, "eagle")
+    with pytest.raises(ValueError, match="not both"):
+        HelixAppArgs(eagle_head="heads/smollm2-eagle", draft_model="drafts/smollm2")
+    assert HelixAppArgs().engine_config().eagle_head is None
+
+
 def test_unknown_args_are_refused():
     with pytest.raises(ValueError, match="not_an_arg"):
         HelixAppArgs(not_an_arg=1)

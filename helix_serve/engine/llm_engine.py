@@ -168,6 +168,11 @@ class LLMEngine:
         return self.decoder.draft is not None
 
     @property
+    def proposers(self) -> list[str]:
+        """What this engine can draft with: its model-based proposer, if loaded, and prompt lookup."""
+        return [self.model_proposer.value, Proposer.NGRAM.value] if self.has_draft else [Proposer.NGRAM.value]
+
+    @property
     def _loaded_proposer(self) -> str | None:
         """"draft" or "eagle": which model-based proposer is loaded (None: neither)."""
         return self.model_proposer.value if self.has_draft else None
