@@ -18,8 +18,9 @@ makes it in the request's first step, the target's prefill at K = 0, so it is dr
 u_final(first) and the prefill need not wait for the draft. The price is one more draft forward per
 later step (one at K = 0). Unseeded requests, whose tokens nobody can reproduce anyway, take the bonus.
 
-Proposers. A sequence's drafts come from the draft model (sampled from its q) or are given (prompt lookup,
-ngram_proposer.py): given proposals are deterministic, so q is one-hot on them and rejection sampling
+Proposers. A sequence's drafts come from the engine's model proposer — the draft model, or an EAGLE head
+drafting from the target's features (eagle_runner.py); either way sampled from its q after the request's
+penalties, logit_bias and sampling settings — or are given (prompt lookup, ngram_proposer.py): given proposals are deterministic, so q is one-hot on them and rejection sampling
 accepts x with probability p(x) — exact under any sampling settings. Seeded sampled requests use the draft
 model only: given proposals would make their tokens depend on which proposer ran (planner.py).
 """
