@@ -34,8 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--device", default="auto", help="auto | cpu | cuda | directml (HELIX_DEVICE overrides)")
     gen.add_argument("--dtype", default="auto")
-    gen.add_argument("--quantization", choices=QUANTIZATIONS, default="none",
-                     help="int4: the target's projections as 4-bit weights (CPU only; not the fp32 numerics)")
+    gen.add_argument("--quantization", choices=QUANTIZATIONS, default="auto",
+                     help="auto: int4 on a CPU for a 4-bit (Q4_1 GGUF) checkpoint, else none; int4: 4-bit projections "
+                          "(CPU only; not the fp32 numerics); none: the weights as loaded")
     gen.add_argument("--no-prefix-caching", action="store_true",
                      help="recompute every prompt (no reuse of cached prefix blocks)")
     gen.add_argument("--json", action="store_true", help="print text, token_ids and stats as JSON")

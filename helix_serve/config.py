@@ -27,7 +27,9 @@ class EngineConfig:
     eagle_head: str | None = None  # a directory `helix distill --method eagle` wrote; excludes draft_model
     device: str = "auto"
     dtype: str = "auto"
-    quantization: str = "none"  # int4: the target's projections as 4-bit weights, CPU only (model/int4.py)
+    # auto: int4 on a CPU for a checkpoint whose projections are 4-bit (Q4_1 GGUF), else none (model/loader.py);
+    # int4: the target's projections as 4-bit weights, CPU only (model/int4.py); none: the weights as loaded
+    quantization: str = "auto"
     block_size: int = 16
     num_kv_blocks: int = 1024
     max_num_seqs: int = 32

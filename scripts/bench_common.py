@@ -13,6 +13,7 @@ from helix_serve.engine.step_cost import calibrate
 from helix_serve.engine.llm_engine import LLMEngine
 from helix_serve.model.int4 import Int4Linear
 from helix_serve.engine.sampling_params import SamplingParams
+from helix_serve.model.paged_llm import QUANTIZATIONS
 
 # Chat questions for an instruct model (none of them is in helix distill's prompt set).
 CHAT_QUESTIONS = [
@@ -38,12 +39,14 @@ PROMPTS = [
 ]
 
 
-def add_pair_args(parser) -> None:
+def add_pair_args(parser, quantization: bool = True) -> None:
     """The model pair and how it runs: the same flags in every engine benchmark."""
     parser.add_argument("--target", default=DEFAULT_TARGET)
     parser.add_argument("--draft", default=DEFAULT_DRAFT)
     parser.add_argument("--dtype", default="auto", help="auto: bf16 on CPUs with native bf16, else float32")
     parser.add_argument("--device", default="cpu")
+    if quantization:  # none by default: Helix rows then share transformers' numerics (the app's default is auto)
+        parser.add_argument("--quantization", choices=QUANTIZATIONS, default="none")
 
 
 def bench_prompts(engine: LLMEngine) -> list[list[int] | str]:
@@ -93,11 +96,9 @@ def bandwidth_limit(engine: LLMEngine) -> dict:
 
 
 def step_costs(engine: LLMEngine) -> dict:
-    """Step costs measured afresh after the runs (the engine's calibration, 15 repeats per point);
-    the verify of 5 tokens is read off the target curve (measured at 4 and 8 tokens)."""
+    """Step costs measured afresh after the runs (the engine's calibration, 15 repeats per point, 1–8 tokens)."""
     costs = calibrate(engine.decoder.target, engine.decoder.draft, engine.block_manager, max_tokens=8, max_rows=1,
-                      long_context=64, max_draft_tokens=8,
-                      repeats=15)
+                      long_context=64, max_draft_tokens=8, repeats=15)
     c, v = costs.ratios
     return {"draft_step_s": costs.draft(1) if costs.draft else None, "target_step_s": costs.target(1),
             "target_verify5_s": costs.target(5), "cost_ratio": c, "verify_ratio": v}

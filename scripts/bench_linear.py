@@ -67,7 +67,7 @@ def main() -> None:
         args.batches, args.context, args.repeats = [1, 2], 32, 3
     torch.set_num_threads(args.threads)
     engine = LLMEngine(EngineConfig(target_model=args.target, draft_model=None, device=args.device, dtype=args.dtype,
-                                    num_kv_blocks=max(args.batches) * (args.context // 16 + 2) + 8,
+                                    quantization=args.quantization, num_kv_blocks=max(args.batches) * (args.context // 16 + 2) + 8,
                                     enable_prefix_caching=False))
     rows = [{"batch": b, **time_forwards(engine, b, args.context, args.k, args.repeats)}
             for b in tqdm(args.batches, desc="batch")]

@@ -135,7 +135,7 @@ def plot(results: dict[str, dict[int, dict[str, dict]]], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_pair_args(parser)
+    add_pair_args(parser, quantization=False)
     parser.add_argument("--quantizations", nargs="+", default=["none", "int4"])
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 4, 16, 32])
     parser.add_argument("--max-tokens", type=int, default=48)

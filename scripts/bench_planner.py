@@ -1,11 +1,10 @@
-"""The speculation planner on the real pair: proposers × prompt kinds × concurrency, side by side.
+"""The speculation planner on the real pair at batch 1: proposers × prompt kinds, side by side.
 
 Batch 1: grounded prompts (repeat, extract, rewrite or edit a given passage or code) and open chat, each
 decoded by Helix K=0, the draft model (planned K and fixed K), prompt lookup (planned and fixed K), hybrid,
 transformers greedy and transformers prompt lookup (`prompt_lookup_num_tokens`); methods are interleaved
-prompt by prompt so machine noise hits all of them alike. Then 4–32 concurrent streams of the mixed set per
-method (one engine.generate call: all arrive together). Prints the tables and the issue's goals, writes
-JSON and a PNG.
+prompt by prompt so machine noise hits all of them alike. Prints the tables and the goals, writes JSON and a PNG.
+Under load (concurrent streams) see bench_load.py.
 
     python scripts/bench_planner.py --threads 2            # real pair, ~15 min on 2 cores
     python scripts/bench_planner.py --quick                # smoke
@@ -116,15 +115,6 @@ def batch_one(engine, sets, max_tokens, k_fixed) -> dict[str, dict[str, dict]]:
     return rows
 
 
-def concurrency(engine, prompts, max_tokens, streams) -> dict[int, dict[str, dict]]:
-    table = {name: o for name, o in methods(()).items()}
-    rows: dict[int, dict[str, dict]] = {}
-    for n in tqdm(streams, desc="streams"):
-        batch = [prompts[i % len(prompts)] for i in range(n)]
-        rows[n] = {name: total([run_helix(engine, batch, max_tokens, o)]) for name, o in table.items()}
-    return rows
-
-
 def proposer_cost(vocab: int, num_seqs: int = 32, length: int = 4096, k: int = 8, steps: int = 50) -> dict:
     """Prompt lookup's time per step for num_seqs sequences of `length` tokens (each grows by a token per
     step, as in decoding; tokens drawn from a 200-token alphabet so that matches are frequent)."""
@@ -142,7 +132,7 @@ def proposer_cost(vocab: int, num_seqs: int = 32, length: int = 4096, k: int = 8
     return {"num_seqs": num_seqs, "length": length, "k": k, "ms_per_step": ms}
 
 
-def goals(b1: dict, conc: dict, k_fixed: tuple[int, ...], lookup: dict) -> list[dict]:
+def goals(b1: dict, k_fixed: tuple[int, ...], lookup: dict) -> list[dict]:
     def tps(kind, name):
         return b1[kind][name]["tokens_per_s"]
 
@@ -156,11 +146,6 @@ def goals(b1: dict, conc: dict, k_fixed: tuple[int, ...], lookup: dict) -> list[
             fixed = max(tps(kind, f"{family} K={k}") for k in k_fixed)
             out.append({"goal": f"{family} planned >= best fixed K within 5% ({kind}, batch 1)",
                         "value": tps(kind, f"{family} planned") / fixed, "target": 0.95})
-    for n, rows in conc.items():
-        base = rows["K=0"]["tokens_per_s"]
-        for name in ("draft planned", "ngram planned", "hybrid planned"):
-            out.append({"goal": f"{name} >= 0.97x K=0 at {n} streams", "value": rows[name]["tokens_per_s"] / base,
-                        "target": 0.97})
     for kind in ("grounded", "chat"):
         base = tps(kind, "K=0")
         for name in ("draft planned", "ngram planned", "hybrid planned"):
@@ -173,7 +158,7 @@ def goals(b1: dict, conc: dict, k_fixed: tuple[int, ...], lookup: dict) -> list[
     return out
 
 
-def report(b1: dict, conc: dict, checks: list[dict]) -> None:
+def report(b1: dict, checks: list[dict]) -> None:
     for kind, rows in b1.items():
         base = rows["K=0"]["tokens_per_s"]
         print(f"\nbatch 1, {kind} prompts")
@@ -182,20 +167,13 @@ def report(b1: dict, conc: dict, checks: list[dict]) -> None:
             by = ", ".join(f"{p} {c['num_accepted']}/{c['num_drafted']}" for p, c in r["by_proposer"].items())
             step = f"{r['tokens_per_step']:8.2f}" if "tokens_per_step" in r else f"{'-':>8}"
             print(f"{name:18} {r['tokens_per_s']:7.1f} {r['tokens_per_s'] / base:7.2f} {step}  {by}")
-    print("\nconcurrent streams (mixed set), tokens/s and × K=0")
-    names = list(next(iter(conc.values())))
-    print(f"{'streams':>7} " + " ".join(f"{n:>20}" for n in names))
-    for n, rows in conc.items():
-        base = rows["K=0"]["tokens_per_s"]
-        print(f"{n:7d} " + " ".join(f"{rows[m]['tokens_per_s']:12.1f} ({rows[m]['tokens_per_s'] / base:4.2f}x)"
-                                    for m in names))
     print("\ngoals")
     for g in checks:
         print(f"  [{'met' if g['met'] else 'MISSED'}] {g['goal']}: {g['value']:.2f} (target {g['target']})")
 
 
-def plot(b1: dict, conc: dict, path: Path) -> None:
-    fig, (left, right) = subplots(1, 2, figsize=(13, 4.5))
+def plot(b1: dict, path: Path) -> None:
+    fig, left = subplots(1, 1, figsize=(7, 4.5))
     names = [n for n in b1["grounded"] if not n.startswith("HF")] + ["HF prompt lookup"]
     width = 0.4
     for i, kind in enumerate(("grounded", "chat")):
@@ -207,16 +185,6 @@ def plot(b1: dict, conc: dict, path: Path) -> None:
     left.axvline(1.0, color="k", lw=0.8)
     left.set_xlabel("speedup vs Helix K=0 (batch 1)")
     left.legend()
-    streams = list(conc)
-    for name in ("draft planned", "ngram planned", "hybrid planned"):
-        right.plot(streams, [conc[n][name]["tokens_per_s"] / conc[n]["K=0"]["tokens_per_s"] for n in streams],
-                   marker="o", label=name)
-    right.axhline(1.0, color="k", lw=0.8)
-    right.axhline(0.97, color="r", lw=0.8, ls="--", label="0.97 (goal)")
-    right.set_xscale("log", base=2)
-    right.set_xlabel("concurrent streams (mixed prompts)")
-    right.set_ylabel("throughput vs K=0")
-    right.legend()
     save_figure(fig, path)
 
 
@@ -224,36 +192,34 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_pair_args(parser)
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--streams", default="4,16,32")
     parser.add_argument("--k-fixed", default="2,4,8")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--quick", action="store_true", help="2 prompts per kind, 16 tokens, streams 4")
+    parser.add_argument("--quick", action="store_true", help="2 prompts per kind, 16 tokens")
     parser.add_argument("--out", default="bench_results")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     engine = LLMEngine(EngineConfig(target_model=args.target, draft_model=args.draft, device=args.device,
-                                    dtype=args.dtype))
+                                    dtype=args.dtype, quantization=args.quantization))
     tokenizer = engine.tokenizer
     def encode(prompt: str) -> list[int]:  # chat template where the model has one (the test pairs do not)
         return chat_prompt_ids(tokenizer, prompt) if tokenizer.chat_template else tokenizer(prompt).input_ids
 
     sets = {kind: [encode(p) for p in prompts] for kind, prompts in (("grounded", GROUNDED), ("chat", CHAT))}
-    streams, max_tokens = [int(s) for s in args.streams.split(",")], args.max_tokens
+    max_tokens = args.max_tokens
     if args.quick:
-        sets, streams, max_tokens = {k: v[:2] for k, v in sets.items()}, [4], 16
+        sets, max_tokens = {k: v[:2] for k, v in sets.items()}, 16
     k_fixed = tuple(int(k) for k in args.k_fixed.split(","))
     b1 = batch_one(engine, sets, max_tokens, k_fixed)
-    conc = concurrency(engine, sets["grounded"] + sets["chat"], max_tokens, streams)
     lookup = proposer_cost(engine.pair.target.shape.vocab_size)
-    checks = goals(b1, conc, k_fixed, lookup)
-    report(b1, conc, checks)
+    checks = goals(b1, k_fixed, lookup)
+    report(b1, checks)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     c, v = engine.cost_ratios
     result = {"args": vars(args), "dtype": str(engine.pair.target.dtype), "cost_ratios_now": {"c": c, "v": v},
-              "batch_1": b1, "concurrency": conc, "prompt_lookup_cost": lookup, "goals": checks}
+              "batch_1": b1, "prompt_lookup_cost": lookup, "goals": checks}
     (out / "bench_planner.json").write_text(json.dumps(result, indent=2))
-    plot(b1, conc, out / "bench_planner.png")
+    plot(b1, out / "bench_planner.png")
     print(f"wrote {out / 'bench_planner.json'} and {out / 'bench_planner.png'}")
 
 

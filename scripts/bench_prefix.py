@@ -51,7 +51,7 @@ def user_ids(engine: LLMEngine, session: int, turn: int) -> list[int]:
 
 def make_engines(args) -> dict[bool, LLMEngine]:
     draft = None if args.draft.lower() == "none" else args.draft  # --draft none: the target alone
-    config = EngineConfig(target_model=args.target, draft_model=draft, device=args.device, dtype=args.dtype,
+    config = EngineConfig(target_model=args.target, draft_model=draft, device=args.device, dtype=args.dtype, quantization=args.quantization,
                           num_kv_blocks=args.num_kv_blocks, enable_prefix_caching=True)
     on = LLMEngine(config)
     c, v = on.cost_ratios

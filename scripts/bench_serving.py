@@ -120,7 +120,7 @@ def main() -> None:
     parser.add_argument("--target")
     parser.add_argument("--draft")
     parser.add_argument("--engine-threads", type=int, default=1)
-    parser.add_argument("--quantization", choices=QUANTIZATIONS, default="none", help="the app's `quantization`")
+    parser.add_argument("--quantization", choices=QUANTIZATIONS, default="auto", help="the app's `quantization`")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     parser.add_argument("--requests-per-stream", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=64)

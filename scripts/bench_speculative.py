@@ -55,7 +55,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     config = EngineConfig(target_model=args.target, draft_model=args.draft, device=args.device, dtype=args.dtype,
-                          num_kv_blocks=256)
+                          quantization=args.quantization, num_kv_blocks=256)
     engine = LLMEngine(config)
     int4 = None if int4_available(engine.device) else LLMEngine(dataclasses.replace(config, quantization="int4"))
     prompts = bench_prompts(engine)

@@ -46,7 +46,7 @@ def main() -> None:
     ks = [0, 2, 4] if args.quick else list(range(9))
     temps = [0.0, 0.8] if args.quick else [0.0, 0.5, 0.8, 1.0]
     engine = LLMEngine(EngineConfig(target_model=args.target, draft_model=args.draft, device=args.device,
-                                    dtype=args.dtype, num_kv_blocks=256))
+                                    dtype=args.dtype, quantization=args.quantization, num_kv_blocks=256))
     prompts = bench_prompts(engine)
     prompts, max_tokens = (prompts[:2], 24) if args.quick else (prompts, args.max_tokens)
     run_helix(engine, prompts[0], 8, num_speculative_tokens=2)  # warm-up

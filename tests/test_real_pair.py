@@ -27,7 +27,8 @@ MAX_TOKENS = 24
 
 @pytest.fixture(scope="module")
 def engine() -> LLMEngine:
-    return LLMEngine(EngineConfig(device="cpu", dtype="float32", num_kv_blocks=256))  # the defaults: the real pair
+    # the default pair, in fp32 as loaded (quantization "auto" would run its Q4_1 projections as int4)
+    return LLMEngine(EngineConfig(device="cpu", dtype="float32", quantization="none", num_kv_blocks=256))
 
 
 def _chat_ids(engine: LLMEngine, question: str) -> list[int]:
@@ -67,7 +68,8 @@ def test_chat_route_answers_paris_through_the_openai_client():
     args = {"device": "cpu", "num_kv_blocks": 256, "served_model_name": "smollm2-135m-instruct"}  # dtype: auto
     with local_serve(build_app(args)) as url:
         health = httpx.get(f"{url}/health", timeout=30).json()
-        assert health["dtype_requested"] == "auto" and health["quantization"] == "none"
+        assert health["dtype_requested"] == "auto" and health["quantization_requested"] == "auto"
+        assert health["quantization"] == "int4"  # auto: the GGUF's projections are Q4_1, and this is a CPU
         assert health["dtype"] == str(preferred_cpu_dtype()).removeprefix("torch.")  # bf16 only where native
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=120)
         assert [m.id for m in client.models.list().data] == ["smollm2-135m-instruct"]

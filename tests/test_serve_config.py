@@ -97,7 +97,7 @@ def test_speculation_args_reach_the_engine_config():
     with pytest.raises(ValueError, match="speculative_method"):
         HelixAppArgs(speculative_method="medusa")
     assert HelixAppArgs(quantization="int4").engine_config().quantization == "int4"
-    assert HelixAppArgs().engine_config().quantization == "none"
+    assert HelixAppArgs().engine_config().quantization == "auto"
 
 
 def test_an_eagle_head_replaces_the_default_draft_model():

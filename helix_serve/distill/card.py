@@ -62,7 +62,7 @@ def write_card(out_dir: Path, facts: dict) -> None:
         f"{args['threads']} CPU threads.", "",
         *([f"![loss curve]({plot})", ""] if plot else []),
         "## Acceptance measured by Helix's engine",
-        f"{facts['num_eval_prompts']} held-out chat prompts, {facts['eval_max_tokens']} tokens each, K = 4, "
+        f"{facts['num_eval_prompts']} held-out prompts, {facts['eval_max_tokens']} tokens each, K = 4, "
         f"{facts['dtype']}, `speculative_method` fixed to `draft` (prompt lookup never proposes; by proposer: "
         f"greedy {greedy.get('by_proposer')}, T = 0.8 {sampled.get('by_proposer')}):", "",
         "| sampling | α (accepted / judged) | accepted / drafted | tokens per target step |", "|---|---|---|---|",
@@ -119,7 +119,7 @@ def _eagle_evaluation(evaluation: dict) -> list[str]:
             f"{e['tokens_per_target_step']:.2f} |"
             for label in ("greedy", "t0.8") for k, e in evaluation[label].items()]
     return [f"Helix's engine with `speculative_method: eagle` and K fixed per run, on "
-            f"{evaluation['num_eval_prompts']} held-out chat prompts, up to {evaluation['eval_max_tokens']} tokens "
+            f"{evaluation['num_eval_prompts']} held-out prompts, up to {evaluation['eval_max_tokens']} tokens "
             f"each ({evaluation['dtype']}, CPU; sampled: T = 0.8, seed 1). One head pass costs "
             f"c = {evaluation['eagle_cost_ratio']:.3f} target forwards (the engine's calibration at start; each "
             f"extra verified token v = {evaluation['verify_cost_ratio']:.3f}).", "",

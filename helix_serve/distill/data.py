@@ -33,7 +33,10 @@ TOP_K = 16
 
 
 def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
-    """The token ids of a one-turn chat, ending where the assistant starts to answer."""
+    """The token ids of a one-turn chat, ending where the assistant starts to answer; a base model (no chat
+    template) continues the text itself, as `helix generate` has it do."""
+    if not tokenizer.chat_template:
+        return tokenizer(prompt).input_ids
     messages = [{"role": "user", "content": prompt}]
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)[
         "input_ids"

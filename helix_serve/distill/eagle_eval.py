@@ -2,7 +2,7 @@
 
 The engine loads the target and the new head (no draft model) with `speculative_method` fixed to "eagle", so
 prompt lookup's acceptances cannot count, and each run fixes K: for K = 1 … 6, greedy and sampled at T = 0.8,
-on held-out chat prompts. c is the engine's calibrated cost of one head pass over one target forward (batch 1).
+on held-out prompts. c is the engine's calibrated cost of one head pass over one target forward (batch 1).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from helix_serve.distill.card import write_card
-from helix_serve.distill.data import chat_prompt_ids, generate_responses, read_examples
+from helix_serve.distill.data import chat_prompt_ids, generate_responses
 from helix_serve.distill.draft_model import build_draft, coverage, select_vocab, set_vocab
 from helix_serve.distill.prompts import build_prompts, split_prompts
 from helix_serve.distill.trainer import CHECKPOINT, TrainConfig, train_draft

@@ -144,7 +144,7 @@ class Planner:
         seconds = shape.seconds(options, choices)
         self.probe_budget_s = min(self.probe_budget_s + self.probe_share * seconds, seconds)
         stale = sorted((i for i, (o, c) in enumerate(zip(options, choices))
-                        if o.draft and o.room > 0 and o.fixed_k is None and c.proposer is not self.model
+                        if o.draft and o.room > 0 and o.fixed_k is None and c.proposer is None  # not in place of lookup
                         and o.seq.acceptance[self.model.value].steps_since >= self.probe_interval),
                        key=lambda i: -options[i].seq.acceptance[self.model.value].steps_since)
 

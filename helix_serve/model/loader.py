@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from helix_serve.device import preferred_cpu_dtype
 from helix_serve.model.int4 import int4_available
-from helix_serve.model.paged_llm import SUPPORTED_MODEL_TYPES, PagedCausalLM
+from helix_serve.model.paged_llm import QUANTIZATIONS, SUPPORTED_MODEL_TYPES, PagedCausalLM
 from helix_serve.model.sources import ModelSource, ModelSourceError, resolve_source
+
+# GGUF names of the decoder projections (attention and MLP), which `quantization` concerns
+PROJECTION_TENSORS = {"attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"}
 
 logger = logging.getLogger(__name__)
 
@@ -78,9 +82,33 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(source.path, **source.kwargs)
 
 
+def gguf_projection_types(source: ModelSource) -> set[str]:
+    """The GGUF quantization types of a GGUF checkpoint's decoder projections (empty for other checkpoints)."""
+    if not source.gguf_file:
+        return set()
+    from gguf import GGUFReader  # transformers' GGUF loader needs it installed anyway
+
+    path = Path(source.path)
+    reader = GGUFReader(str(path if path.is_file() else path / source.gguf_file))
+    return {t.tensor_type.name for t in reader.tensors
+            if t.name.startswith("blk.") and t.name.split(".")[-2] in PROJECTION_TENSORS}
+
+
+def resolve_quantization(quantization: str, source: ModelSource, device: torch.device) -> str:
+    """'auto': int4 on a CPU that runs the int4 kernel when every projection of the file is Q4_1 — 4-bit codes
+    with a scale and a minimum per 32 inputs, the grid Int4Linear recovers exactly, so nothing is lost that the
+    file had — and none otherwise (Q4_0's symmetric grid is not recovered exactly by min/max requantization)."""
+    if quantization != "auto":
+        return quantization
+    if int4_available(device) is not None:
+        return "none"
+    return "int4" if gguf_projection_types(source) == {"Q4_1"} else "none"
+
+
 def load_model(name: str, device: torch.device, dtype: str = "auto", quantization: str = "none") -> PagedCausalLM:
     """Load one causal LM by hub id, local path or GGUF file and wrap it for paged attention."""
     source = resolve_source(name)
+    quantization = resolve_quantization(quantization, source, device)
     config = _load_config(source)
     check_architecture(name, config)
     torch_dtype = resolve_dtype(dtype, getattr(config, "dtype", None) or getattr(config, "torch_dtype", None), device)
@@ -107,9 +135,11 @@ def load_model_pair(
     applies to the target: the draft is small, and its weights decide only how much speculation pays."""
     if quantization == "int4" and (reason := int4_available(device)):  # before any loading
         raise ValueError(reason)
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {quantization!r}; expected one of {', '.join(QUANTIZATIONS)}")
     tokenizer = load_tokenizer(target)
     if draft is not None:
         check_compatible(tokenizer, load_tokenizer(draft), target, draft)
     target_model = load_model(target, device, dtype, quantization)
-    draft_model = load_model(draft, device, dtype) if draft is not None else None
+    draft_model = load_model(draft, device, dtype) if draft is not None else None  # the draft stays as loaded
     return ModelPair(target_model, draft_model, tokenizer, target, draft)

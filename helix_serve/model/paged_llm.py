@@ -21,7 +21,7 @@ from helix_serve.model.attention import AttentionMetadata, paged_attention
 from helix_serve.model.int4 import Int4Linear, int4_available, quantizable
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
-QUANTIZATIONS = ("none", "int4")  # int4: model/int4.py
+QUANTIZATIONS = ("auto", "none", "int4")  # int4: model/int4.py; auto: int4 for 4-bit checkpoints (loader.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,8 +121,8 @@ class PagedCausalLM(nn.Module):
         config = hf_model.config
         if config.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"unsupported architecture {config.model_type!r}; supported: {SUPPORTED_MODEL_TYPES}")
-        if quantization not in QUANTIZATIONS:
-            raise ValueError(f"unknown quantization {quantization!r}; expected one of {', '.join(QUANTIZATIONS)}")
+        if quantization not in ("none", "int4"):  # "auto" is resolved by the loader, which knows the file
+            raise ValueError(f"unknown quantization {quantization!r}; expected none or int4")
         if quantization == "int4" and (reason := int4_available(hf_model.device)):
             raise ValueError(reason)
         self.quantization = quantization

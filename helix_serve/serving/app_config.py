@@ -50,7 +50,8 @@ class HelixAppArgs(BaseModel):
     device: str = "auto"
     dtype: str = "auto"
     quantization: Literal[QUANTIZATIONS] = Field(
-        "none", description="int4: the target's projections as 4-bit weights (CPU only; not the fp32 numerics)")
+        "auto", description="auto: int4 on a CPU for a 4-bit (Q4_1 GGUF) checkpoint, else none; int4: the target's "
+                            "projections as 4-bit weights (CPU only; not the fp32 numerics); none: as loaded")
     block_size: int = Field(16, ge=1)
     num_kv_blocks: int = Field(1024, ge=1)
     max_num_seqs: int = Field(32, ge=1)

@@ -129,7 +129,7 @@ class HelixEngine:
             "eagle_head": self.args.eagle_head, "proposers": engine.proposers, "has_draft": engine.has_draft,
             "device": str(engine.device), "max_model_len": engine.max_model_len,
             "dtype": str(engine.pair.target.dtype).removeprefix("torch."), "dtype_requested": self.args.dtype,
-            "quantization": engine.pair.target.quantization,
+            "quantization": engine.pair.target.quantization, "quantization_requested": self.args.quantization,
             "kv_cache": kv, "pool": self.pool_name, "device_requested": self.placement.requested,
             "device_fallback": self.placement.fallback_reason, "node_id": self.node_id,
             "last_step": last_step.info(),

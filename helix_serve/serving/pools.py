@@ -92,7 +92,7 @@ class PoolRouter:
             "device": ",".join(sorted({info["device"] for info in live})),
             "dtype": ",".join(sorted({info["dtype"] for info in live})),
             "dtype_requested": first["dtype_requested"],
-            "quantization": first["quantization"],
+            "quantization": first["quantization"], "quantization_requested": first["quantization_requested"],
             "kv_cache": {**first["kv_cache"], **kv},
             "pools": {p.name: p.summary() for p in self.pools},
         }
