@@ -35,8 +35,8 @@ class EngineConfig:
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None  # None: the target's max_position_embeddings
-    # Speculation (engine/planner.py). None: "hybrid" when a draft model is loaded, "ngram" when none is.
-    speculative_method: str | None = None  # draft | ngram | hybrid: which proposers the planner may use
+    # Speculation (engine/planner.py). None: "hybrid" with a draft model or an EAGLE head, "ngram" without.
+    speculative_method: str | None = None  # draft | eagle | ngram | hybrid: which proposers the planner may use
     num_speculative_tokens: int | None = None  # fixed K for every request; None: planned per step
     k_max: int = 8
     prompt_lookup_min: int = 1  # n-gram lengths prompt lookup matches (longest first)
