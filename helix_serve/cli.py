@@ -20,9 +20,11 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--raw", action="store_true", help="continue PROMPT as plain text, without the chat template")
     gen.add_argument("--target", default=DEFAULT_TARGET, help="target model: hub id, local dir or .gguf file")
     gen.add_argument("--draft", default=DEFAULT_DRAFT, help="draft model: hub id, local dir or .gguf file")
+    gen.add_argument("--eagle-head", default=None,
+                     help="an EAGLE head directory (helix distill --method eagle) instead of the draft model")
     gen.add_argument("--k", type=int, default=None, help="fixed number of draft tokens (default: planned per step)")
     gen.add_argument("--method", choices=SPECULATIVE_METHODS, default=None,
-                     help="proposers: draft model, ngram (prompt lookup) or hybrid (default: hybrid with a draft)")
+                     help="proposers: draft model, eagle head, ngram (prompt lookup) or hybrid (default: hybrid)")
     gen.add_argument("--no-speculative", action="store_true", help="plain decoding with the target alone")
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-p", type=float, default=1.0)
@@ -50,6 +52,13 @@ def _parser() -> argparse.ArgumentParser:
     dist.add_argument("--batch-size", type=int, default=16, help="training batch (sequences)")
     dist.add_argument("--threads", type=int, default=2, help="torch threads")
     dist.add_argument("--max-prompts", type=int, default=None, help="only the first N prompts (quick runs)")
+    dist.add_argument("--method", choices=("draft", "eagle"), default="draft",
+                      help="draft: an early-exit draft model; eagle: a head on the target's own features")
+    dist.add_argument("--rounds", type=int, default=4, help="eagle: answer rounds (greedy, then sampled at T=0.8)")
+    dist.add_argument("--max-answer-tokens", type=int, default=192, help="eagle: longest answer generated")
+    dist.add_argument("--ttt-steps", type=int, default=3, help="eagle: training-time-test depth")
+    dist.add_argument("--eval-max-tokens", type=int, default=64,
+                      help="eagle: tokens per held-out prompt in each evaluation run (K = 1-6, greedy and T = 0.8)")
     return parser
 
 
@@ -62,9 +71,13 @@ def _distill(args: argparse.Namespace, argv: list[str] | None) -> int:
     facts = distill(DistillArgs(
         target=args.target, out=Path(args.out), budget_minutes=args.budget_minutes, resume=args.resume,
         seed=args.seed, num_layers=args.layers, draft_vocab_size=args.draft_vocab, batch_size=args.batch_size,
-        threads=args.threads, max_prompts=args.max_prompts, command=command,
+        threads=args.threads, max_prompts=args.max_prompts, command=command, method=args.method,
+        rounds=args.rounds, max_answer_tokens=args.max_answer_tokens, ttt_steps=args.ttt_steps,
+        eval_max_tokens=args.eval_max_tokens,
     ))
-    print(json.dumps({k: facts[k] for k in ("greedy", "t0.8", "draft_cost_ratio", "verify_cost_ratio")}, indent=2))
+    keys = ("greedy", "t0.8", "draft_cost_ratio", "verify_cost_ratio") if args.method == "draft" else \
+        ("train", "num_answers", "evaluation")
+    print(json.dumps({k: facts[k] for k in keys}, indent=2))
     return 0
 
 
@@ -86,8 +99,10 @@ def main(argv: list[str] | None = None) -> int:
             max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
             seed=args.seed, stop=args.stop, speculative=not args.no_speculative, num_speculative_tokens=args.k,
         )
-        needs_draft = not args.no_speculative and args.method != "ngram"  # prompt lookup needs no draft model
+        # prompt lookup needs no draft model, and an EAGLE head replaces it
+        needs_draft = not args.no_speculative and args.method not in ("ngram", "eagle") and args.eagle_head is None
         config = EngineConfig(target_model=args.target, draft_model=args.draft if needs_draft else None,
+                              eagle_head=args.eagle_head if not args.no_speculative else None,
                               speculative_method=args.method, device=args.device, dtype=args.dtype,
                               quantization=args.quantization, enable_prefix_caching=not args.no_prefix_caching)
         engine = LLMEngine(config)

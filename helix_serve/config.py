@@ -24,6 +24,7 @@ class EngineConfig:
 
     target_model: str = DEFAULT_TARGET
     draft_model: str | None = DEFAULT_DRAFT
+    eagle_head: str | None = None  # a directory `helix distill --method eagle` wrote; excludes draft_model
     device: str = "auto"
     dtype: str = "auto"
     # auto: int4 on a CPU for a checkpoint whose projections are 4-bit (Q4_1 GGUF), else none (model/loader.py);
@@ -34,8 +35,8 @@ class EngineConfig:
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None  # None: the target's max_position_embeddings
-    # Speculation (engine/planner.py). None: "hybrid" when a draft model is loaded, "ngram" when none is.
-    speculative_method: str | None = None  # draft | ngram | hybrid: which proposers the planner may use
+    # Speculation (engine/planner.py). None: "hybrid" with a draft model or an EAGLE head, "ngram" without.
+    speculative_method: str | None = None  # draft | eagle | ngram | hybrid: which proposers the planner may use
     num_speculative_tokens: int | None = None  # fixed K for every request; None: planned per step
     k_max: int = 8
     prompt_lookup_min: int = 1  # n-gram lengths prompt lookup matches (longest first)
@@ -48,6 +49,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True  # reuse the K/V of full prompt blocks seen before (prefix_cache.py)
 
     def __post_init__(self) -> None:
+        if self.eagle_head is not None and self.draft_model is not None:
+            raise ValueError("set draft_model or eagle_head, not both (one model-based proposer per engine)")
         if self.block_size < 1 or self.num_kv_blocks < 1:
             raise ValueError("block_size and num_kv_blocks must be >= 1")
         if self.k_max < 0:

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from helix_serve.model.eagle_head import EagleConfig, EagleHead
+from helix_serve.model.loader import load_model
 from tests.model_factory import make_pair_dirs
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -22,3 +24,17 @@ def llama_pair(tmp_path_factory) -> tuple[Path, Path]:
 @pytest.fixture(scope="session")
 def qwen2_pair(tmp_path_factory) -> tuple[Path, Path]:
     return make_pair_dirs(tmp_path_factory.mktemp("qwen2"), "qwen2")
+
+
+@pytest.fixture(scope="session")
+def eagle_dir(llama_pair, tmp_path_factory):
+    """A randomly initialised head for the tiny target (exactness does not need a trained one)."""
+    target = load_model(str(llama_pair[0]), torch.device("cpu"), "float32")
+    torch.manual_seed(5)
+    vocab = len(target.hf_model.get_input_embeddings().weight)
+    config = EagleConfig.for_target(target.hf_model.config, (0, 1, 2), list(range(0, vocab, 2)))
+    head = EagleHead(config, target.embed_tokens)
+    head.init_from_target(target.lm_head.weight, target.norm.weight)
+    path = tmp_path_factory.mktemp("eagle-head")
+    head.save(path)
+    return path

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from helix_serve.engine.planner import Choice, Options, Planner, Proposer, expected_speedup
+from helix_serve.engine.planner import PRIORS, Choice, Options, Planner, Proposer, expected_speedup
 from helix_serve.engine.sampling_params import SamplingParams
 from helix_serve.engine.sequence import Acceptance, Sequence
-from helix_serve.engine.step_cost import ForwardCost, PassShape, PassTiming, StepCostModel, StepTiming
+from helix_serve.engine.step_cost import DraftWork, ForwardCost, PassShape, PassTiming, StepCostModel, StepTiming
 
 MAX_TOKENS = 2048
 
@@ -191,3 +191,71 @@ def test_configured_ratios_are_not_refreshed():
     model = StepCostModel.from_ratios(0.25, 0.1, MAX_TOKENS)
     model.observe(StepTiming(PassTiming(PassShape(5, 1, 5), 9.0), [PassTiming(PassShape(1, 1, 1), 9.0)], total_s=20))
     assert model.ratios == pytest.approx((0.25, 0.1))
+
+
+# ---- EAGLE: its own proposer ----------------------------------------------------------------------
+
+
+def eagle_seq(eagle_alpha: float, ngram_alpha: float = 0.3, draft_alpha: float = 0.9, evidence: float = 200.0):
+    s = seq(draft_alpha, ngram_alpha, evidence)  # a draft model's α, as if learnt elsewhere: the head ignores it
+    s.acceptance["eagle"] = Acceptance(eagle_alpha * evidence, evidence)
+    return s
+
+
+def head_costs(target: list[tuple[int, float]], head_cost: float, draft_cost: float | None = None) -> StepCostModel:
+    """A target curve, the head's pass at `head_cost` and (optionally) a draft model's at `draft_cost`."""
+    sizes, seconds = zip(*target)
+    draft = None if draft_cost is None else ForwardCost([1, 64], [draft_cost, draft_cost])
+    return StepCostModel(ForwardCost(list(sizes), list(seconds)), draft,
+                         eagle=ForwardCost([1, 64], [head_cost, head_cost]))
+
+
+def test_eagle_learns_its_own_acceptance_and_population_rate():
+    planner = Planner(model=Proposer.EAGLE)
+    s = Sequence("r", [1, 2, 3], SamplingParams(), torch.Generator())
+    assert planner.alpha(s, Proposer.EAGLE) == PRIORS[Proposer.EAGLE][0] == 0.5
+    planner.update(s, Choice(Proposer.EAGLE, 4), 4, [1, 2, 3, 4, 5], [])
+    # 4 of 4 judged: engine-wide (4 + 0.5·4) / (4 + 4) = 0.75; the sequence's (4 + 0.75·4) / (4 + 4) = 0.875
+    assert planner.prior(Proposer.EAGLE) == 0.75 and planner.alpha(s, Proposer.EAGLE) == 0.875
+    assert planner.population[Proposer.DRAFT].judged == 0 and planner.alpha(s, Proposer.DRAFT) == 0.5
+    assert s.acceptance["eagle"].steps_since == 0 and s.acceptance["draft"].steps_since == 1
+
+
+def test_eagle_is_chosen_over_prompt_lookup_when_it_expects_more_tokens():
+    planner, curve = Planner(k_max=8, model=Proposer.EAGLE), head_costs(MEMORY_BOUND, 0.02)
+    [head] = planner.plan([options(eagle_seq(0.9, ngram_alpha=0.3), ngram=[5, 6, 7])], curve)
+    [lookup] = planner.plan([options(eagle_seq(0.3, ngram_alpha=0.95), ngram=[5, 6, 7])], curve)
+    assert head == Choice(Proposer.EAGLE, 8) and lookup == Choice(Proposer.NGRAM, 3)
+
+
+def test_the_head_is_planned_on_its_own_cost_curve():
+    """Same α (0.7) for the draft model and the head: a draft pass as dear as a target forward never pays,
+    a head pass at 2 % of one does, deeply, on the same step-cost model."""
+    curve = head_costs(MEMORY_BOUND, head_cost=0.02, draft_cost=1.0)
+    s = eagle_seq(0.7, draft_alpha=0.7)
+    [draft] = Planner(k_max=8, model=Proposer.DRAFT).plan([options(s)], curve)
+    [eagle] = Planner(k_max=8, model=Proposer.EAGLE).plan([options(s)], curve)
+    assert draft == Choice(None, 0) and eagle.proposer is Proposer.EAGLE and eagle.k >= 4
+
+
+def test_the_heads_catch_up_pass_trails_by_one_token():
+    s = eagle_seq(0.7)
+    s.token_ids, s.num_draft_cached = list(range(600)), 99
+    assert options(s).catch_up(Proposer.EAGLE) == 500 and options(s).catch_up(Proposer.DRAFT) == 501
+    s.num_draft_cached = 599  # the head after drafting: entries up to n - 2; nothing left to catch up on
+    assert options(s).catch_up(Proposer.EAGLE) == 1
+
+
+def test_a_parked_sequence_probes_the_head_not_a_draft_model():
+    planner, curve = Planner(probe_interval=4, model=Proposer.EAGLE), head_costs(MEMORY_BOUND, 0.3)
+    parked = eagle_seq(0.05)
+    park(planner, parked, 4)
+    plans = [planner.plan([options(parked)], curve)[0] for _ in range(200)]
+    assert Choice(Proposer.EAGLE, 1) in plans and not any(c.proposer is Proposer.DRAFT for c in plans)
+
+
+def test_configured_ratios_go_to_the_head_when_one_is_loaded():
+    model = StepCostModel.from_ratios(0.05, 0.1, MAX_TOKENS, head=True)
+    assert model.draft is None and model.ratios == pytest.approx((0.05, 0.1))
+    assert model.draft_seconds(DraftWork(2, 1, 3, 10, head=True)) == pytest.approx(0.1)
+    assert model.draft_seconds(DraftWork(2, 1, 3, 10)) == 0.0  # no draft model's passes to pay for

@@ -17,7 +17,8 @@ from helix_serve.serving.pools import Pool, PoolRouter
 from helix_serve.serving.protocol import EngineChunk, EngineRequest
 
 TIMEOUT_S = 0.05
-INFO = {"target_model": "t", "draft_model": "d", "has_draft": True, "max_model_len": 64, "device": "cpu",
+INFO = {"target_model": "t", "draft_model": "d", "eagle_head": None, "proposers": ["draft", "ngram"],
+        "has_draft": True, "max_model_len": 64, "device": "cpu",
         "device_requested": "cpu", "device_fallback": None, "dtype": "float32", "dtype_requested": "auto",
         "quantization": "none", "quantization_requested": "auto",
         "kv_cache": {"num_blocks": 8, "used_blocks": 1, "free_blocks": 7, "block_size": 4, "pool_bytes": 100,
@@ -170,6 +171,7 @@ def test_probes_mark_pending_pool_down_and_health_is_degraded():
     client, pools = make_client(cpu=(FakeHandle(), 1.0), pending=(pending, 1.0))
     health = run(client.info())
     assert health["status"] == "degraded" and health["device"] == "cpu" and health["quantization"] == "none"
+    assert health["proposers"] == ["draft", "ngram"] and health["eagle_head"] is None
     assert health["kv_cache"] == INFO["kv_cache"]  # only the live pool's replica counts
     assert health["pools"]["cpu"]["healthy"] and health["pools"]["cpu"]["device"] == "cpu"
     assert not health["pools"]["pending"]["healthy"] and "TimeoutError" in health["pools"]["pending"]["error"]

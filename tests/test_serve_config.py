@@ -95,9 +95,18 @@ def test_speculation_args_reach_the_engine_config():
     assert (config.speculative_method, config.prompt_lookup_min, config.prompt_lookup_max, config.k_max) == \
         ("ngram", 2, 4, 6)
     with pytest.raises(ValueError, match="speculative_method"):
-        HelixAppArgs(speculative_method="eagle")
+        HelixAppArgs(speculative_method="medusa")
     assert HelixAppArgs(quantization="int4").engine_config().quantization == "int4"
     assert HelixAppArgs().engine_config().quantization == "auto"
+
+
+def test_an_eagle_head_replaces_the_default_draft_model():
+    config = HelixAppArgs(eagle_head="heads/smollm2-eagle", speculative_method="eagle").engine_config()
+    assert (config.eagle_head, config.draft_model, config.speculative_method) == \
+        ("heads/smollm2-eagle", None, "eagle")
+    with pytest.raises(ValueError, match="not both"):
+        HelixAppArgs(eagle_head="heads/smollm2-eagle", draft_model="drafts/smollm2")
+    assert HelixAppArgs().engine_config().eagle_head is None
 
 
 def test_unknown_args_are_refused():

@@ -46,6 +46,12 @@ class DistillArgs:
     threads: int = 2
     max_prompts: int | None = None  # use only the first N training and held-out prompts (quick runs)
     command: str = ""
+    method: str = "draft"  # draft: an early-exit draft model; eagle: a head on the target's features (eagle_run.py)
+    rounds: int = 4  # eagle: answer rounds (greedy, then sampled)
+    max_answer_tokens: int = 192  # eagle: longest answer generated
+    max_num_seqs: int = 32  # eagle: the answering engine's batch
+    ttt_steps: int = 3  # eagle: training-time-test depth
+    eval_max_tokens: int = 64  # eagle: tokens per held-out prompt in each evaluation run (12 runs: K 1-6 x 2)
 
 
 def _load_target(name: str, dtype: torch.dtype):
@@ -55,6 +61,12 @@ def _load_target(name: str, dtype: torch.dtype):
 
 def distill(args: DistillArgs) -> dict:
     """Run the whole pipeline; returns the evaluation written into the model card."""
+    if args.method == "eagle":
+        from helix_serve.distill.eagle_run import distill_eagle
+
+        return distill_eagle(args)
+    if args.method != "draft":
+        raise ValueError(f"unknown distill method {args.method!r}; expected draft or eagle")
     torch.set_num_threads(args.threads)
     start = time.monotonic()
     budget_s = args.budget_minutes * 60
@@ -120,15 +132,23 @@ def evaluate_draft(target: str, draft: str, tokenizer, prompts: list[str], max_t
     result.update(draft_cost_ratio=c, verify_cost_ratio=v)
     samples = []
     for label, temperature in (("greedy", 0.0), ("t0.8", 0.8)):
-        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=1, num_speculative_tokens=4)
+        # The method fixed to the measured proposer: under "hybrid" prompt lookup's acceptances would count.
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=1, num_speculative_tokens=4,
+                                speculative_method="draft")
         outs = engine.generate(ids, params)
         judged = sum(o.stats["num_judged"] for o in outs)
         accepted = sum(o.stats["num_accepted"] for o in outs)
         drafted = sum(o.stats["num_drafted"] for o in outs)
         steps = sum(o.stats["num_target_steps"] for o in outs)
         tokens = sum(o.stats["tokens_generated"] for o in outs)
+        by_proposer: dict[str, dict[str, int]] = {}
+        for o in outs:
+            for name, counts in o.stats["by_proposer"].items():
+                mine = by_proposer.setdefault(name, {"num_drafted": 0, "num_accepted": 0})
+                mine["num_drafted"] += counts["num_drafted"]
+                mine["num_accepted"] += counts["num_accepted"]
         result[label] = {"alpha": accepted / max(judged, 1), "acceptance_rate": accepted / max(drafted, 1),
-                         "tokens_per_target_step": tokens / max(steps, 1)}
+                         "tokens_per_target_step": tokens / max(steps, 1), "by_proposer": by_proposer}
         samples = samples or [{"prompt": p, "answer": o.text} for p, o in zip(prompts[:3], outs[:3])]
     result["samples"] = samples
     return result

@@ -16,6 +16,7 @@ import torch
 from helix_serve.config import EngineConfig
 from helix_serve.device import resolve_device
 from helix_serve.engine.block_manager import BlockManager
+from helix_serve.engine.eagle_runner import EagleRunner
 from helix_serve.engine.logprobs import TokenLogprob
 from helix_serve.engine.model_runner import ModelRunner
 from helix_serve.engine.ngram_proposer import NgramProposer
@@ -27,6 +28,7 @@ from helix_serve.engine.sequence import Sequence
 from helix_serve.engine.speculative import Draft, SequenceInputError, SpeculativeDecoder
 from helix_serve.engine.step_cost import StepCostModel, calibrate
 from helix_serve.engine.stop_checker import StopChecker
+from helix_serve.model.eagle_head import EagleHead
 from helix_serve.model.loader import ModelPair, load_model_pair
 from helix_serve.model.paged_llm import KVCache
 
@@ -61,7 +63,7 @@ class RequestOutput:
     error: str | None = None
     num_drafted: int = 0  # this step: the emitted chunk is `num_accepted` drafts + one target token
     num_accepted: int = 0
-    proposer: str | None = None  # who drafted this step's num_drafted tokens ("draft" or "ngram")
+    proposer: str | None = None  # who drafted this step's num_drafted tokens ("draft", "eagle" or "ngram")
     text: str | None = None  # set when finished
     token_ids: list[int] | None = None  # set when finished
     stats: dict | None = None  # set when finished
@@ -90,17 +92,24 @@ class LLMEngine:
         vocab = target.shape.vocab_size
         # What else decides the K/V a prefix-cache hit reuses.
         cache_key = f"{config.target_model}|{config.draft_model}|{target.dtype}|{target.quantization}"
-        self.block_manager = BlockManager(config.num_kv_blocks, config.block_size, config.enable_prefix_caching,
-                                          cache_key)
+        # NOTE: no prefix caching with an EAGLE head yet: a reused prefix has no target features to feed it.
+        self.block_manager = BlockManager(config.num_kv_blocks, config.block_size,
+                                          config.enable_prefix_caching and config.eagle_head is None, cache_key)
         self.kv_bytes = 0
         target_runner = self._runner(target, vocab)
-        draft_runner = self._runner(self.pair.draft, vocab) if self.pair.draft is not None else None
+        if config.eagle_head is not None:  # a pair handed in with a draft model too: the head replaces it
+            draft_runner = self._eagle_runner(config.eagle_head, vocab)
+        else:
+            draft_runner = self._runner(self.pair.draft, vocab) if self.pair.draft is not None else None
+        # The model-based proposer: a draft model or an EAGLE head, never both (EngineConfig).
+        self.model_proposer = Proposer.EAGLE if config.eagle_head is not None else Proposer.DRAFT
         self.decoder = SpeculativeDecoder(target_runner, draft_runner)
         self.method = config.speculative_method or ("hybrid" if draft_runner is not None else "ngram")
-        if self.method == "draft" and draft_runner is None:
-            raise ValueError("speculative_method 'draft' needs a draft model")
+        if self.method in ("draft", "eagle") and self.method != self._loaded_proposer:
+            raise ValueError(f"speculative_method {self.method!r} needs " +
+                             ("a draft model" if self.method == "draft" else "an EAGLE head (eagle_head)"))
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.planner = Planner(config.k_max, config.max_num_batched_tokens)
+        self.planner = Planner(config.k_max, config.max_num_batched_tokens, model=self.model_proposer)
         self.ngram = NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
         self.step_costs = self._step_costs()
         self.step_cost_log: deque[tuple[float, float]] = deque(maxlen=4096)  # (predicted, measured) seconds per step
@@ -114,7 +123,7 @@ class LLMEngine:
         config = self.config
         if config.draft_cost_ratio is not None and config.verify_cost_ratio is not None:
             return StepCostModel.from_ratios(config.draft_cost_ratio, config.verify_cost_ratio,
-                                             config.max_num_batched_tokens)
+                                             config.max_num_batched_tokens, self.decoder.eagle)
         limit = self.max_model_len  # calibration positions stay inside the model's context
         long_context = min(512, limit // 2)
         try:
@@ -123,7 +132,8 @@ class LLMEngine:
                               max_rows=config.max_num_seqs, base_context=min(64, limit // 4),
                               long_context=long_context, max_draft_tokens=min(256, limit - long_context - 1))
         except ValueError:  # a pool too small to calibrate in
-            return StepCostModel.from_ratios(DEFAULT_DRAFT_COST_RATIO, 0.0, config.max_num_batched_tokens)
+            return StepCostModel.from_ratios(DEFAULT_DRAFT_COST_RATIO, 0.0, config.max_num_batched_tokens,
+                                             self.decoder.eagle)
         c, v = costs.ratios
         logger.info("step costs: c=%.3f v=%.3f (target %.2f ms)", c, v, costs.target(1) * 1e3)
         return costs
@@ -138,6 +148,15 @@ class LLMEngine:
         self.kv_bytes += kv.num_bytes
         return ModelRunner(model, kv, self.config.block_size, vocab)
 
+    def _eagle_runner(self, path: str, vocab: int) -> EagleRunner:
+        target = self.pair.target
+        head = EagleHead.load(path, target.embed_tokens, target.dtype)
+        if head.config.target_vocab_size != vocab or max(head.config.capture_layers) > target.shape.num_layers:
+            raise ValueError(f"{path}: this EAGLE head was made for another target")
+        kv = KVCache.allocate(head.shape, self.config.num_kv_blocks, self.config.block_size, head.dtype, head.device)
+        self.kv_bytes += kv.num_bytes
+        return EagleRunner(head, kv, self.config.block_size, vocab)
+
     def _eos_ids(self) -> set[int]:
         ids = {self.tokenizer.eos_token_id}
         generation_eos = getattr(self.pair.target.hf_model.generation_config, "eos_token_id", None)
@@ -147,6 +166,16 @@ class LLMEngine:
     @property
     def has_draft(self) -> bool:
         return self.decoder.draft is not None
+
+    @property
+    def proposers(self) -> list[str]:
+        """What this engine can draft with: its model-based proposer, if loaded, and prompt lookup."""
+        return [self.model_proposer.value, Proposer.NGRAM.value] if self.has_draft else [Proposer.NGRAM.value]
+
+    @property
+    def _loaded_proposer(self) -> str | None:
+        """"draft" or "eagle": which model-based proposer is loaded (None: neither)."""
+        return self.model_proposer.value if self.has_draft else None
 
     # ---- requests -------------------------------------------------------------------------------
 
@@ -184,8 +213,10 @@ class LLMEngine:
             )
         if (params.num_speculative_tokens or 0) > self.config.k_max:
             raise RequestRejectedError(f"num_speculative_tokens must be <= {self.config.k_max}")
-        if params.speculative_method == "draft" and not self.has_draft:
-            raise RequestRejectedError("speculative_method 'draft' needs a draft model, and none is loaded")
+        if params.speculative_method in ("draft", "eagle") and params.speculative_method != self._loaded_proposer:
+            raise RequestRejectedError(f"speculative_method {params.speculative_method!r} needs "
+                                       f"{'a draft model' if params.speculative_method == 'draft' else 'an EAGLE head'}"
+                                       ", and none is loaded")
         try:  # what each step builds from the settings: a request it cannot build for is refused here
             sampling_row(params, vocab)
         except (TypeError, ValueError, OverflowError) as exc:
@@ -299,17 +330,17 @@ class LLMEngine:
         fixed_k = params.num_speculative_tokens
         fixed_k = self.config.num_speculative_tokens if fixed_k is None else fixed_k
         return Options(seq, seq.num_tokens - seq.num_target_cached, room if ready else 0,
-                       ready and self._may_use(seq, Proposer.DRAFT), ngram_tokens, fixed_k, self._judged(seq))
+                       ready and self._may_use(seq, self.model_proposer), ngram_tokens, fixed_k, self._judged(seq))
 
     def _may_use(self, seq: Sequence, proposer: Proposer) -> bool:
         method = seq.params.speculative_method or self.method
-        if proposer is Proposer.DRAFT:
-            return self.has_draft and method in ("draft", "hybrid")
+        if proposer is not Proposer.NGRAM:  # a model-based proposer: only the loaded one, by its name or hybrid
+            return self.has_draft and proposer is self.model_proposer and method in ("hybrid", proposer.value)
         seeded_sampling = seq.params.seed is not None and not seq.params.greedy  # draft only: see speculative.py
         return method in ("ngram", "hybrid") and not seeded_sampling
 
     def _judged(self, seq: Sequence) -> bool:
-        return self.decoder.judges_last(seq) and self._may_use(seq, Proposer.DRAFT)
+        return self.decoder.judges_last(seq) and self._may_use(seq, self.model_proposer)
 
     def _draft(self, seq: Sequence, k: int, planned: _Planned | None) -> Draft:
         """The decoder's instructions; k is the scheduler's (it drops to 0 when the KV pool is short)."""
@@ -324,7 +355,7 @@ class LLMEngine:
         if seq.stats.first_token_time is None:
             seq.stats.first_token_time = now
         seq.stats.num_target_steps += 1
-        proposer = Proposer.NGRAM if draft.tokens is not None else Proposer.DRAFT
+        proposer = Proposer.NGRAM if draft.tokens is not None else self.model_proposer
         if draft.k > 0:
             seq.stats.record_verify(proposer.value, draft.k, num_accepted)
         lookup = planned.options.ngram_tokens if planned else []  # scored even when the draft model ran

@@ -21,7 +21,6 @@ class ModelRunner:
         rows = model.embed_tokens.num_embeddings
         self.vocab_map = VocabMap.for_model(model.hf_model.config, rows, vocab_size, self.device)
 
-    @torch.inference_mode()
     def logits(
         self, block_tables: list[list[int]], chunks: list[list[int]], starts: list[int], num_logits: list[int]
     ) -> torch.Tensor:
@@ -29,11 +28,21 @@ class ModelRunner:
 
         chunks[i] holds the tokens at positions starts[i] .. starts[i] + len(chunks[i]) - 1 of sequence i.
         """
+        return self.logits_and_features(block_tables, chunks, starts, num_logits)[0]
+
+    @torch.inference_mode()
+    def logits_and_features(
+        self, block_tables: list[list[int]], chunks: list[list[int]], starts: list[int], num_logits: list[int],
+        capture_layers: tuple[int, ...] = (),
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`logits`, and the [Σ len(chunks), len(capture_layers) * hidden] captured states of every token
+        (None without capture_layers): an EAGLE head's features come out of the same pass."""
         query_lens = [len(c) for c in chunks]
         context_lens = [s + n for s, n in zip(starts, query_lens)]
         meta = AttentionMetadata.build(block_tables, context_lens, query_lens, self.block_size, self.device)
         input_ids = torch.tensor([t for c in chunks for t in c], dtype=torch.long, device=self.device)
-        hidden = self.model(self.vocab_map.inputs(input_ids), meta, self.kv_cache)  # [T, hidden]
+        hidden, features = self.model.forward_with_features(self.vocab_map.inputs(input_ids), meta, self.kv_cache,
+                                                            capture_layers)  # [T, hidden]
         ends = torch.tensor(query_lens).cumsum(0)
         index = torch.cat([torch.arange(int(e) - n, int(e)) for e, n in zip(ends, num_logits)])
-        return self.vocab_map.logits(self.model.compute_logits(hidden[index.to(self.device)]))
+        return self.vocab_map.logits(self.model.compute_logits(hidden[index.to(self.device)])), features

@@ -1,11 +1,16 @@
-"""Each step, for each sequence: which proposer drafts (none, prompt lookup, the draft model) and how many
-tokens, chosen for the goodput of the whole step.
+"""Each step, for each sequence: which proposer drafts (none, prompt lookup, the engine's model-based proposer)
+and how many tokens, chosen for the goodput of the whole step.
+
+Proposers. Prompt lookup is always there; the model-based proposer is the draft model or an EAGLE head
+(`Planner.model`): an engine loads at most one of the two, so a step runs one model's passes. The head is
+its own proposer all the same — its own prior, engine-wide rate, per-sequence α and probes, and its own
+cost curve in the step-cost model — so nothing learnt about one carries over to the other.
 
 Gain. A proposer accepted at rate α that drafts K tokens makes its sequence emit E(α, K) = (1 − α^(K+1)) /
 (1 − α) tokens (Leviathan et al. 2023): its j-th draft token adds α^j expected tokens, less for each j.
 Cost. The step-cost model (step_cost.py) predicts the whole step from its shape: the target pass over every
-batched token, the draft model's passes (the first one catching each drafting sequence up on the tokens it has
-not seen), processing every row of logits, and the rest.
+batched token, the model proposer's passes (the first one catching each drafting sequence up on the tokens it
+has not seen; the head trails the sequence by one token, step_cost.py), processing every row of logits, and the rest.
 Choice. For each draft depth P (0 … k_max) every sequence takes the proposer that expects more tokens from
 it (prompt lookup costs nothing to run but proposes only where the text repeats itself); all the possible
 extra draft tokens of the batch are ranked by gain, and the prefix of that ranking with the most expected
@@ -15,7 +20,7 @@ Acceptance. α is a decayed ratio of accepted to judged draft positions, per seq
 towards the engine-wide rate of that proposer while the sequence's own evidence is thin (a new request starts
 from what the proposer has been doing lately, not from a fixed guess). Prompt lookup is scored every step for
 free ("shadow"): its proposals are compared with the tokens the step emitted, which are exact samples of the
-target, so a match is a token it would have had accepted. The draft model can only be scored by running it:
+target, so a match is a token it would have had accepted. A model proposer can only be scored by running it:
 a sequence that has not used it for `probe_interval` steps gets K = 1 from it — when the probe budget allows.
 The budget grows by `probe_share` of every step's predicted time and each probe spends what it is predicted to
 add to its step, so probing costs at most that share of the time at any load (under load, where a verify token
@@ -35,11 +40,12 @@ from helix_serve.engine.step_cost import DraftWork, StepCostModel
 
 class Proposer(str, enum.Enum):
     DRAFT = "draft"  # the draft model
+    EAGLE = "eagle"  # an EAGLE head on the target's features
     NGRAM = "ngram"  # prompt lookup over the sequence's own tokens
 
 
 # (α, weight in judged positions) before any evidence: the engine-wide rate starts here...
-PRIORS = {Proposer.DRAFT: (0.5, 4.0), Proposer.NGRAM: (0.3, 4.0)}
+PRIORS = {Proposer.DRAFT: (0.5, 4.0), Proposer.EAGLE: (0.5, 4.0), Proposer.NGRAM: (0.3, 4.0)}
 SEQUENCE_PRIOR_WEIGHT = 4.0  # ...and a sequence's own α starts at the engine-wide rate, with this weight
 POPULATION_DECAY = 0.995  # per judged step of any sequence: the engine-wide rate follows the recent requests
 
@@ -58,15 +64,16 @@ class Options:
     seq: Sequence
     base_tokens: int  # tokens it puts in the target pass anyway (its uncached tokens)
     room: int  # the most draft tokens its max_tokens and the context leave
-    draft: bool  # the draft model may propose
+    draft: bool  # the model proposer (Planner.model) may propose
     ngram_tokens: list[int]  # prompt-lookup proposals found this step ([] when none or not allowed)
     fixed_k: int | None = None  # the request's or the engine's fixed K
     judged: bool = False  # seeded sampling: the draft model always proposes K + 1 (speculative.py)
 
-    @property
-    def catch_up(self) -> int:
-        """Tokens the draft model's first pass would process for this sequence."""
-        return max(self.seq.num_tokens - self.seq.num_draft_cached, 1)
+    def catch_up(self, model: Proposer) -> int:
+        """Tokens the model proposer's first pass would process for this sequence (the head's entries pair a
+        position's feature with the next token, so it has one fewer to see)."""
+        behind = self.seq.num_tokens - self.seq.num_draft_cached - (model is Proposer.EAGLE)
+        return max(behind, 1)
 
 
 @dataclass(slots=True)
@@ -85,7 +92,8 @@ class Planner:
     max_num_batched_tokens: int = 2048
     decay: float = 0.9
     probe_interval: int = 16
-    probe_share: float = 0.01  # of predicted step time, spent on probing the draft model at most
+    probe_share: float = 0.01  # of predicted step time, spent on probing the model proposer at most
+    model: Proposer = Proposer.DRAFT  # the engine's model-based proposer: the draft model or the EAGLE head
     population: dict[Proposer, Acceptance] = field(default_factory=_population)
     probe_budget_s: float = 0.0
 
@@ -123,25 +131,25 @@ class Planner:
     def _forced(self, o: Options) -> Choice | None:
         """A choice that is not the planner's to make: fixed K or nothing to propose."""
         if o.room <= 0 or not (o.draft or o.ngram_tokens):
-            return Choice(Proposer.DRAFT if o.judged else None, 0)
+            return Choice(self.model if o.judged else None, 0)
         if o.fixed_k is not None:
             proposer = self._better(o, o.fixed_k)
-            cap = o.fixed_k if proposer is Proposer.DRAFT else len(o.ngram_tokens)
+            cap = o.fixed_k if proposer is self.model else len(o.ngram_tokens)
             k = min(o.fixed_k, cap, o.room)
             return Choice(proposer if k or o.judged else None, k)
         return None
 
     def _probe(self, options: list[Options], choices: list[Choice], shape: _StepShape) -> None:
-        """Give the stalest sequences a K = 1 draft-model probe, as many as the probe budget covers."""
+        """Give the stalest sequences a K = 1 model-proposer probe, as many as the probe budget covers."""
         seconds = shape.seconds(options, choices)
         self.probe_budget_s = min(self.probe_budget_s + self.probe_share * seconds, seconds)
         stale = sorted((i for i, (o, c) in enumerate(zip(options, choices))
                         if o.draft and o.room > 0 and o.fixed_k is None and c.proposer is None  # not in place of lookup
-                        and o.seq.acceptance[Proposer.DRAFT.value].steps_since >= self.probe_interval),
-                       key=lambda i: -options[i].seq.acceptance[Proposer.DRAFT.value].steps_since)
+                        and o.seq.acceptance[self.model.value].steps_since >= self.probe_interval),
+                       key=lambda i: -options[i].seq.acceptance[self.model.value].steps_since)
 
         def probed(n: int) -> list[Choice]:
-            return [Choice(Proposer.DRAFT, 1) if i in stale[:n] else c for i, c in enumerate(choices)]
+            return [Choice(self.model, 1) if i in stale[:n] else c for i, c in enumerate(choices)]
 
         low, high = 0, len(stale)  # the most probes whose predicted extra time fits the budget (it grows with n)
         while low < high:
@@ -157,12 +165,12 @@ class Planner:
     def _better(self, o: Options, draft_depth: int) -> Proposer:
         """The proposer that expects more tokens from this sequence (prompt lookup on a tie: it is free)."""
         if not o.draft or o.judged:
-            return Proposer.NGRAM if not o.judged and o.ngram_tokens else Proposer.DRAFT
+            return Proposer.NGRAM if not o.judged and o.ngram_tokens else self.model
         if not o.ngram_tokens:
-            return Proposer.DRAFT
+            return self.model
         ngram = self.gains(o.seq, Proposer.NGRAM, min(len(o.ngram_tokens), o.room)).sum()
-        draft = self.gains(o.seq, Proposer.DRAFT, min(draft_depth, o.room)).sum()
-        return Proposer.NGRAM if ngram >= draft else Proposer.DRAFT
+        model = self.gains(o.seq, self.model, min(draft_depth, o.room)).sum()
+        return Proposer.NGRAM if ngram >= model else self.model
 
     def gains(self, seq: Sequence, proposer: Proposer | None, k: int) -> np.ndarray:
         """Expected extra tokens of draft positions 1..k: α, α², ..."""
@@ -175,8 +183,8 @@ class Planner:
     def update(self, seq: Sequence, choice: Choice, num_accepted: int, emitted: list[int],
                ngram_tokens: list[int]) -> None:
         """Fold one step in: the proposer that ran, and prompt lookup's shadow score."""
-        for proposer in Proposer:
-            seq.acceptance[proposer.value].steps_since += 1
+        for state in seq.acceptance.values():
+            state.steps_since += 1
         if choice.proposer is not None and choice.k > 0:
             self._fold(choice.proposer, seq, choice.k, num_accepted)
         if ngram_tokens and choice.proposer is not Proposer.NGRAM:
@@ -215,13 +223,13 @@ class _StepShape:
     def of(cls, options: list[Options], choices: list[Choice | None], planner: Planner,
            costs: StepCostModel) -> _StepShape:
         fixed = [(o, c) for o, c in zip(options, choices) if c is not None]
-        drafting = [(o, c) for o, c in fixed if c.proposer is Proposer.DRAFT and c.k + o.judged > 0]
+        drafting = [(o, c) for o, c in fixed if c.proposer is planner.model and c.k + o.judged > 0]
         fixed_k = sum(c.k for _, c in fixed)
         longest = max((o.seq.num_tokens for o in options), default=0)
         return cls(planner, costs, len(options), len(options) * longest,
                    sum(o.base_tokens for o in options) + fixed_k,
                    float(sum(planner.gains(o.seq, c.proposer, c.k).sum() for o, c in fixed)), fixed_k,
-                   len(drafting), sum(o.catch_up for o, _ in drafting),
+                   len(drafting), sum(o.catch_up(planner.model) for o, _ in drafting),
                    max((c.k + o.judged for o, c in drafting), default=0))
 
     def step_seconds(self, drafted: np.ndarray, draft_rows: np.ndarray, catch_up: np.ndarray,
@@ -229,24 +237,26 @@ class _StepShape:
         draft_rows, catch_up = draft_rows + self.fixed_draft_rows, catch_up + self.fixed_catch_up
         passes = np.maximum(passes, self.fixed_passes)
         longest = self.context // max(self.rows, 1)
-        work = DraftWork(passes, draft_rows, catch_up, draft_rows * longest)
+        work = DraftWork(passes, draft_rows, catch_up, draft_rows * longest, self.planner.model is Proposer.EAGLE)
         return self.costs.step_seconds(self.base_tokens + drafted, self.rows, self.context, work,
                                        self.fixed_k + drafted)
 
     def seconds(self, options: list[Options], choices: list[Choice]) -> float:
         """The predicted time of a step with these choices (the fixed ones included)."""
-        drafting = [(o, c) for o, c in zip(options, choices) if c.proposer is Proposer.DRAFT and c.k + o.judged > 0]
+        model = self.planner.model
+        drafting = [(o, c) for o, c in zip(options, choices) if c.proposer is model and c.k + o.judged > 0]
         total_k = sum(c.k for c in choices)
         base = self.base_tokens - self.fixed_k
+        longest = self.context // max(self.rows, 1)
         work = DraftWork(max((c.k + o.judged for o, c in drafting), default=0), len(drafting),
-                         sum(o.catch_up for o, _ in drafting), len(drafting) * (self.context // max(self.rows, 1)))
+                         sum(o.catch_up(model) for o, _ in drafting), len(drafting) * longest, model is Proposer.EAGLE)
         return float(self.costs.step_seconds(base + total_k, self.rows, self.context, work, total_k))
 
     def best_prefix(self, table: _FreeTable, depth: int) -> tuple[float, list[Choice]]:
         """At this draft depth: the free sequences' extra tokens ranked by gain, and the prefix of that ranking
         with the most expected tokens per second (its rate, and each free sequence's choice)."""
         proposers, caps = table.picks(depth)
-        alphas = np.where(proposers == _DRAFT, table.alpha_draft, table.alpha_ngram)  # [F]
+        alphas = np.where(proposers == _MODEL, table.alpha_model, table.alpha_ngram)  # [F]
         positions = np.arange(1, max(int(caps.max(initial=0)), 1) + 1)
         gains = alphas[:, None] ** positions[None, :]  # [F, J]
         taken = positions[None, :] <= caps[:, None]
@@ -258,18 +268,18 @@ class _StepShape:
         ks = np.zeros((len(order) + 1, len(proposers)), dtype=np.int64)  # [M + 1, F] K after m ranked tokens
         if len(order):
             ks[1:] = np.cumsum(owner[order][:, None] == np.arange(len(proposers))[None, :], axis=0)
-        runs_draft = (proposers == _DRAFT)[None, :] & ((ks > 0) | table.judged[None, :])  # [M + 1, F]
+        runs_draft = (proposers == _MODEL)[None, :] & ((ks > 0) | table.judged[None, :])  # [M + 1, F]
         passes = np.where(runs_draft, ks + table.judged[None, :], 0).max(axis=1, initial=0)
         seconds = self.step_seconds(np.arange(len(order) + 1), runs_draft.sum(axis=1),
                                     (runs_draft * table.catch_up[None, :]).sum(axis=1), passes)
         rate = expected / seconds
         m = int(np.argmax(rate))
-        return float(rate[m]), [Choice(_PROPOSERS[p] if k or j else None, int(k))
+        named = {_NONE: None, _MODEL: self.planner.model, _NGRAM: Proposer.NGRAM}
+        return float(rate[m]), [Choice(named[p] if k or j else None, int(k))
                                 for p, k, j in zip(proposers, ks[m], table.judged)]
 
 
-_NONE, _DRAFT, _NGRAM = 0, 1, 2  # proposer codes in the vectorised tables
-_PROPOSERS = {_NONE: None, _DRAFT: Proposer.DRAFT, _NGRAM: Proposer.NGRAM}
+_NONE, _MODEL, _NGRAM = 0, 1, 2  # proposer codes in the vectorised tables (_MODEL: Planner.model)
 
 
 def _gain_sum(alpha: np.ndarray, k: np.ndarray) -> np.ndarray:
@@ -281,7 +291,7 @@ def _gain_sum(alpha: np.ndarray, k: np.ndarray) -> np.ndarray:
 class _FreeTable:
     """The free sequences' options as arrays, for choosing over all of them at once."""
 
-    alpha_draft: np.ndarray  # [F]
+    alpha_model: np.ndarray  # [F] the model proposer's α
     alpha_ngram: np.ndarray
     may_draft: np.ndarray  # bool
     judged: np.ndarray  # bool
@@ -293,20 +303,20 @@ class _FreeTable:
     @classmethod
     def of(cls, free: list[Options], planner: Planner) -> _FreeTable:
         room = np.array([min(o.room, planner.k_max) for o in free])
-        return cls(np.array([planner.alpha(o.seq, Proposer.DRAFT) for o in free]),
+        return cls(np.array([planner.alpha(o.seq, planner.model) for o in free]),
                    np.array([planner.alpha(o.seq, Proposer.NGRAM) for o in free]),
                    np.array([o.draft for o in free]), np.array([o.judged for o in free]),
                    np.minimum([len(o.ngram_tokens) for o in free], room), room,
-                   np.array([o.catch_up for o in free]), planner.k_max)
+                   np.array([o.catch_up(planner.model) for o in free]), planner.k_max)
 
     def picks(self, depth: int) -> tuple[np.ndarray, np.ndarray]:
         """Each sequence's proposer code and most draft tokens at this draft depth: the proposer that expects
-        more tokens (prompt lookup on a tie: it is free); at depth 0 only prompt lookup (judged rows: the draft)."""
+        more tokens (prompt lookup on a tie: it is free); at depth 0 only prompt lookup (judged rows: the model)."""
         draft_k = np.minimum(depth, self.room)
-        ngram_wins = _gain_sum(self.alpha_ngram, self.ngram_k) >= _gain_sum(self.alpha_draft, draft_k)
+        ngram_wins = _gain_sum(self.alpha_ngram, self.ngram_k) >= _gain_sum(self.alpha_model, draft_k)
         has_ngram = self.ngram_k > 0
         use_ngram = ~self.judged & has_ngram & (~self.may_draft | ngram_wins | (depth == 0))
         use_draft = ~use_ngram & ((self.may_draft & (depth > 0)) | self.judged)
-        proposers = np.where(use_ngram, _NGRAM, np.where(use_draft, _DRAFT, _NONE))
+        proposers = np.where(use_ngram, _NGRAM, np.where(use_draft, _MODEL, _NONE))
         caps = np.where(use_ngram, self.ngram_k, np.where(use_draft, draft_k, 0))
         return proposers, caps

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 # and long before that the distribution is one-hot in float32 anyway.
 GREEDY_TEMPERATURE = 1e-5
 MAX_LOGPROBS = 20  # most alternatives per emitted token (OpenAI's chat limit)
-SPECULATIVE_METHODS = ("draft", "ngram", "hybrid")  # proposers a request may use; hybrid: either, per step
+SPECULATIVE_METHODS = ("draft", "ngram", "hybrid", "eagle")  # proposers; hybrid: the model one or ngram, per step
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range: -100 bans a token, 100 all but forces it
 
 
@@ -26,7 +26,7 @@ class SamplingParams:
     ignore_eos: bool = False
     speculative: bool = True
     num_speculative_tokens: int | None = None  # fixed K for this request; None = planned per step
-    speculative_method: str | None = None  # draft | ngram | hybrid for this request; None = the engine's
+    speculative_method: str | None = None  # draft | ngram | hybrid | eagle for this request; None = the engine's
     timeout_s: float | None = None  # deadline from arrival; the request ends with finish_reason "timeout"
     # Logits processing (logits_processors.py), applied identically to draft and target logits:
     repetition_penalty: float = 1.0  # > 1 discourages prompt and output tokens (HF's and vLLM's rule)

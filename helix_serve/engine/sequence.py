@@ -22,7 +22,7 @@ class Acceptance:
 
 
 def _acceptance_by_proposer() -> dict[str, Acceptance]:
-    return {"draft": Acceptance(), "ngram": Acceptance()}
+    return {"draft": Acceptance(), "eagle": Acceptance(), "ngram": Acceptance()}
 
 
 class SequenceStatus(enum.Enum):
@@ -114,7 +114,8 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)  # chained hashes of full blocks of token_ids
     num_target_cached: int = 0
-    num_draft_cached: int = 0
+    num_draft_cached: int = 0  # with an EAGLE head: its entries fed the target's features (eagle_runner.py)
+    eagle_features: torch.Tensor | None = None  # [P, 3H] target features of positions num_draft_cached ..
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     error: str | None = None

@@ -18,8 +18,9 @@ makes it in the request's first step, the target's prefill at K = 0, so it is dr
 u_final(first) and the prefill need not wait for the draft. The price is one more draft forward per
 later step (one at K = 0). Unseeded requests, whose tokens nobody can reproduce anyway, take the bonus.
 
-Proposers. A sequence's drafts come from the draft model (sampled from its q) or are given (prompt lookup,
-ngram_proposer.py): given proposals are deterministic, so q is one-hot on them and rejection sampling
+Proposers. A sequence's drafts come from the engine's model proposer — the draft model, or an EAGLE head
+drafting from the target's features (eagle_runner.py); either way sampled from its q after the request's
+penalties, logit_bias and sampling settings — or are given (prompt lookup, ngram_proposer.py): given proposals are deterministic, so q is one-hot on them and rejection sampling
 accepts x with probability p(x) — exact under any sampling settings. Seeded sampled requests use the draft
 model only: given proposals would make their tokens depend on which proposer ran (planner.py).
 """
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
+from helix_serve.engine.eagle_runner import EagleRunner
 from helix_serve.engine.logits_processors import Penalties, PenaltyRow
 from helix_serve.engine.logprobs import TokenLogprob, emitted_logprobs
 from helix_serve.engine.model_runner import ModelRunner
@@ -138,16 +140,19 @@ class _StepInputs:
 class SpeculativeDecoder:
     """Draft → verify → rejection-sample over a batch of sequences that share block tables."""
 
-    def __init__(self, target: ModelRunner, draft: ModelRunner | None):
+    def __init__(self, target: ModelRunner, draft: ModelRunner | EagleRunner | None):
         self.target = target
-        self.draft = draft
+        self.draft = draft  # the model-based proposer: a draft model, or an EAGLE head on the target's features
+        self.eagle = isinstance(draft, EagleRunner)
         self.device = target.device
 
     def judges_last(self, seq: Sequence) -> bool:
         """Seeded sampled requests with speculation on get K-independent tokens (see the module docstring)."""
         params = seq.params
         reproducible = params.speculative and params.seed is not None and not params.greedy
-        return self.draft is not None and reproducible and seq.num_output_tokens > 0
+        # NOTE: not with an EAGLE head: it drafts from the target's features, which a recompute prefill (the
+        # first step after a preemption) has not produced yet. Its seeded tokens stay exact, not K-independent.
+        return self.draft is not None and not self.eagle and reproducible and seq.num_output_tokens > 0
 
     def step(self, seqs: list[Sequence], drafts: list[Draft]) -> StepOutput:
         """Raises SequenceInputError (before running anything) if one sequence's inputs cannot be built."""
@@ -156,16 +161,19 @@ class SpeculativeDecoder:
         timing = StepTiming(drafted_tokens=sum(ks))
         draft_ids, draft_probs = self._propose(seqs, drafts, inputs, timing)
         draft_lists = draft_ids.tolist()
-        target_probs, target_logits, first_rows = self._score(seqs, ks, draft_ids, draft_lists, inputs, timing)
+        target_probs, target_logits, first_rows, features = self._score(seqs, ks, draft_ids, draft_lists, inputs,
+                                                                         timing)
         k_tensor = torch.tensor(ks, device=self.device)
         result = rejection_sample(draft_ids, draft_probs, target_probs, k_tensor, inputs.accept_uniforms,
                                   inputs.final_uniforms, inputs.judged)
         num_accepted, next_ids = result.num_accepted.tolist(), result.next_token_ids.tolist()
         # KV counters change only once the whole step succeeded, so a failed step leaves them consistent.
+        if self.eagle:
+            self._keep_features(seqs, drafts, ks, num_accepted, features)
         for seq, draft, a in zip(seqs, drafts, num_accepted):
             # Rollback is a length change: K/V past the accepted prefix is simply overwritten later.
             seq.num_target_cached = seq.num_tokens + a
-            if draft.by_model:  # the draft saw everything up to its last proposal but one; keep the accepted part
+            if draft.by_model and not self.eagle:  # the draft saw all but its last proposal; keep the accepted part
                 seq.num_draft_cached = seq.num_tokens + min(draft.num_proposals - 1, a)
         new_ids = [d[:a] + [t] for d, a, t in zip(draft_lists, num_accepted, next_ids)]
         logprobs = emitted_logprobs(target_logits, first_rows, new_ids, [s.params.logprobs for s in seqs])
@@ -198,16 +206,14 @@ class SpeculativeDecoder:
                 draft_probs[i, torch.arange(draft.k, device=self.device), given] = 1.0
         counts = [d.num_proposals if d.by_model else 0 for d in drafts]
         previous: dict[int, int] = {}
+        hidden: dict[int, torch.Tensor] = {}  # EAGLE: each row's last output feature
         for j in range(max(counts)):
             rows = [i for i, n in enumerate(counts) if n > j]
-            if j == 0:  # the draft catches up on every token it has not seen yet
-                chunks = [seqs[i].token_ids[seqs[i].num_draft_cached :] for i in rows]
-                starts = [seqs[i].num_draft_cached for i in rows]
-            else:
-                chunks = [[previous[i]] for i in rows]
-                starts = [seqs[i].num_tokens + j - 1 for i in rows]
             start = time.perf_counter()
-            logits = self.draft.logits([seqs[i].block_table for i in rows], chunks, starts, [1] * len(rows))
+            if self.eagle:
+                logits, chunks, starts = self._eagle_logits(seqs, rows, j, previous, hidden)
+            else:
+                logits, chunks, starts = self._draft_logits(seqs, rows, j, previous)
             self._synchronize()
             forwarded = time.perf_counter()
             index = torch.tensor(rows, device=self.device)
@@ -215,20 +221,79 @@ class SpeculativeDecoder:
             tokens = sample_from_probs(probs, inputs.draft_uniforms[index.cpu(), j])
             draft_ids[index, j], draft_probs[index, j] = tokens, probs
             previous = dict(zip(rows, tokens.tolist()))  # waits for the pass
-            timing.drafts.append(PassTiming(_shape(chunks, starts), forwarded - start))
+            passes = timing.heads if self.eagle else timing.drafts
+            passes.append(PassTiming(_shape(chunks, starts), forwarded - start))
             timing.processing_s += time.perf_counter() - forwarded
             timing.processed_rows += len(rows)
         return draft_ids, draft_probs
 
+    def _draft_logits(self, seqs: list[Sequence], rows: list[int], j: int,
+                      previous: dict[int, int]) -> tuple[torch.Tensor, list[list[int]], list[int]]:
+        """Pass j of the draft model (j = 0 catches up on every token it has not seen yet): its logits, and the
+        chunks and starts it ran on."""
+        if j == 0:
+            chunks = [seqs[i].token_ids[seqs[i].num_draft_cached :] for i in rows]
+            starts = [seqs[i].num_draft_cached for i in rows]
+        else:
+            chunks = [[previous[i]] for i in rows]
+            starts = [seqs[i].num_tokens + j - 1 for i in rows]
+        logits = self.draft.logits([seqs[i].block_table for i in rows], chunks, starts, [1] * len(rows))
+        return logits, chunks, starts
+
+    def _eagle_logits(self, seqs: list[Sequence], rows: list[int], j: int, previous: dict[int, int],
+                      hidden: dict[int, torch.Tensor]) -> tuple[torch.Tensor, list[list[int]], list[int]]:
+        """Step j of chained EAGLE drafting. j = 0: the head catches up on entries num_draft_cached .. n-2 from
+        the target's kept features (eagle_runner.py), its last entry drafting token n; j > 0: entry n-2+j is
+        fed the row's own output feature and the token it drafted. Also returns the chunks and starts."""
+        picked = [seqs[i] for i in rows]
+        if j == 0:
+            features = torch.cat([s.eagle_features[: s.num_tokens - 1 - s.num_draft_cached] for s in picked])
+            features = self.draft.head.fuse(features)
+            chunks = [s.token_ids[s.num_draft_cached + 1 :] for s in picked]
+            starts = [s.num_draft_cached for s in picked]
+        else:
+            features = torch.stack([hidden[i] for i in rows])
+            chunks = [[previous[i]] for i in rows]
+            starts = [s.num_tokens - 2 + j for s in picked]
+        logits, out = self.draft.logits([s.block_table for s in picked], features, chunks, starts)
+        hidden.update(zip(rows, out))
+        return logits, chunks, starts
+
+    @staticmethod
+    def _keep_features(seqs: list[Sequence], drafts: list[Draft], ks: list[int], num_accepted: list[int],
+                       features: torch.Tensor) -> None:
+        """Keep the target features of verified positions the head has not consumed: after this,
+        `eagle_features` covers positions num_draft_cached .. the new num_target_cached - 1."""
+        offset = 0
+        for seq, draft, k, a in zip(seqs, drafts, ks, num_accepted):
+            uncached = seq.num_tokens - seq.num_target_cached
+            fresh = features[offset : offset + uncached + a]  # the target's pass: verified positions only
+            offset += uncached + k
+            kept = seq.eagle_features
+            if kept is None or seq.num_draft_cached + len(kept) != seq.num_target_cached:  # (re)admitted
+                kept = fresh[:0]
+            kept = torch.cat((kept, fresh))
+            if draft.by_model:  # the head caught up to entry n - 2 while drafting
+                kept = kept[seq.num_tokens - 1 - seq.num_draft_cached :]
+                seq.num_draft_cached = seq.num_tokens - 1
+            seq.eagle_features = kept
+
     def _score(self, seqs: list[Sequence], ks: list[int], draft_ids: torch.Tensor, draft_lists: list[list[int]],
-               inputs: _StepInputs, timing: StepTiming) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+               inputs: _StepInputs, timing: StepTiming
+               ) -> tuple[torch.Tensor, torch.Tensor, list[int], torch.Tensor | None]:
         """One target pass over the uncached tokens plus the drafts. Returns the [N, K+1, V] target
-        distributions, the raw [Σ(K_i+1), V] logits behind them, and each sequence's first row there."""
+        distributions, the raw [Σ(K_i+1), V] logits behind them, each sequence's first row there, and the
+        captured features of every token of the pass (with an EAGLE head; else None)."""
         chunks = [s.token_ids[s.num_target_cached :] + d[:k] for s, d, k in zip(seqs, draft_lists, ks)]
         starts = [s.num_target_cached for s in seqs]
         counts = torch.tensor(ks) + 1
+        tables = [s.block_table for s in seqs]
         start = time.perf_counter()
-        logits = self.target.logits([s.block_table for s in seqs], chunks, starts, counts.tolist())
+        if self.eagle:  # the same pass also returns the head's features: no extra target pass
+            logits, features = self.target.logits_and_features(tables, chunks, starts, counts.tolist(),
+                                                               self.draft.capture_layers)
+        else:
+            logits, features = self.target.logits(tables, chunks, starts, counts.tolist()), None
         self._synchronize()
         forwarded = time.perf_counter()
         rows = torch.repeat_interleave(torch.arange(len(seqs)), counts)
@@ -241,7 +306,7 @@ class SpeculativeDecoder:
         timing.target = PassTiming(_shape(chunks, starts), forwarded - start)
         timing.processing_s += time.perf_counter() - forwarded
         timing.processed_rows += len(rows)
-        return padded, logits, first_rows.tolist()
+        return padded, logits, first_rows.tolist(), features
 
 
 def _shape(chunks: list[list[int]], starts: list[int]) -> PassShape:

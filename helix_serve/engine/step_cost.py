@@ -13,12 +13,16 @@ costs real compute once it is not. A forward pass of either model costs, to a go
 - per_context: each token of K/V the paged attention gathers (R × the longest context, with padding) beyond the
   C₀ per row that calibration used.
 
-The engine calibrates these at start, for the target and the draft. Live steps then refresh one scale per model
-(an exponential moving average of measured ÷ predicted), so the curves keep their measured shape while following
-threads, contention and clock speed; a per-point refresh would let one noisy step reshape a curve for good.
+The engine calibrates these at start, for the target and its model-based proposer: the draft model or an EAGLE
+head (one decoder layer over the target's features, engine/eagle_runner.py; at most one of the two per engine).
+Live steps then refresh one scale per model (an exponential moving average of measured ÷ predicted), so the
+curves keep their measured shape while following threads, contention and clock speed; a per-point refresh would
+let one noisy step reshape a curve for good.
 The draft's first pass in a step catches it up on every token it has not seen yet (after the target's prefill,
 after steps where prompt lookup or nothing drafted, after preemption): a pass of that many tokens, not a one-row
-pass. Processing and the rest are moving averages: per row of logits, and per step plus per drafted token.
+pass. The head's catch-up pass is shaped the same way but one token shorter: its entry t pairs the target's
+feature at t with token t + 1, so it trails the sequence by one. Processing and the rest are moving averages: per row
+of logits, and per step plus per drafted token.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from helix_serve.engine.block_manager import BlockManager
+from helix_serve.engine.eagle_runner import EagleRunner, HeadPasses
 from helix_serve.engine.model_runner import ModelRunner
 
 LIVE_WEIGHT = 0.1  # weight of one live step in the moving averages
@@ -57,6 +62,7 @@ class StepTiming:
 
     target: PassTiming | None = None
     drafts: list[PassTiming] = field(default_factory=list)  # the draft model's passes, catch-up pass first
+    heads: list[PassTiming] = field(default_factory=list)  # the EAGLE head's passes, catch-up pass first
     processing_s: float = 0.0  # logits → distributions (and sampling the drafts), both models
     processed_rows: int = 0
     drafted_tokens: int = 0  # draft tokens proposed (by any proposer)
@@ -64,7 +70,7 @@ class StepTiming:
 
     @property
     def rest_s(self) -> float:
-        passes = (self.target.seconds if self.target else 0.0) + sum(d.seconds for d in self.drafts)
+        passes = (self.target.seconds if self.target else 0.0) + sum(d.seconds for d in self.drafts + self.heads)
         return max(self.total_s - passes - self.processing_s, 0.0)
 
 
@@ -130,12 +136,13 @@ class ForwardCost:
 
 @dataclass(frozen=True, slots=True)
 class DraftWork:
-    """The draft model's part of a step: `passes` passes over `rows` sequences, the first also catching up."""
+    """The model proposer's part of a step: `passes` passes over `rows` sequences, the first also catching up."""
 
     passes: int | np.ndarray
     rows: int | np.ndarray
     catch_up_tokens: int | np.ndarray  # tokens of the first pass (each row's unseen tokens, its newest included)
     context: int | np.ndarray
+    head: bool = False  # the EAGLE head's passes, not the draft model's
 
 
 def _ema(average: float, value: float) -> float:
@@ -145,27 +152,32 @@ def _ema(average: float, value: float) -> float:
 @dataclass(slots=True)
 class StepCostModel:
     target: ForwardCost
-    draft: ForwardCost | None
+    draft: ForwardCost | None  # the draft model's passes
     per_row_processing_s: float = 0.0  # one row of logits to its distribution
     per_step_s: float = 0.0  # the rest of a step without drafts...
     per_draft_token_s: float = 0.0  # ...and what each drafted token adds to it
     live: bool = True  # False for configured costs: they stay as given
+    eagle: ForwardCost | None = None  # the EAGLE head's passes (an engine loads it or a draft model, not both)
 
     @classmethod
-    def from_ratios(cls, draft_ratio: float, verify_ratio: float, max_tokens: int = 2048) -> StepCostModel:
+    def from_ratios(cls, draft_ratio: float, verify_ratio: float, max_tokens: int = 2048,
+                    head: bool = False) -> StepCostModel:
         """Costs in units of one target forward: a verify pass grows by `verify_ratio` per extra token and a
-        draft pass costs `draft_ratio` whatever its shape (the configured c and v)."""
+        proposer pass (the draft model's, or the EAGLE head's with `head`) costs `draft_ratio` whatever its shape
+        (the configured c and v)."""
         sizes = [1, max(2, max_tokens)]
         target = ForwardCost(sizes, [1.0, 1.0 + verify_ratio * (sizes[1] - 1)])
-        return cls(target, ForwardCost(sizes, [draft_ratio, draft_ratio]), live=False)
+        proposer = ForwardCost(sizes, [draft_ratio, draft_ratio])
+        return cls(target, None, live=False, eagle=proposer) if head else cls(target, proposer, live=False)
 
     def draft_seconds(self, work: DraftWork | None) -> float | np.ndarray:
-        """The draft model's passes (the fields of `work` may be arrays over candidate plans)."""
-        if work is None or self.draft is None:
+        """The model proposer's passes (the fields of `work` may be arrays over candidate plans)."""
+        cost = None if work is None else self.eagle if work.head else self.draft
+        if cost is None:
             return 0.0
         passes, rows = np.asarray(work.passes), np.maximum(np.asarray(work.rows), 1)
-        first = self.draft(np.maximum(work.catch_up_tokens, rows), rows, work.context)
-        later = self.draft(rows, rows, work.context)
+        first = cost(np.maximum(work.catch_up_tokens, rows), rows, work.context)
+        later = cost(rows, rows, work.context)
         return np.where(passes > 0, first + np.maximum(passes - 1, 0) * later, 0.0)
 
     def step_seconds(self, num_tokens: int | np.ndarray, rows: int = 1, context: int | None = None,
@@ -180,6 +192,7 @@ class StepCostModel:
         """What the model expects a step of this measured shape to cost (before it observes the step)."""
         target = self.target.of(timing.target.shape) if timing.target else 0.0
         drafts = sum(self.draft.of(d.shape) for d in timing.drafts) if self.draft else 0.0
+        drafts += sum(self.eagle.of(h.shape) for h in timing.heads) if self.eagle else 0.0
         return (target + drafts + self.per_row_processing_s * timing.processed_rows + self.per_step_s
                 + self.per_draft_token_s * timing.drafted_tokens)
 
@@ -190,6 +203,8 @@ class StepCostModel:
             self.target.observe(timing.target)
         for pass_timing in timing.drafts:
             self.draft.observe(pass_timing)
+        for pass_timing in timing.heads:
+            self.eagle.observe(pass_timing)
         if timing.processed_rows:
             self.per_row_processing_s = _ema(self.per_row_processing_s, timing.processing_s / timing.processed_rows)
         if timing.drafted_tokens:
@@ -200,9 +215,11 @@ class StepCostModel:
 
     @property
     def ratios(self) -> tuple[float, float]:
-        """(c, v) at batch 1: a draft pass and each extra verified token, relative to one target forward."""
+        """(c, v) at batch 1: a proposer pass (the EAGLE head's when loaded, else the draft model's) and each
+        extra verified token, relative to one target forward."""
         one = self.target(1)
-        c = self.draft(1) / one if self.draft is not None else 0.0
+        proposer = self.eagle if self.eagle is not None else self.draft
+        c = proposer(1) / one if proposer is not None else 0.0
         return c, (self.target(5) - one) / 4 / one
 
 
@@ -231,8 +248,8 @@ ROW_SIZES = (1, 2, 4, 8, 16, 32, 64)
 SWEEPS = 2  # every point is timed in each sweep; a stall must hit all of them to show
 
 
-def calibrate_forward(runner: ModelRunner, table: list[int], max_tokens: int, max_rows: int, base_context: int,
-                      long_context: int, repeats: int) -> ForwardCost:
+def calibrate_forward(runner: ModelRunner | HeadPasses, table: list[int], max_tokens: int, max_rows: int,
+                      base_context: int, long_context: int, repeats: int) -> ForwardCost:
     """Time `runner` on a scratch sequence whose table holds `long_context` + `max_tokens` slots."""
     tokens = [t % runner.vocab_size for t in range(1, long_context + max_tokens + 1)]
     runner.logits([table], [tokens[:long_context]], [0], [1])  # write the scratch context; warms up
@@ -261,10 +278,11 @@ def calibrate_forward(runner: ModelRunner, table: list[int], max_tokens: int, ma
     return ForwardCost(token_sizes, token_seconds, row_sizes, row_seconds, max(per_context, 0.0), base_context)
 
 
-def calibrate(target: ModelRunner, draft: ModelRunner | None, block_manager: BlockManager, max_tokens: int = 64,
-              max_rows: int = 32, base_context: int = 64, long_context: int = 512, repeats: int = 2,
-              max_draft_tokens: int = 256) -> StepCostModel:
-    """Measure both models' forward costs on a scratch sequence. Raises ValueError when the pool is too small."""
+def calibrate(target: ModelRunner, draft: ModelRunner | EagleRunner | None, block_manager: BlockManager,
+              max_tokens: int = 64, max_rows: int = 32, base_context: int = 64, long_context: int = 512,
+              repeats: int = 2, max_draft_tokens: int = 256) -> StepCostModel:
+    """Measure the target's and the proposer's (a draft model or an EAGLE head) forward costs on a scratch
+    sequence. Raises ValueError when the pool is too small."""
     table: list[int] = []
     slots = long_context + max(max_tokens, max_draft_tokens)
     if not block_manager.ensure_slots(table, slots):
@@ -274,8 +292,11 @@ def calibrate(target: ModelRunner, draft: ModelRunner | None, block_manager: Blo
             raise ValueError("the KV pool is too small to calibrate")
     try:
         target_cost = calibrate_forward(target, table, max_tokens, max_rows, base_context, long_context, repeats)
-        draft_cost = None if draft is None else calibrate_forward(draft, table, max_draft_tokens, max_rows,
-                                                                  base_context, long_context, repeats)
-        return StepCostModel(target_cost, draft_cost)
+        if draft is None:
+            return StepCostModel(target_cost, None)
+        head = isinstance(draft, EagleRunner)
+        draft_cost = calibrate_forward(HeadPasses(draft) if head else draft, table, max_draft_tokens, max_rows,
+                                       base_context, long_context, repeats)
+        return StepCostModel(target_cost, None, eagle=draft_cost) if head else StepCostModel(target_cost, draft_cost)
     finally:
         block_manager.release(table)

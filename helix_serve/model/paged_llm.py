@@ -172,18 +172,36 @@ class PagedCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv: KVCache) -> torch.Tensor:
         """[T] token ids → [T, hidden] final hidden states."""
+        return self.forward_with_features(input_ids, meta, kv)[0]
+
+    def forward_with_features(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv: KVCache,
+                              capture_layers: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[T] token ids → ([T, hidden] final hidden states, [T, len(capture_layers) * hidden] or None).
+
+        Capture index i is the residual stream entering layer i (transformers' `hidden_states[i]`; i ==
+        num_layers is the last layer's output before the final norm): what an EAGLE head reads.
+        """
+        if list(capture_layers) != sorted(set(capture_layers)) or any(not 0 <= i <= len(self.weights)
+                                                                        for i in capture_layers):
+            raise ValueError(f"capture_layers {capture_layers} must be distinct, ascending, in [0, {len(self.weights)}]")
         hidden = self.embed_tokens(input_ids)
+        captured = []
         cos, sin = self.rotary_emb(hidden[None], meta.positions[None])
         # rotate_half(x) * sin == roll(x, half) * sin with its first half negated: one op fewer per layer.
         half = self.shape.head_dim // 2
         sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
         cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # [T, 1, head_dim], broadcast over heads
         for i, w in enumerate(self.weights):
+            if i in capture_layers:
+                captured.append(hidden)
             hidden = hidden + self._attention(i, w, self._rms_norm(w.input_norm, hidden), cos, sin, meta, kv)
             x = self._rms_norm(w.post_norm, hidden)
             gate, up = linear(x, w.gate_up).chunk(2, dim=-1)
             hidden = hidden + linear(w.act(gate) * up, w.down)
-        return self._rms_norm(self.norm.weight, hidden)
+        if len(self.weights) in capture_layers:
+            captured.append(hidden)
+        features = torch.cat(captured, dim=-1) if captured else None
+        return self._rms_norm(self.norm.weight, hidden), features
 
     def _rms_norm(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         # One fused op instead of the module's seven (upcast, pow, mean, rsqrt, mul, downcast, mul).

@@ -45,6 +45,8 @@ class HelixAppArgs(BaseModel):
 
     target_model: str = DEFAULT_TARGET
     draft_model: str | None = DEFAULT_DRAFT
+    eagle_head: str | None = Field(None, description="an EAGLE head directory (`helix distill --method eagle`) "
+                                   "instead of the draft model; draft_model then defaults to null")
     device: str = "auto"
     dtype: str = "auto"
     quantization: Literal[QUANTIZATIONS] = Field(
@@ -55,8 +57,9 @@ class HelixAppArgs(BaseModel):
     max_num_seqs: int = Field(32, ge=1)
     max_num_batched_tokens: int = Field(2048, ge=1)
     max_model_len: int | None = Field(None, ge=2)
-    speculative_method: Literal["draft", "ngram", "hybrid"] | None = Field(
-        None, description="proposers the planner may use; none: hybrid with a draft model, ngram without")
+    speculative_method: Literal["draft", "ngram", "hybrid", "eagle"] | None = Field(
+        None, description="proposers the planner may use (eagle: the head only); none: hybrid over the draft "
+        "model or the head and prompt lookup, ngram without either")
     num_speculative_tokens: int | None = Field(None, ge=0)
     k_max: int = Field(8, ge=0)
     prompt_lookup_min: int = Field(1, ge=1)
@@ -72,6 +75,15 @@ class HelixAppArgs(BaseModel):
                                                      f"none: one pool, {DEFAULT_POOL}, on `device`")
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     security: SecurityConfig = Field(default_factory=SecurityConfig, description="API keys and request limits")
+
+    @model_validator(mode="after")
+    def _one_model_proposer(self) -> HelixAppArgs:
+        """A head replaces the default draft model; naming both is a mistake (one model-based proposer)."""
+        if self.eagle_head is not None and "draft_model" not in self.model_fields_set:
+            self.draft_model = None
+        if self.eagle_head is not None and self.draft_model is not None:
+            raise ValueError("set draft_model or eagle_head, not both (one model-based proposer per engine)")
+        return self
 
     @model_validator(mode="after")
     def _check_pools(self) -> HelixAppArgs:
@@ -91,7 +103,8 @@ class HelixAppArgs(BaseModel):
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
-            target_model=self.target_model, draft_model=self.draft_model, device=self.device, dtype=self.dtype,
+            target_model=self.target_model, draft_model=self.draft_model, eagle_head=self.eagle_head,
+            device=self.device, dtype=self.dtype,
             quantization=self.quantization, block_size=self.block_size, num_kv_blocks=self.num_kv_blocks,
             max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens, max_model_len=self.max_model_len,

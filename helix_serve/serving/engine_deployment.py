@@ -126,7 +126,8 @@ class HelixEngine:
         last_step = self.loop.last_step or StepSummary([], kv)
         return {
             "target_model": self.args.target_model, "draft_model": self.args.draft_model,
-            "has_draft": engine.has_draft, "device": str(engine.device), "max_model_len": engine.max_model_len,
+            "eagle_head": self.args.eagle_head, "proposers": engine.proposers, "has_draft": engine.has_draft,
+            "device": str(engine.device), "max_model_len": engine.max_model_len,
             "dtype": str(engine.pair.target.dtype).removeprefix("torch."), "dtype_requested": self.args.dtype,
             "quantization": engine.pair.target.quantization, "quantization_requested": self.args.quantization,
             "kv_cache": kv, "pool": self.pool_name, "device_requested": self.placement.requested,

@@ -87,7 +87,8 @@ class PoolRouter:
         kv = {key: sum(info["kv_cache"][key] for info in live) for key in SUMMED_KV_KEYS}
         return {
             "status": "ok" if len(live) == len(self.pools) else "degraded",
-            **{key: first[key] for key in ("target_model", "draft_model", "has_draft", "max_model_len")},
+            **{key: first[key] for key in ("target_model", "draft_model", "eagle_head", "proposers", "has_draft",
+                                           "max_model_len")},
             "device": ",".join(sorted({info["device"] for info in live})),
             "dtype": ",".join(sorted({info["dtype"] for info in live})),
             "dtype_requested": first["dtype_requested"],

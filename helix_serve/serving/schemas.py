@@ -17,9 +17,9 @@ SAMPLING_FIELDS = {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop"
 TIMEOUT_HELP = "deadline in seconds from arrival; generation then ends with finish_reason 'timeout'"
 # Larger than any vocabulary: a top_k at or above the model's vocabulary size keeps every token.
 MAX_TOP_K = 1 << 20
-SpeculativeMethod = Literal["draft", "ngram", "hybrid"]
-METHOD_HELP = ("proposers for this request: draft (the draft model), ngram (prompt lookup) or hybrid (either, "
-               "chosen per step); none: the server's")
+SpeculativeMethod = Literal["draft", "ngram", "hybrid", "eagle"]
+METHOD_HELP = ("proposers for this request: draft (the draft model), eagle (the EAGLE head), ngram (prompt lookup) "
+               "or hybrid (the loaded model-based one or ngram, chosen per step); none: the server's")
 TOP_K_HELP = f"0 disables top-k; at most {MAX_TOP_K} (values at or above the vocabulary size keep every token)"
 LOGPROBS_HELP = ("report the target's log-probability of each emitted token (log_softmax of its raw logits) "
                  "and of this many most likely alternatives; null: off")

@@ -1,0 +1,79 @@
+"""`helix distill --method eagle` end to end on a tiny target: engine answers, feature chunks, head, resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from helix_serve.cli import main as helix_main
+from helix_serve.distill.eagle_data import read_answers
+from helix_serve.distill.run import DistillArgs, distill
+from helix_serve.model.eagle_head import EagleHead
+from helix_serve.model.loader import load_model
+from tests.model_factory import make_model, make_tokenizer
+from tests.test_distill import CHAT_TEMPLATE
+
+
+@pytest.fixture(scope="module")
+def tiny_target(tmp_path_factory):
+    path = tmp_path_factory.mktemp("eagle-target")
+    tokenizer = make_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    make_model("llama", len(tokenizer), 64, 4, 4, 2, seed=7).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_distill_eagle_trains_a_loadable_head_and_resumes_without_regenerating(tiny_target, tmp_path):
+    args = DistillArgs(target=str(tiny_target), out=tmp_path / "eagle", budget_minutes=0.4, draft_vocab_size=64,
+                       max_prompts=40, rounds=2, max_answer_tokens=24, threads=1, method="eagle",
+                       command="helix distill --method eagle (test)", eval_max_tokens=12)
+    facts = distill(args)
+    out = args.out
+    config = json.loads((out / "eagle_config.json").read_text())
+    assert config["capture_layers"] == [1, 2] and len(config["vocab_ids"]) == 64  # 4 layers: 2, 4 // 2, 4 - 3
+    assert facts["num_answers"] == 80 and facts["num_trained_answers"] == 80  # 40 prompts x 2 rounds
+    assert facts["train"]["step"] > 0 and len(facts["train"]["last_accuracy"]) == 3
+    card = (out / "README.md").read_text()
+    assert "helix distill --method eagle (test)" in card
+
+    # The evaluation stage: the engine with speculative_method "eagle", K = 1..6, greedy and sampled.
+    evaluation = facts["evaluation"]
+    assert evaluation["num_eval_prompts"] == 28 and evaluation["speculative_method"] == "eagle"  # held-out prompts
+    assert json.loads((out / "distill.json").read_text())["evaluation"] == evaluation
+    assert 0 < evaluation["eagle_cost_ratio"] < 1
+    for label in ("greedy", "t0.8"):
+        assert list(evaluation[label]) == ["1", "2", "3", "4", "5", "6"]
+        for k, run in evaluation[label].items():
+            assert run["proposers"] == ["eagle"] and run["num_drafting_steps"] > 0
+            assert 0 <= run["alpha"] <= 1 and 0 <= run["accepted_per_step"] <= int(k)
+            assert run["tokens_per_target_step"] >= 1
+            assert f"| {label} | {k} | {run['alpha']:.3f} |" in card
+    assert len((out / "loss.jsonl").read_text().splitlines()) == facts["train"]["step"]
+
+    target = load_model(str(tiny_target), torch.device("cpu"), "float32")
+    head = EagleHead.load(out, target.embed_tokens)
+    assert head.config.capture_layers == (1, 2) and head.dtype == torch.float32
+
+    # --resume: the answers and feature chunks are kept as they are; training continues from its checkpoint.
+    answers = (out / "answers.jsonl").read_text()
+    chunks = {p.name: p.stat().st_mtime_ns for p in (out / "features").glob("chunk_*")}
+    resumed = distill(dataclasses.replace(args, resume=True, budget_minutes=0.6))
+    assert (out / "answers.jsonl").read_text() == answers
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "features").glob("chunk_*")} == chunks
+    assert resumed["train"]["step"] > facts["train"]["step"]
+    assert resumed["train"]["elapsed_s"] >= 0.45 * 0.6 * 60
+    assert len(read_answers(out / "answers.jsonl")) == 80
+
+
+def test_distill_cli_takes_the_eagle_method(tiny_target, tmp_path, capsys):
+    code = helix_main(["distill", "--method", "eagle", "--target", str(tiny_target), "--out", str(tmp_path / "e"),
+                       "--budget-minutes", "0.15", "--max-prompts", "8", "--rounds", "1", "--max-answer-tokens", "8",
+                       "--draft-vocab", "32", "--threads", "1", "--eval-max-tokens", "4"])
+    printed = json.loads(capsys.readouterr().out)
+    assert code == 0 and printed["num_answers"] == 8 and printed["evaluation"]["eval_max_tokens"] == 4
+    assert (tmp_path / "e" / "model.safetensors").exists()
+    assert json.loads((tmp_path / "e" / "distill.json").read_text())["num_answers"] == 8

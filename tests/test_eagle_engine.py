@@ -1,0 +1,87 @@
+"""The engine's `eagle` proposer: a head on the target's features drafting in its own paged pool."""
+
+from __future__ import annotations
+
+import pytest
+
+from helix_serve.engine.sampling_params import SamplingParams
+from tests.helpers import PROMPTS, make_engine
+
+
+def eagle_engine(llama_pair, eagle_dir, **overrides):
+    """The tiny target with the random head, speculative_method eagle; configured costs (no calibration)."""
+    return make_engine((llama_pair[0], None), draft_model=None, eagle_head=str(eagle_dir), speculative_method="eagle",
+                       draft_cost_ratio=0.05, verify_cost_ratio=0.05, **overrides)
+
+
+def test_eagle_greedy_is_target_greedy_on_a_ragged_batch(llama_pair, eagle_dir):
+    engine = eagle_engine(llama_pair, eagle_dir)
+    spec = engine.generate(PROMPTS, SamplingParams(max_tokens=24, ignore_eos=True, num_speculative_tokens=3))
+    plain = engine.generate(PROMPTS, SamplingParams(max_tokens=24, ignore_eos=True, speculative=False))
+    assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
+    drafted = sum(o.stats["by_proposer"].get("eagle", {}).get("num_drafted", 0) for o in spec)
+    assert drafted > 0 and all(set(o.stats["by_proposer"]) <= {"eagle"} for o in spec)
+    assert sum(o.stats["num_accepted"] for o in spec) > 0  # the head's own drafts were verified, some accepted
+    assert engine.decoder.draft.kv_cache.k.abs().sum() > 0  # its K/V went to its own pool
+    assert engine.block_manager.num_free_blocks == engine.block_manager.allocator.num_blocks
+
+
+def test_eagle_blocks_are_freed_on_abort_and_other_requests_stay_exact(llama_pair, eagle_dir):
+    engine = eagle_engine(llama_pair, eagle_dir, block_size=4, num_kv_blocks=64)
+    params = SamplingParams(max_tokens=20, ignore_eos=True, num_speculative_tokens=2)
+    kept = engine.add_request(PROMPTS[0], params)
+    gone = engine.add_request(PROMPTS[3], params)
+    for _ in range(3):
+        engine.step()
+    assert engine.block_manager.num_free_blocks < 64
+    assert engine.abort_request(gone)
+    finals = {}
+    while engine.has_unfinished_requests():
+        finals.update((o.request_id, o) for o in engine.step() if o.finished)
+    [plain] = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=20, ignore_eos=True, speculative=False))
+    assert finals[kept].token_ids == plain.token_ids
+    assert engine.block_manager.num_free_blocks == 64
+
+
+def test_eagle_method_needs_a_head(llama_pair):
+    engine = make_engine((llama_pair[0], None), draft_model=None, draft_cost_ratio=0.05, verify_cost_ratio=0.05)
+    with pytest.raises(ValueError, match="EAGLE head"):
+        engine.add_request("the quick", SamplingParams(speculative_method="eagle"))
+
+
+def test_cli_generates_with_an_eagle_head(llama_pair, eagle_dir, capsys):
+    from helix_serve.cli import main
+
+    code = main(["generate", "the quick brown", "--raw", "--target", str(llama_pair[0]), "--eagle-head",
+                 str(eagle_dir), "--method", "eagle", "--k", "3", "--max-tokens", "12", "--dtype", "float32",
+                 "--device", "cpu", "--json"])
+    import json
+
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert code == 0 and out["tokens_generated"] == len(out["token_ids"]) > 0
+    assert set(out["by_proposer"]) == {"eagle"} and out["by_proposer"]["eagle"]["num_drafted"] > 0
+
+
+def test_eagle_blocks_are_freed_under_preemption_and_outputs_stay_exact(llama_pair, eagle_dir):
+    """20 blocks of 4 tokens cannot hold 8 sequences at once: preempted ones recompute (the head catches up from
+    the recompute prefill's features) and every block, the head's K/V included, is free at the end."""
+    engine = eagle_engine(llama_pair, eagle_dir, num_kv_blocks=20)
+    params = SamplingParams(max_tokens=24, ignore_eos=True, num_speculative_tokens=3)
+    spec = engine.generate(PROMPTS, params)
+    assert sum(o.stats["num_preemptions"] for o in spec) > 0
+    assert engine.kv_usage()["used_blocks"] == 0 and not engine.scheduler.running
+    plain = engine.generate(PROMPTS, SamplingParams(max_tokens=24, ignore_eos=True, speculative=False))
+    assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
+    assert all(o.stats["by_proposer"]["eagle"]["num_drafted"] > 0 for o in spec)
+
+
+def test_the_heads_passes_are_calibrated_and_refreshed_as_its_own_curve(llama_pair, eagle_dir):
+    engine = make_engine((llama_pair[0], None), draft_model=None, eagle_head=str(eagle_dir), max_num_seqs=2,
+                         max_model_len=128)
+    costs = engine.step_costs
+    assert costs.draft is None and costs.eagle is not None and engine.planner.model.value == "eagle"
+    assert engine.cost_ratios[0] == costs.eagle(1) / costs.target(1)
+    before = costs.eagle.scale
+    [out] = engine.generate(["the quick brown"], SamplingParams(max_tokens=12, ignore_eos=True,
+                                                                num_speculative_tokens=2))
+    assert "eagle" in out.stats["by_proposer"] and costs.eagle.scale != before  # hybrid: the head and lookup
