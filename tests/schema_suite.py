@@ -1,19 +1,20 @@
 """JSON schemas that structured outputs must satisfy exactly: nested objects, arrays with bounds, enums, numbers
 with ranges, string patterns and lengths, optional fields, unions. Bounded everywhere a random model could
-otherwise run past max_tokens (string lengths, item counts), so every output must finish and validate."""
+otherwise run past max_tokens (string lengths, item counts, digits: an unbounded integer or a number without
+multipleOf lets a random model emit digits forever), so every output must finish and validate."""
 
 from __future__ import annotations
 
 SHORT = {"type": "string", "maxLength": 8}
 
 SCHEMAS: dict[str, dict] = {
-    "integer": {"type": "integer"},
+    "integer": {"type": "integer", "minimum": -10**6, "maximum": 10**6},
     "boolean": {"type": "boolean"},
     "enum_strings": {"enum": ["red", "green", "blue"]},
     "const": {"const": "fixed"},
     "short_string": SHORT,
     "bounded_integer": {"type": "integer", "minimum": -5, "maximum": 120},
-    "exclusive_number": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+    "exclusive_number": {"type": "number", "exclusiveMinimum": 0, "maximum": 1, "multipleOf": 0.25},
     "pattern_string": {"type": "string", "pattern": "^[a-z]{2,4}-[0-9]{3}$"},
     "length_string": {"type": "string", "minLength": 3, "maxLength": 5},
     "flat_object": {"type": "object", "properties": {"name": SHORT, "age": {"type": "integer", "minimum": 0,
@@ -51,7 +52,7 @@ SCHEMAS: dict[str, dict] = {
         "count": {"type": "integer", "minimum": 1, "maximum": 3}}, "required": ["date", "count"],
         "additionalProperties": False},
     "mixed_record": {"type": "object", "properties": {
-        "title": SHORT, "price": {"type": "number", "minimum": 0, "maximum": 1000},
+        "title": SHORT, "price": {"type": "number", "minimum": 0, "maximum": 1000, "multipleOf": 0.01},
         "tags": {"type": "array", "items": SHORT, "maxItems": 3},
         "status": {"enum": ["draft", "live"]}, "stock": {"type": ["integer", "null"], "minimum": 0, "maximum": 99}},
         "required": ["title", "price", "status"], "additionalProperties": False},
