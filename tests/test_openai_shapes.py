@@ -193,7 +193,7 @@ def test_penalties_and_min_p_are_accepted_and_validated(http, client):
 
 
 @pytest.mark.parametrize("field, value", [
-    ("tools", [{"type": "function", "function": {"name": "f"}}]), ("response_format", {"type": "json_object"}),
+    ("tools", [{"type": "function", "function": {"name": "f"}}]),  # response_format: test_structured_api.py
 ])
 def test_unimplemented_chat_fields_are_a_400_that_names_them(http, client, field, value):
     messages = [{"role": "user", "content": "hi"}]

@@ -28,6 +28,8 @@ from helix_serve.engine.sequence import Sequence
 from helix_serve.engine.speculative import Draft, SequenceInputError, SpeculativeDecoder
 from helix_serve.engine.step_cost import StepCostModel, calibrate
 from helix_serve.engine.stop_checker import StopChecker
+from helix_serve.engine.structured.constraint import ConstraintError
+from helix_serve.engine.structured.grammar import GrammarCompiler, Matcher
 from helix_serve.model.eagle_head import EagleHead
 from helix_serve.model.loader import ModelPair, load_model_pair
 from helix_serve.model.paged_llm import KVCache
@@ -114,6 +116,7 @@ class LLMEngine:
         self.step_costs = self._step_costs()
         self.step_cost_log: deque[tuple[float, float]] = deque(maxlen=4096)  # (predicted, measured) seconds per step
         self.stop_checker = StopChecker(self.tokenizer, self._eos_ids(), self.max_model_len)
+        self.grammars = GrammarCompiler(self.tokenizer, vocab, self._eos_ids())
         self.seqs: dict[str, Sequence] = {}
         self._steps_since_oom = 0
         self._seed_rng = torch.Generator().manual_seed(config.seed)
@@ -189,6 +192,7 @@ class LLMEngine:
         seed = params.seed if params.seed is not None else int(torch.randint(2**62, (1,), generator=self._seed_rng))
         # NOTE: the generator only carries the seed (mod 2**64); draws come from sampler.position_uniform.
         seq = Sequence(request_id, token_ids, params, torch.Generator().manual_seed(seed % 2**64))
+        seq.grammar = self._grammar(params)
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
         return request_id
@@ -221,6 +225,15 @@ class LLMEngine:
             sampling_row(params, vocab)
         except (TypeError, ValueError, OverflowError) as exc:
             raise RequestRejectedError(f"invalid sampling settings: {exc}") from exc
+
+    def _grammar(self, params: SamplingParams) -> Matcher | None:
+        """A fresh matcher for a constrained request (compiled once per distinct constraint), else None."""
+        if params.structured is None:
+            return None
+        try:
+            return self.grammars.compile(params.structured)
+        except ConstraintError as exc:
+            raise RequestRejectedError(str(exc)) from exc
 
     def max_new_tokens(self, num_prompt_tokens: int) -> int:
         """The most tokens a prompt this long can be given: what the context and the KV pool leave (>= 1)."""
@@ -320,6 +333,9 @@ class LLMEngine:
         ready = {s.request_id for s in running if s.params.speculative and s.num_target_cached >= s.num_tokens - 1}
         lookup = [s for s in running if s.request_id in ready and self._may_use(s, Proposer.NGRAM)]
         found = dict(zip((s.request_id for s in lookup), self.ngram.propose(lookup, self.config.k_max)))
+        for seq in lookup:  # proposals the grammar forbids are cut before verification
+            if seq.grammar is not None and found[seq.request_id]:
+                found[seq.request_id] = found[seq.request_id][: seq.grammar.valid_prefix(found[seq.request_id])]
         options = [self._options(s, found.get(s.request_id, []), s.request_id in ready) for s in running]
         choices = self.planner.plan(options, self.step_costs)
         return {o.seq.request_id: _Planned(o, c) for o, c in zip(options, choices)}
@@ -361,6 +377,8 @@ class LLMEngine:
         lookup = planned.options.ngram_tokens if planned else []  # scored even when the draft model ran
         self.planner.update(seq, Choice(proposer if draft.k else None, draft.k), num_accepted, new_ids, lookup)
         kept = self.stop_checker.append(seq, new_ids)
+        if seq.grammar is not None and not seq.grammar.advance(new_ids[:kept]):  # emitted tokens only
+            seq.finish_reason, seq.error = "error", f"structured output: {seq.grammar.error}"
         if logprobs is not None:
             seq.output_logprobs.extend(logprobs[:kept])
         self.block_manager.cache_full_blocks(seq)  # before a finish frees them: they stay reusable

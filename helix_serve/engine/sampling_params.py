@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from helix_serve.engine.structured.constraint import Constraint
+
 # Below this a temperature means greedy: logits / T would overflow to ±inf (1e-39 gives NaN probabilities),
 # and long before that the distribution is one-hot in float32 anyway.
 GREEDY_TEMPERATURE = 1e-5
@@ -35,6 +37,7 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     min_p: float = 0.0  # drop tokens less likely than min_p times the most likely one (after temperature)
     logprobs: int | None = None  # report the target's log-probabilities: None = off, n = also the n most likely
+    structured: Constraint | None = None  # structured output: every token masked by this grammar (structured/)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -53,6 +56,8 @@ class SamplingParams:
             raise ValueError("timeout_s must be > 0")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
+        if self.structured is not None and self.ignore_eos:  # the grammar's end is an end-of-sequence token
+            raise ValueError("ignore_eos cannot be combined with a structured-output constraint")
         self._check_logits_processing()
 
     def _check_logits_processing(self) -> None:

@@ -5,11 +5,15 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from helix_serve.engine.logprobs import TokenLogprob
 from helix_serve.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from helix_serve.engine.structured.grammar import Matcher
 
 
 @dataclass(slots=True)
@@ -122,6 +126,7 @@ class Sequence:
     stats: SequenceStats = field(default_factory=SequenceStats)
     acceptance: dict[str, Acceptance] = field(default_factory=_acceptance_by_proposer)  # by proposer name
     token_tensor: torch.Tensor | None = None  # token_ids as a tensor, grown by the n-gram proposer
+    grammar: Matcher | None = None  # structured output: advanced by emitted tokens only (structured/masks.py)
     # detokenization state
     output_text: str = ""
     num_text_emitted: int = 0

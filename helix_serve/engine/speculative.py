@@ -41,6 +41,7 @@ from helix_serve.engine.sampler import (Purpose, SamplingTensors, logits_to_prob
                                         sample_from_probs, sampling_row)
 from helix_serve.engine.sequence import Sequence
 from helix_serve.engine.step_cost import PassShape, PassTiming, StepTiming
+from helix_serve.engine.structured.masks import StepMasks
 
 GREEDY_UNIFORM = 0.5  # greedy rows use one-hot p and q: any uniform gives the same tokens
 
@@ -114,6 +115,7 @@ class _StepInputs:
     draft_uniforms: torch.Tensor  # [N, D] with D = max proposals
     accept_uniforms: torch.Tensor  # [N, D]
     final_uniforms: torch.Tensor  # [N, K+1]
+    grammar: StepMasks | None = None  # structured outputs: masks every position, draft and target alike
 
     @classmethod
     def stack(cls, rows: list[_Row], ks: list[int], device: torch.device, vocab_size: int) -> _StepInputs:
@@ -134,6 +136,8 @@ class _StepInputs:
         counting the drafts before it in this step (see Penalties.apply for the arguments)."""
         if self.penalties is not None:
             logits = self.penalties.apply(logits, seq_rows, earlier_ids, num_earlier)
+        if self.grammar is not None:
+            logits = self.grammar.apply(logits, seq_rows, earlier_ids, num_earlier)
         return logits_to_probs(logits, self.sampling.select(seq_rows))
 
 
@@ -190,7 +194,9 @@ class SpeculativeDecoder:
                 rows.append(_Row.build(seq, draft, self.target.vocab_size))
             except Exception as exc:  # noqa: BLE001 - this request's own settings: it fails alone
                 raise SequenceInputError(seq, exc) from exc
-        return _StepInputs.stack(rows, [d.k for d in drafts], self.device, self.target.vocab_size)
+        inputs = _StepInputs.stack(rows, [d.k for d in drafts], self.device, self.target.vocab_size)
+        inputs.grammar = StepMasks.build(seqs, self.target.vocab_size)
+        return inputs
 
     def _propose(self, seqs: list[Sequence], drafts: list[Draft], inputs: _StepInputs,
                  timing: StepTiming) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from helix_serve.engine.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS
 from helix_serve.serving.protocol import TokenLogprobs
+from helix_serve.serving.structured_request import StructuredFields
 
 SAMPLING_FIELDS = {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos", "speculative",
                    "num_speculative_tokens", "speculative_method", "timeout_s", "repetition_penalty",
@@ -72,7 +73,7 @@ def _stop_list(value: str | list[str] | None) -> list[str]:
     return stops
 
 
-class SamplingFields(PenaltyFields):
+class SamplingFields(StructuredFields, PenaltyFields):
     """Sampling and speculation knobs shared by every generation route (native defaults: greedy)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -97,7 +98,7 @@ class SamplingFields(PenaltyFields):
 
     def sampling(self) -> dict[str, Any]:
         """Keyword arguments for the engine's SamplingParams."""
-        return {**self.model_dump(include=SAMPLING_FIELDS), **self.penalty_sampling()}
+        return {**self.model_dump(include=SAMPLING_FIELDS), **self.penalty_sampling(), "structured": self.constraint()}
 
 
 class GenerateRequest(SamplingFields):
@@ -193,15 +194,38 @@ UNSUPPORTED = {
     "echo": _requested,
     "suffix": _requested,
     "best_of": lambda v: _requested(v) and v != 1,
-    "response_format": lambda v: isinstance(v, dict) and v.get("type", "text") != "text",
+    "function_call": _requested,
+    "tool_choice": lambda v: _requested(v) and v != "none",
+    "modalities": lambda v: _requested(v) and v != ["text"],
+    "audio": _requested,
+    "prediction": _requested,
 }
 
 
-class OpenAISamplingFields(PenaltyFields):
-    """OpenAI fields we honour (unknown ones are ignored, as clients send many), plus Helix extensions
-    (top_k, repetition_penalty, min_p, ... as vLLM takes them: extra body fields)."""
+class OpenAISamplingFields(StructuredFields, PenaltyFields):
+    """OpenAI fields we honour, plus Helix extensions (top_k, repetition_penalty, min_p, structured_outputs,
+    ... as vLLM takes them: extra body fields). A field that is neither OpenAI's nor Helix's is a 400 naming
+    it (OpenAI's own behaviour), never silently dropped."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
+
+    # OpenAI fields that do not change the output: accepted and ignored.
+    user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    parallel_tool_calls: bool | None = None  # a constrained tool call is one call
+    # OpenAI fields Helix does not implement: the validator above refuses them unless off (see UNSUPPORTED).
+    tools: Any = None
+    functions: Any = None
+    function_call: Any = None
+    tool_choice: Any = None
+    echo: Any = None
+    suffix: Any = None
+    best_of: Any = None
+    modalities: Any = None
+    audio: Any = None
+    prediction: Any = None
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
@@ -244,6 +268,7 @@ class OpenAISamplingFields(PenaltyFields):
         fields["max_tokens"] = self.requested_max_tokens or default_max_tokens
         fields["stop"] = _stop_list(self.stop)
         fields["logprobs"] = self.engine_logprobs
+        fields["structured"] = self.constraint()
         return fields
 
     @property

@@ -106,10 +106,22 @@ class StepLoop:
     async def admit(self, requests: list[EngineRequest]) -> None:
         """Add a batch to the engine in one engine-thread call; it joins at the next step."""
         waiting = [r for r in requests if r.request_id in self._streams]  # skip callers already gone
+        await asyncio.to_thread(self._compile_constraints, waiting)
         admissions = await self.run_on_engine(self._add_all, waiting)
         for chunk in admissions:
             self._deliver(chunk)
         self._wakeup.set()
+
+    def _compile_constraints(self, requests: list[EngineRequest]) -> None:
+        """Compile structured-output constraints off the engine thread, so steps never wait on one: the
+        engine's compile cache keeps them for admission (which refuses a bad one, with the reason)."""
+        for request in requests:
+            constraint = request.sampling.get("structured")
+            if constraint is not None:
+                try:
+                    self.engine.grammars.compile(constraint)
+                except ValueError:  # ConstraintError: reported when the engine admits it
+                    pass
 
     def _add_all(self, requests: list[EngineRequest]) -> list[EngineChunk]:
         return [self._add(r) for r in requests]
