@@ -89,3 +89,84 @@ def test_bad_or_conflicting_fields_are_400s_naming_them(http, body, words):
         reply = http.post(route, json={**base, **body, "max_tokens": 4})
         assert reply.status_code == 400, (route, reply.text)
         assert words in reply.json()["error"]["message"], reply.text
+
+
+# ---- tool calls (tool_choice "required" or a named function) ----------------------------------------------------
+
+TOOLS = [{"type": "function", "function": {"name": "lookup", "description": "find a person",
+                                           "parameters": SCHEMAS["flat_object"]}},
+         {"type": "function", "function": {"name": "record_2", "parameters": SCHEMA}},
+         {"type": "function", "function": {"name": "ping"}}]  # no parameters: an empty object
+PARAMETERS = {"lookup": SCHEMAS["flat_object"], "record_2": SCHEMA,
+              "ping": {"type": "object", "properties": {}, "additionalProperties": False}}
+NAMED = {"type": "function", "function": {"name": "record_2"}}
+USER = [{"role": "user", "content": "the quick"}]
+
+
+def assert_valid_call(name: str, arguments: str, call_id: str) -> None:
+    assert call_id.startswith("call_") and len(call_id) > len("call_")
+    jsonschema.validate(json.loads(arguments), PARAMETERS[name])
+
+
+def test_required_tool_call_is_a_valid_call_of_a_tool(client):
+    reply = client.chat.completions.create(model=MODEL, messages=USER, tools=TOOLS, tool_choice="required",
+                                           max_tokens=128, n=4, temperature=1.0, seed=11, parallel_tool_calls=False)
+    for choice in reply.choices:
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        (call,) = choice.message.tool_calls
+        assert call.type == "function" and call.function.name in PARAMETERS
+        assert_valid_call(call.function.name, call.function.arguments, call.id)
+    assert len({c.message.tool_calls[0].id for c in reply.choices}) == 4
+
+
+def test_named_tool_choice_calls_that_function(client):
+    reply = client.chat.completions.create(model=MODEL, messages=USER, tools=TOOLS, tool_choice=NAMED,
+                                           max_tokens=128, temperature=1.0, seed=5)
+    (call,) = reply.choices[0].message.tool_calls
+    assert reply.choices[0].finish_reason == "tool_calls" and call.function.name == "record_2"
+    assert_valid_call("record_2", call.function.arguments, call.id)
+
+
+@pytest.mark.parametrize("tool_choice", ["required", NAMED])
+def test_streamed_tool_call_comes_as_openai_streams_it(client, tool_choice):
+    stream = client.chat.completions.create(model=MODEL, messages=USER, tools=TOOLS, tool_choice=tool_choice,
+                                            max_tokens=128, temperature=1.0, seed=7, stream=True)
+    deltas = [c.choices[0] for c in stream if c.choices]
+    assert deltas[0].delta.role == "assistant" and deltas[0].delta.content is None
+    calls = [d.delta.tool_calls[0] for d in deltas if d.delta.tool_calls]
+    head, pieces = calls[0], calls[1:]
+    # the head: index, id, type, the name and empty arguments; then pieces of the arguments only
+    assert head.index == 0 and head.type == "function" and head.function.arguments == ""
+    assert len(pieces) > 1 and all(p.index == 0 and p.id is None and p.function.name is None for p in pieces)
+    assert [d.finish_reason for d in deltas].count("tool_calls") == 1 and deltas[-1].finish_reason == "tool_calls"
+    assert all(d.delta.content is None for d in deltas)
+    assert head.function.name == "record_2" if tool_choice == NAMED else head.function.name in PARAMETERS
+    assert_valid_call(head.function.name, "".join(p.function.arguments for p in pieces), head.id)
+
+
+def test_tool_choice_none_ignores_the_tools(client):
+    reply = client.chat.completions.create(model=MODEL, messages=USER, tools=TOOLS, tool_choice="none",
+                                           max_tokens=4)
+    assert reply.choices[0].message.tool_calls is None and isinstance(reply.choices[0].message.content, str)
+    assert reply.choices[0].finish_reason in ("stop", "length")
+
+
+BAD_PARAMETERS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "objectx"}}}]
+
+
+@pytest.mark.parametrize(("body", "words"), [
+    ({"tools": TOOLS}, "the default 'auto' is not supported; use 'none', 'required' or"),
+    ({"tools": TOOLS, "tool_choice": "auto"}, "tool_choice 'auto' is not supported; use 'none', 'required' or"),
+    ({"tools": BAD_PARAMETERS, "tool_choice": "required"}, "objectx"),
+    ({"tools": [{"type": "function", "function": {"name": "a b"}}], "tool_choice": "required"}, "tools.0.function.name"),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "'nope', which is not"),
+    ({"tool_choice": "required"}, "needs `tools`"),
+    ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}},
+     "cannot be combined with response_format"),
+    ({"tools": TOOLS, "tool_choice": NAMED, "structured_outputs": {"regex": "a"}},
+     "cannot be combined with structured_outputs.regex"),
+])
+def test_bad_tool_requests_are_400s(client, body, words):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=MODEL, messages=USER, max_tokens=4, extra_body=body)
+    assert words in caught.value.body["message"]

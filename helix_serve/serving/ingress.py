@@ -163,10 +163,12 @@ class HelixIngress:
         response_id = f"chatcmpl-{base}"
         if body.stream:
             streams = await self._open_all(requests, "/v1/chat/completions")
-            shapes = openai_format.ChatChunks(response_id, self.model_name, created, body.logprobs)
+            chunks = openai_format.ToolCallChunks if body.calls_tool else openai_format.ChatChunks
+            shapes = chunks(response_id, self.model_name, created, body.logprobs)
             return EventSourceResponse(sse_streams.openai_events(streams, body.n, shapes, body.include_usage))
         generations = self._check_generations(await self._generate_all(requests, "/v1/chat/completions"))
-        return openai_format.chat_completion(response_id, self.model_name, created, generations, body.logprobs)
+        return openai_format.chat_completion(response_id, self.model_name, created, generations, body.logprobs,
+                                             body.calls_tool)
 
     def _openai_request(self, body: OpenAISamplingFields, request: Request, num_prompts: int) -> tuple[str, int]:
         """The request's id and creation time, once its model and number of generations are known to be fine."""

@@ -8,6 +8,7 @@ from typing import Any
 
 from helix_serve.serving.engine_client import Generation
 from helix_serve.serving.protocol import TokenLogprobs
+from helix_serve.serving.tool_calls import call_message, is_complete, split_call, tool_call
 
 
 def finish_reason(reason: str | None) -> str | None:
@@ -62,11 +63,17 @@ def completion(response_id: str, model: str, created: int, generations: list[Gen
             "choices": choices, "usage": _usage_of(generations, n)}
 
 
+def _chat_choice(index: int, generation: Generation, logprobs: bool, tools: bool) -> dict[str, Any]:
+    message = call_message(generation.text) if tools else {"role": "assistant", "content": generation.text}
+    reason = "tool_calls" if tools and is_complete(generation.text) else finish_reason(generation.finish_reason)
+    return {"index": index, "message": message, "logprobs": chat_logprobs(generation.logprobs) if logprobs else None,
+            "finish_reason": reason}
+
+
 def chat_completion(response_id: str, model: str, created: int, generations: list[Generation],
-                    logprobs: bool) -> dict[str, Any]:
-    choices = [{"index": i, "message": {"role": "assistant", "content": g.text},
-                "logprobs": chat_logprobs(g.logprobs) if logprobs else None,
-                "finish_reason": finish_reason(g.finish_reason)} for i, g in enumerate(generations)]
+                    logprobs: bool, tools: bool = False) -> dict[str, Any]:
+    """`tools`: each generation is a constrained tool call (tool_calls.py), returned as `message.tool_calls`."""
+    choices = [_chat_choice(i, g, logprobs, tools) for i, g in enumerate(generations)]
     return {"id": response_id, "object": "chat.completion", "created": created, "model": model,
             "choices": choices, "usage": _usage_of(generations, len(generations))}
 
@@ -88,11 +95,12 @@ class CompletionChunks:
     def opening(self, index: int) -> list[dict[str, Any]]:
         return []
 
-    def choice(self, index: int, text: str, reason: str | None, logprobs: list[TokenLogprobs]) -> dict[str, Any]:
+    def choice(self, index: int, text: str, reason: str | None,
+               logprobs: list[TokenLogprobs]) -> list[dict[str, Any]]:
         offset = self._offsets.get(index, 0)
         self._offsets[index] = offset + sum(len(lp.token) for lp in logprobs)
         block = completion_logprobs(logprobs, offset) if self.logprobs else None
-        return self._chunk([{"index": index, "text": text, "logprobs": block, "finish_reason": reason}])
+        return [self._chunk([{"index": index, "text": text, "logprobs": block, "finish_reason": reason}])]
 
     def usage(self, chunk_usage: dict[str, Any]) -> dict[str, Any]:
         return self._chunk([], chunk_usage)
@@ -115,10 +123,54 @@ class ChatChunks:
         return [self._chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                               "finish_reason": None}])]
 
-    def choice(self, index: int, text: str, reason: str | None, logprobs: list[TokenLogprobs]) -> dict[str, Any]:
+    def choice(self, index: int, text: str, reason: str | None,
+               logprobs: list[TokenLogprobs]) -> list[dict[str, Any]]:
         block = chat_logprobs(logprobs) if self.logprobs else None
         delta = {"content": text} if text else {}
-        return self._chunk([{"index": index, "delta": delta, "logprobs": block, "finish_reason": reason}])
+        return [self._chunk([{"index": index, "delta": delta, "logprobs": block, "finish_reason": reason}])]
 
     def usage(self, chunk_usage: dict[str, Any]) -> dict[str, Any]:
         return self._chunk([], chunk_usage)
+
+
+@dataclass(slots=True)
+class ToolCallChunks(ChatChunks):
+    """A streamed tool call, as OpenAI streams one: a first `delta.tool_calls` entry with the id, type, name
+    and empty arguments, then pieces of the arguments, then `finish_reason: "tool_calls"`."""
+
+    _texts: dict[int, str] = field(default_factory=dict)  # each choice's output so far
+    _sent: dict[int, int] = field(default_factory=dict)  # characters of its arguments streamed (absent: no head)
+
+    def opening(self, index: int) -> list[dict[str, Any]]:
+        return [self._chunk([{"index": index, "delta": {"role": "assistant", "content": None}, "logprobs": None,
+                              "finish_reason": None}])]
+
+    def choice(self, index: int, text: str, reason: str | None,
+               logprobs: list[TokenLogprobs]) -> list[dict[str, Any]]:
+        full = self._texts[index] = self._texts.get(index, "") + text
+        complete = reason is not None and is_complete(full)
+        call = split_call(full, complete)
+        chunks = [] if call is None or index in self._sent else [self._head(index, call[0])]
+        delta = self._delta(index, full, call, reason)
+        finish = "tool_calls" if complete else reason
+        if delta or finish or logprobs:
+            block = chat_logprobs(logprobs) if self.logprobs else None
+            chunks.append(self._chunk([{"index": index, "delta": delta, "logprobs": block, "finish_reason": finish}]))
+        return chunks
+
+    def _head(self, index: int, name: str) -> dict[str, Any]:
+        self._sent[index] = 0
+        head = {"index": 0, **tool_call(name, "")}
+        return self._chunk([{"index": index, "delta": {"tool_calls": [head]}, "logprobs": None,
+                             "finish_reason": None}])
+
+    def _delta(self, index: int, full: str, call: tuple[str, str] | None, reason: str | None) -> dict[str, Any]:
+        """The next piece of the arguments (a call cut before its name is complete ends as text)."""
+        if call is None:
+            return {"content": full} if reason is not None else {}
+        # NOTE: mid-stream the last character is held back: it may be the call's closing brace, not arguments.
+        visible = call[1] if reason is not None else call[1][:-1]
+        sent = self._sent[index]
+        self._sent[index] = max(sent, len(visible))
+        piece = visible[sent:]
+        return {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]} if piece else {}

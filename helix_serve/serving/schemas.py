@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from helix_serve.engine.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS
 from helix_serve.serving.protocol import TokenLogprobs
+from helix_serve.engine.structured.constraint import Constraint
 from helix_serve.serving.structured_request import StructuredFields
+from helix_serve.serving.tool_calls import NamedToolChoice, Tool, tool_constraint
 
 SAMPLING_FIELDS = {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos", "speculative",
                    "num_speculative_tokens", "speculative_method", "timeout_s", "repetition_penalty",
@@ -209,6 +211,7 @@ class OpenAISamplingFields(StructuredFields, PenaltyFields):
 
     model_config = ConfigDict(extra="forbid")
 
+    unsupported: ClassVar[dict[str, Any]] = UNSUPPORTED
     # OpenAI fields that do not change the output: accepted and ignored.
     user: str | None = None
     metadata: dict[str, str] | None = None
@@ -247,7 +250,7 @@ class OpenAISamplingFields(StructuredFields, PenaltyFields):
     @classmethod
     def _null_means_default(cls, data: Any) -> Any:
         if isinstance(data, dict):
-            for name, asks in UNSUPPORTED.items():
+            for name, asks in cls.unsupported.items():
                 if name in data and asks(data[name]):
                     raise ValueError(f"`{name}` is not supported by Helix; leave it out")
             return {k: v for k, v in data.items() if not (v is None and k in NULL_MEANS_DEFAULT)}
@@ -348,7 +351,11 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(OpenAISamplingFields):
+    unsupported: ClassVar[dict[str, Any]] = {k: v for k, v in UNSUPPORTED.items() if k not in ("tools", "tool_choice")}
+
     messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[Tool] | None = None
+    tool_choice: NamedToolChoice | str | None = None  # which values are supported: tool_calls.py
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = Field(False, description="report the target's log-probability of each output token")
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, strict=True,
@@ -359,6 +366,24 @@ class ChatCompletionRequest(OpenAISamplingFields):
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs: true")
         return self
+
+    @model_validator(mode="after")
+    def _tools_alone(self) -> ChatCompletionRequest:
+        if self.calls_tool and self._requested_constraints():
+            names = ", ".join(name for name, _ in self._requested_constraints())
+            raise ValueError(f"a tool call (tool_choice 'required' or a named function) cannot be combined with {names}")
+        return self
+
+    @property
+    def calls_tool(self) -> bool:
+        """Whether the output is constrained to a tool call (tool_calls.py)."""
+        return self.tool_constraint() is not None
+
+    def tool_constraint(self) -> Constraint | None:
+        return tool_constraint(self.tools, self.tool_choice)
+
+    def constraint(self) -> Constraint | None:
+        return self.tool_constraint() or super().constraint()
 
     @property
     def engine_logprobs(self) -> int | None:

@@ -98,7 +98,8 @@ class ChunkShapes(Protocol):
 
     def opening(self, index: int) -> list[dict[str, Any]]: ...
 
-    def choice(self, index: int, text: str, reason: str | None, logprobs: list[TokenLogprobs]) -> dict[str, Any]: ...
+    def choice(self, index: int, text: str, reason: str | None,
+               logprobs: list[TokenLogprobs]) -> list[dict[str, Any]]: ...
 
     def usage(self, chunk_usage: dict[str, Any]) -> dict[str, Any]: ...
 
@@ -157,7 +158,8 @@ async def openai_events(streams: list[ChunkStream], n: int, shapes: ChunkShapes,
                     break
                 reason = openai_format.finish_reason(chunk.finish_reason) if chunk.finished else None
                 if chunk.text or reason or chunk.logprobs:
-                    yield _event(shapes.choice(index, chunk.text, reason, chunk.logprobs or []))
+                    for payload in shapes.choice(index, chunk.text, reason, chunk.logprobs or []):
+                        yield _event(payload)
             else:
                 if not all(finished):  # a replica went away mid-generation
                     yield _event(openai_format.error_body(ENDED_EARLY, "server_error", 503))
