@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -111,3 +112,36 @@ def test_api_error_is_shown_in_the_page(base_url, browser):
         assert shown["state"] == "error"
         assert shown["error"].startswith("HTTP 422: ") and "max_tokens" in shown["error"]
     assert "n/a" in browser.find_element(By.ID, "speedup").text
+
+
+SCHEMA = {"type": "object", "properties": {"colour": {"enum": ["red", "green"]},
+                                           "n": {"type": "integer", "minimum": 0, "maximum": 9}},
+          "required": ["colour", "n"], "additionalProperties": False}
+
+
+def test_schema_box_constrains_both_panes(base_url, browser):
+    fmt = {"type": "json_schema", "json_schema": {"name": "playground", "schema": SCHEMA}}
+    with httpx.Client(base_url=base_url, timeout=60) as http:
+        reply = http.post("/generate", json={"prompt": PROMPT, "max_tokens": 32, "response_format": fmt})
+    expected = reply.json()["generated_text"]
+    assert json.loads(expected)["colour"] in ("red", "green")
+
+    browser.get(base_url + "/")
+    browser.find_element(By.ID, "chat").click()
+    _fill(browser, prompt=PROMPT, max_tokens="32", schema=json.dumps(SCHEMA))
+    _run(browser)
+    for pane in PANES:
+        shown = _pane(browser, pane)
+        assert shown["state"] == "done" and shown["text"] == expected, shown["error"]
+    assert browser.find_element(By.ID, "form-error").get_attribute("hidden") is not None
+
+
+def test_schema_box_that_is_not_json_is_shown_not_sent(base_url, browser):
+    browser.get(base_url + "/")
+    _fill(browser, prompt=PROMPT, schema='{"type": ')
+    browser.find_element(By.ID, "run").click()
+    error = browser.find_element(By.ID, "form-error")
+    WebDriverWait(browser, 5, poll_frequency=0.1).until(lambda b: error.is_displayed())
+    assert error.text.startswith("JSON schema: not valid JSON (")
+    assert all(_pane(browser, p)["state"] == "idle" for p in PANES)  # no request was made
+    assert not browser.find_element(By.ID, "run").get_attribute("disabled")

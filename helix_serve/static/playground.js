@@ -15,9 +15,18 @@ document.addEventListener("DOMContentLoaded", () => {
 async function onSubmit(event) {
   event.preventDefault();
   const button = document.getElementById("run");
+  const formError = document.getElementById("form-error");
+  formError.hidden = true;
+  let body;
+  try {
+    body = requestBody();
+  } catch (error) {  // a mistake the server cannot see (the schema box is not JSON): shown, nothing sent
+    formError.textContent = error.message;
+    formError.hidden = false;
+    return;
+  }
   button.disabled = true;
   document.getElementById("speedup").textContent = "";
-  const body = requestBody();
   const views = PANES.map(pane => resetPane(pane.id));
   const finals = [];
   for (const [i, pane] of PANES.entries()) {
@@ -40,7 +49,21 @@ function requestBody() {
     top_k: number("top_k"),
     seed: number("seed"),
     num_speculative_tokens: document.getElementById("adaptive").checked ? null : number("k"),
+    ...responseFormat(),
   };
+}
+
+/** The JSON-schema box as `response_format` ({} when empty); throws when the box is not JSON. */
+function responseFormat() {
+  const text = document.getElementById("schema").value.trim();
+  if (text === "") return {};
+  let schema;
+  try {
+    schema = JSON.parse(text);
+  } catch (error) {
+    throw new Error(`JSON schema: not valid JSON (${error.message})`);
+  }
+  return {response_format: {type: "json_schema", json_schema: {name: "playground", schema}}};
 }
 
 function resetPane(id) {
