@@ -7,8 +7,8 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from helix_serve.engine.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS
-from helix_serve.serving.protocol import TokenLogprobs
 from helix_serve.engine.structured.constraint import Constraint
+from helix_serve.serving.protocol import TokenLogprobs
 from helix_serve.serving.structured_request import StructuredFields
 from helix_serve.serving.tool_calls import NamedToolChoice, Tool, tool_constraint
 
