@@ -303,7 +303,10 @@ def test_chat_logprobs_and_top_logprobs_streaming_and_not(http, client, referenc
     assert all(c.bytes == list(c.token.encode()) for c in content)
     streamed = [e for chunk in client.chat.completions.create(**options, stream=True)
                 for choice in chunk.choices if choice.logprobs for e in choice.logprobs.content]
-    assert [(e.token, e.logprob) for e in streamed] == [(c.token, c.logprob) for c in content]
+    assert [e.token for e in streamed] == [c.token for c in content]
+    # The second request reuses the first one's prompt blocks (prefix cache), so its passes have other shapes and
+    # fp32 GEMMs may round the last bits differently (seen on an AVX-512 CPU): equal to fp32 noise, not bitwise.
+    assert [e.logprob for e in streamed] == pytest.approx([c.logprob for c in content], abs=1e-5)
     plain = client.chat.completions.create(**{**options, "logprobs": False, "top_logprobs": None})
     assert plain.choices[0].logprobs is None
 
