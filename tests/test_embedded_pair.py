@@ -13,7 +13,10 @@ PROMPTS = ["ROMEO:\nBut soft, what light", "First Citizen:\nBefore we proceed", 
 
 @pytest.fixture(scope="module")
 def engine():
-    return LLMEngine(EngineConfig(TOY_TARGET, TOY_DRAFT, device="cpu", dtype="float32"))
+    # Configured step costs: which K the planner picks must not hang on timing a 5.8M-parameter model on a busy
+    # machine; these tests are about what speculation emits, and planned K must draft for them to mean anything.
+    return LLMEngine(EngineConfig(TOY_TARGET, TOY_DRAFT, device="cpu", dtype="float32", draft_cost_ratio=0.1,
+                                  verify_cost_ratio=0.02))
 
 
 def test_transformers_loads_both_models():

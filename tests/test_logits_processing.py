@@ -24,7 +24,10 @@ P_VALUE_FLOOR = 1e-3  # chi-square goodness of fit: an exact sampler fails this 
 
 
 def toy_engine(draft: str = TOY_DRAFT, **overrides) -> LLMEngine:
-    settings = dict(device="cpu", dtype="float32", max_num_seqs=256, num_kv_blocks=2048)
+    # Configured step costs: planned K must draft here (the tests check drafted positions), whatever the timing
+    # of a 5.8M-parameter model on a busy machine would make the planner choose.
+    settings = dict(device="cpu", dtype="float32", max_num_seqs=256, num_kv_blocks=2048, draft_cost_ratio=0.1,
+                    verify_cost_ratio=0.02)
     return LLMEngine(EngineConfig(TOY_TARGET, draft, **{**settings, **overrides}))
 
 
