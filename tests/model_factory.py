@@ -61,3 +61,28 @@ def make_pair_dirs(root: Path, arch: str) -> tuple[Path, Path]:
         tokenizer.save_pretrained(path)
         dirs.append(path)
     return dirs[0], dirs[1]
+
+
+def make_scripted_dir(root: Path, tokenizer, script: list[int]) -> Path:
+    """A Llama that greedily continues `script` as a cycle: after script[i] it emits script[i + 1].
+
+    The layers' output projections are zero, so the last hidden state is the current token's embedding;
+    script tokens embed as distinct basis vectors and the LM head maps each to its successor (logit 80 vs 0).
+    """
+    hidden = 64
+    assert len(set(script)) == len(script) <= hidden, "a cycle of distinct tokens, at most one per dimension"
+    model = make_model("llama", len(tokenizer), hidden, 2, 4, 2, seed=3)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        embed, head = model.model.embed_tokens.weight, model.lm_head.weight
+        head.zero_()
+        for j, token in enumerate(script):
+            embed[token] = 0.0
+            embed[token, j] = 1.0
+            head[script[(j + 1) % len(script)], j] = 10.0  # the final norm scales the unit vector to 8
+    path = root / "scripted"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -100,3 +100,10 @@ def test_load_benchmark_quick_reports_each_method_against_k0_and_the_cost_error(
         assert set(rows) == {"K=0", "draft", "ngram", "hybrid"} and all(r["tokens"] > 0 for r in rows.values())
         assert all(r["steps"] > 0 and r["cost_error_median"] >= 0 for r in rows.values())
     assert sum(g["goal"].startswith("draft >= ") for g in result["goals"]) == 2 and result["cpu"]
+
+def test_history_benchmark_quick_times_every_history_point(tmp_path):
+    result = _run("bench_history.py", tmp_path)
+    assert set(result["rows"]) == {"plain", "ngram"}
+    for row in result["rows"].values():
+        assert set(row["step_ms"]) == {"96", "192"} and all(ms > 0 for ms in row["step_ms"].values())
+        assert row["step_ratio"]["96"] == row["other_ratio"]["96"] == 1.0 and row["attention_ms"]["192"] > 0

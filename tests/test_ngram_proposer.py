@@ -1,5 +1,6 @@
 """Prompt-lookup proposer: exact proposals on small cases; one-hot q keeps rejection sampling exact."""
 
+import pytest
 import torch
 
 from helix_serve.engine.ngram_proposer import NgramProposer, ngram_propose, one_hot_draft_probs
@@ -52,7 +53,25 @@ def test_proposer_over_sequences_follows_their_growing_tokens():
             Sequence("b", [4, 5], SamplingParams(), torch.Generator())]
     proposer = NgramProposer(min_n=1, max_n=3)
     assert proposer.propose(seqs, 3) == [[3, 9, 1], []]
-    seqs[0].token_ids += [3, 9]  # "1 2 3 9" again: the match moves on; the token tensor grows by the new tokens
+    seqs[0].token_ids += [3, 9]  # "1 2 3 9" again: the match moves on; the index grows by the new tokens
     seqs[1].token_ids += [4]
     assert proposer.propose(seqs, 3) == [[1, 2, 3], [5, 4]]
-    assert seqs[0].token_tensor.tolist() == seqs[0].token_ids
+    assert seqs[0].ngram_index.num_indexed == len(seqs[0].token_ids) - 1  # n-grams ending before the last token
+
+
+@pytest.mark.parametrize("min_n, max_n, alphabet", [(1, 3, 4), (2, 3, 3), (1, 1, 6), (2, 4, 2)])
+def test_incremental_index_proposes_what_the_batched_reference_does(min_n, max_n, alphabet):
+    """Sequences grown by 1-4 tokens per step (a small alphabet: many overlapping matches, of every length)
+    propose exactly what ngram_propose finds over their whole tokens, at every step and every k."""
+    gen = torch.Generator().manual_seed(min_n * 10 + max_n)
+    seqs = [Sequence(str(i), torch.randint(alphabet, (1 + i,), generator=gen).tolist(), SamplingParams(),
+                     torch.Generator()) for i in range(4)]
+    proposer = NgramProposer(min_n, max_n)
+    for step in range(60):
+        k = 1 + step % 5
+        tokens, lengths = _pad([s.token_ids for s in seqs])
+        drafts, num = ngram_propose(tokens, lengths, k, min_n, max_n)
+        assert proposer.propose(seqs, k) == [d[:n] for d, n in zip(drafts.tolist(), num.tolist())]
+        for s in seqs:
+            s.token_ids += torch.randint(alphabet, (1 + int(torch.randint(4, (1,), generator=gen)),),
+                                         generator=gen).tolist()

@@ -113,6 +113,33 @@ def test_rollback_to_the_verified_length_keeps_cached_blocks():
     assert s.block_table == [0, 1, 2] and all(bm.allocator.blocks[b].block_hash for b in s.block_table[:2])
 
 
+def test_each_full_block_is_offered_once_and_readmission_restarts_after_the_reused_prefix(monkeypatch):
+    """Registration visits only the blocks that became full since the last step (it used to offer every
+    block every step); a preempted sequence keeps its tokens, re-admits from what is still cached and
+    registers only the blocks after that prefix."""
+    bm = BlockManager(5, BS, enable_prefix_caching=True)
+    offered, cache = [], bm.allocator.cache
+    monkeypatch.setattr(bm.allocator, "cache", lambda block_id, h: offered.append(block_id) or cache(block_id, h))
+    s = run(bm, range(10), verified=9, drafted=9)
+    bm.cache_full_blocks(s)  # a step that verified nothing new offers nothing
+    assert offered == [0, 1] and (s.num_registered_blocks, s.num_draft_written_blocks) == (2, 2)
+    s.token_ids += range(10, 16)
+    assert bm.ensure_slots(s.block_table, 16)
+    s.num_target_cached, s.num_draft_cached = 15, 12
+    bm.cache_full_blocks(s)
+    assert offered == [0, 1, 2] and s.block_table == [0, 1, 2, 3] and s.num_draft_written_blocks == 3
+    bm.release(s.block_table)  # preempted (Scheduler.preempt): the tokens stay, the blocks go
+    s.num_target_cached = s.num_draft_cached = 0
+    other = run(bm, range(100, 109), verified=0)  # takes blocks 4, 3, 2: block 2's hash is evicted
+    assert other.block_table == [4, 3, 2]
+    bm.release(other.block_table)
+    assert bm.admit(s, bm.cached_prefix(s)) and s.block_table[:2] == [0, 1]
+    assert (s.num_target_cached, s.num_registered_blocks, s.num_draft_written_blocks) == (8, 2, 2)
+    s.num_target_cached = 15  # recomputed
+    bm.cache_full_blocks(s)
+    assert offered == [0, 1, 2, s.block_table[2]] and bm.allocator.blocks[s.block_table[2]].block_hash
+
+
 def test_caching_off_finds_nothing_and_registers_nothing():
     bm = BlockManager(8, BS)
     run(bm, range(9), verified=8)

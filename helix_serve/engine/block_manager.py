@@ -158,6 +158,9 @@ class BlockManager:
         seq.block_table.extend(prefix.block_ids)
         self.ensure_slots(seq.block_table, seq.num_tokens)
         seq.num_target_cached, seq.num_draft_cached = prefix.num_tokens, prefix.num_draft_tokens
+        # the reused blocks are registered, and draft-written as far as the prefix says (prefix_cache.py)
+        seq.num_registered_blocks = len(prefix.block_ids)
+        seq.num_draft_written_blocks = prefix.num_draft_tokens // self.block_size
         if self.prefix_cache:
             self.prefix_cache.stats.record(seq.num_tokens, prefix.num_tokens)
         return True

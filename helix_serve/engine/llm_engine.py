@@ -70,7 +70,8 @@ class RequestOutput:
     token_ids: list[int] | None = None  # set when finished
     stats: dict | None = None  # set when finished
     new_logprobs: list[TokenLogprob] | None = None  # one per new token, when the request asked for logprobs
-    logprobs: list[TokenLogprob] | None = None  # every output token's, when finished and asked for
+    # every output token's: only in `generate`'s results (the engine keeps none; a stream's reader gathers them)
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(slots=True)
@@ -376,11 +377,9 @@ class LLMEngine:
             seq.stats.record_verify(proposer.value, draft.k, num_accepted)
         lookup = planned.options.ngram_tokens if planned else []  # scored even when the draft model ran
         self.planner.update(seq, Choice(proposer if draft.k else None, draft.k), num_accepted, new_ids, lookup)
-        kept = self.stop_checker.append(seq, new_ids)
+        kept = self.stop_checker.append(seq, new_ids, logprobs)
         if seq.grammar is not None and not seq.grammar.advance(new_ids[:kept]):  # emitted tokens only
             seq.finish_reason, seq.error = "error", f"structured output: {seq.grammar.error}"
-        if logprobs is not None:
-            seq.output_logprobs.extend(logprobs[:kept])
         self.block_manager.cache_full_blocks(seq)  # before a finish frees them: they stay reusable
         if seq.finish_reason:
             self._finish(seq)
@@ -402,14 +401,12 @@ class LLMEngine:
         return self._output(seq, [], 0, 0)
 
     def _output(self, seq: Sequence, new_ids: list[int], k: int, num_accepted: int) -> RequestOutput:
-        end = StopChecker.streamable_text_end(seq)
-        new_text = seq.output_text[seq.num_text_emitted : end]
-        seq.num_text_emitted = max(seq.num_text_emitted, end)
-        out = RequestOutput(seq.request_id, new_ids, new_text, seq.is_finished, seq.finish_reason, seq.error,
+        if seq.is_finished:
+            self.stop_checker.flush(seq)
+        out = RequestOutput(seq.request_id, new_ids, seq.text.take(), seq.is_finished, seq.finish_reason, seq.error,
                             k, num_accepted)
         if seq.is_finished:
             out.text, out.token_ids = seq.output_text, seq.output_token_ids
-            out.logprobs = seq.output_logprobs if seq.params.logprobs is not None else None
             out.stats = seq.stats.summary(seq.num_output_tokens)
         return out
 
@@ -418,12 +415,18 @@ class LLMEngine:
     def generate(
         self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams]
     ) -> list[RequestOutput]:
-        """Run prompts to completion; one final RequestOutput per prompt, in order."""
+        """Run prompts to completion; one final RequestOutput per prompt, in order (with `logprobs`: all of
+        them, gathered from the steps' `new_logprobs`, as the engine keeps none)."""
         params_list = params if isinstance(params, list) else [params] * len(prompts)
         ids = [self.add_request(p, sp) for p, sp in zip(prompts, params_list)]
+        logprobs = {i: [] if sp.logprobs is not None else None for i, sp in zip(ids, params_list)}
         finals: dict[str, RequestOutput] = {}
         while self.has_unfinished_requests():
-            finals.update((o.request_id, o) for o in self.step() if o.finished)
+            for out in self.step():
+                if out.new_logprobs:
+                    logprobs[out.request_id].extend(out.new_logprobs)
+                if out.finished:
+                    out.logprobs, finals[out.request_id] = logprobs[out.request_id], out
         return [finals[i] for i in ids]
 
     def kv_usage(self) -> dict:

@@ -21,6 +21,31 @@ from helix_serve.engine.sequence import Sequence
 
 
 @dataclass(slots=True)
+class TokenCounts:
+    """One sequence's token history as the penalties read it, kept on the device and grown by the new
+    tokens only (token ids are only ever appended, so counts only grow and stay valid across preemption)."""
+
+    prompt_seen: torch.Tensor  # [V] bool: in the prompt (all False unless the repetition penalty reads it)
+    output_counts: torch.Tensor  # [V] float32: occurrences in the output
+    num_counted: int  # leading token ids counted (the prompt's included)
+
+    @classmethod
+    def of_prompt(cls, seq: Sequence, vocab_size: int, device: torch.device) -> TokenCounts:
+        prompt_seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+        if seq.params.repetition_penalty != 1.0:  # only the repetition penalty reads the prompt
+            prompt_seen[torch.tensor(seq.prompt_token_ids, device=device)] = True
+        return cls(prompt_seen, torch.zeros(vocab_size, device=device), seq.num_prompt_tokens)
+
+    def update(self, token_ids: list[int]) -> None:
+        """Count the tokens appended since the last update."""
+        new = token_ids[self.num_counted :]
+        if new:
+            ids = torch.tensor(new, device=self.output_counts.device)
+            self.output_counts.index_put_((ids,), torch.ones(len(new), device=ids.device), accumulate=True)
+            self.num_counted = len(token_ids)
+
+
+@dataclass(slots=True)
 class PenaltyRow:
     """One sequence's settings and token history for one step."""
 
@@ -28,8 +53,7 @@ class PenaltyRow:
     frequency: float
     presence: float
     bias: dict[int, float]
-    prompt_ids: list[int]
-    output_ids: list[int]
+    seq: Sequence | None  # whose tokens the penalties read (None: a neutral row)
 
     @classmethod
     def of(cls, seq: Sequence) -> PenaltyRow | None:
@@ -38,16 +62,15 @@ class PenaltyRow:
         if not params.penalized:
             return None
         return cls(params.repetition_penalty, params.frequency_penalty, params.presence_penalty,
-                   params.logit_bias, seq.prompt_token_ids, seq.output_token_ids)
+                   params.logit_bias, seq)
 
-
-def _counts(token_ids: list[list[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
-    """[N, V] how often each token occurs in each row's list."""
-    counts = torch.zeros(len(token_ids), vocab_size, device=device)
-    rows = torch.repeat_interleave(torch.arange(len(token_ids)), torch.tensor([len(t) for t in token_ids]))
-    ids = torch.tensor([i for t in token_ids for i in t], dtype=torch.long)
-    counts.index_put_((rows.to(device), ids.to(device)), torch.ones(len(ids), device=device), accumulate=True)
-    return counts
+    def counts(self, vocab_size: int, device: torch.device) -> TokenCounts:
+        """The sequence's counts, brought up to its tokens now (made from its prompt the first time)."""
+        seq = self.seq
+        if seq.penalty_counts is None:
+            seq.penalty_counts = TokenCounts.of_prompt(seq, vocab_size, device)
+        seq.penalty_counts.update(seq.token_ids)
+        return seq.penalty_counts
 
 
 @dataclass(slots=True)
@@ -64,10 +87,11 @@ class Penalties:
 
     @classmethod
     def build(cls, rows: list[PenaltyRow | None], vocab_size: int, device: torch.device) -> Penalties | None:
-        """None when no sequence of the batch uses any (the common case costs nothing)."""
+        """None when no sequence of the batch uses any (the common case costs nothing). Each sequence's
+        counts are its own, grown by its new tokens only: building costs O(N·V), not O(history)."""
         if all(r is None for r in rows):
             return None
-        neutral = PenaltyRow(1.0, 0.0, 0.0, {}, [], [])
+        neutral = PenaltyRow(1.0, 0.0, 0.0, {}, None)
         rows = [r or neutral for r in rows]
 
         def settings(values: list[float]) -> torch.Tensor:
@@ -77,10 +101,13 @@ class Penalties:
         for i, row in enumerate(rows):
             if row.bias:
                 bias[i, torch.tensor(list(row.bias), device=device)] = settings(list(row.bias.values()))
-        prompts = [r.prompt_ids if r.repetition != 1.0 else [] for r in rows]  # only the repetition penalty reads them
+        counts = [None if r.seq is None else r.counts(vocab_size, device) for r in rows]
+        never = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+        zeros = torch.zeros(vocab_size, device=device)
         return cls(settings([r.repetition for r in rows]), settings([r.frequency for r in rows]),
-                   settings([r.presence for r in rows]), bias, _counts(prompts, vocab_size, device) > 0,
-                   _counts([r.output_ids for r in rows], vocab_size, device))
+                   settings([r.presence for r in rows]), bias,
+                   torch.stack([never if c is None else c.prompt_seen for c in counts]),
+                   torch.stack([zeros if c is None else c.output_counts for c in counts]))
 
     def apply(self, logits: torch.Tensor, seq_rows: torch.Tensor, earlier_ids: torch.Tensor,
               num_earlier: torch.Tensor) -> torch.Tensor:

@@ -4,11 +4,15 @@ Taken from the target's verify pass (never the draft), as log_softmax of its raw
 penalties, bias, temperature and truncation (vLLM's default, "raw logprobs"). An accepted draft token
 and a recovered or bonus token are reported alike: the target's log-probability of that token at that
 position. Only the emitted positions of the requests that ask are computed.
+
+Token texts are filled in on the engine thread as the tokens are appended (stop_checker.py): a token's
+text is what it added to the output text, so the texts concatenate to it (a token that ends inside a
+UTF-8 character adds '' and the next one adds the character); an alternative's is what it would have added.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -20,6 +24,8 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: list[tuple[int, float]]  # (token id, logprob) of the `logprobs` most likely tokens, most likely first
+    token: str = ""  # its text: what it added to the output text
+    top_tokens: list[str] = field(default_factory=list)  # the text of each of `top`
 
 
 def emitted_logprobs(logits: torch.Tensor, first_rows: list[int], emitted: list[list[int]],

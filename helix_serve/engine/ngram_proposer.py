@@ -7,7 +7,7 @@ sampling then accepts x with probability p(x) and stays exact under any temperat
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -55,29 +55,53 @@ def one_hot_draft_probs(draft_token_ids: torch.Tensor, vocab_size: int) -> torch
 
 
 @dataclass(slots=True)
+class NgramIndex:
+    """One sequence's n-grams (n = min_n..max_n), each mapped to the position of its latest last token.
+
+    Grown by the new tokens only. At length L it holds the n-grams ending at positions <= L - 2: the
+    earlier occurrences a suffix can match (the suffix itself ends at L - 1).
+    """
+
+    min_n: int
+    max_n: int
+    latest: dict[tuple[int, ...], int] = field(default_factory=dict)
+    num_indexed: int = 0  # the n-grams ending before this position are in `latest`
+
+    def update(self, token_ids: list[int]) -> None:
+        latest, end = self.latest, len(token_ids) - 1
+        for pos in range(self.num_indexed, end):  # n-grams ending at pos, later positions overwriting
+            for n in range(self.min_n, min(self.max_n, pos + 1) + 1):
+                latest[tuple(token_ids[pos - n + 1 : pos + 1])] = pos
+        self.num_indexed = max(self.num_indexed, end)
+
+    def propose(self, token_ids: list[int], k: int) -> list[int]:
+        """Up to k tokens that followed the latest earlier occurrence of the longest matching suffix."""
+        self.update(token_ids)
+        length = len(token_ids)
+        for n in range(min(self.max_n, length), self.min_n - 1, -1):
+            pos = self.latest.get(tuple(token_ids[length - n :]))
+            if pos is not None:
+                return token_ids[pos + 1 : min(pos + 1 + k, length)]
+        return []
+
+
+@dataclass(slots=True)
 class NgramProposer:
-    """Prompt lookup over a batch of sequences. Each sequence keeps its tokens as a tensor that grows with
-    it (Sequence.token_tensor), so a step copies only the new tokens."""
+    """Prompt lookup over a batch of sequences. Each sequence keeps an index of its n-grams that grows with
+    it (Sequence.ngram_index), so a step costs O(new tokens), not O(history); it proposes what
+    `ngram_propose` (the batched reference) would."""
 
     min_n: int = 1
     max_n: int = 3
 
     def propose(self, seqs: list[Sequence], k: int) -> list[list[int]]:
         """Up to k proposals per sequence ([] where its suffix occurs nowhere earlier)."""
-        if not seqs or k <= 0:
+        if k <= 0:
             return [[] for _ in seqs]
-        lengths = torch.tensor([s.num_tokens for s in seqs])
-        batch = torch.zeros(len(seqs), int(lengths.max()), dtype=torch.long)
-        for row, seq in zip(batch, seqs):
-            row[: seq.num_tokens] = _token_tensor(seq)
-        drafts, counts = ngram_propose(batch, lengths, k, self.min_n, self.max_n)
-        return [ids[:n] for ids, n in zip(drafts.tolist(), counts.tolist())]
+        return [self._index(seq).propose(seq.token_ids, k) for seq in seqs]
 
-
-def _token_tensor(seq: Sequence) -> torch.Tensor:
-    have = seq.token_tensor
-    if have is None or len(have) < seq.num_tokens:  # tokens are only ever appended
-        start = 0 if have is None else len(have)
-        tail = torch.tensor(seq.token_ids[start:], dtype=torch.long)
-        seq.token_tensor = tail if have is None else torch.cat([have, tail])
-    return seq.token_tensor
+    def _index(self, seq: Sequence) -> NgramIndex:
+        index = seq.ngram_index
+        if index is None or (index.min_n, index.max_n) != (self.min_n, self.max_n):
+            index = seq.ngram_index = NgramIndex(self.min_n, self.max_n)
+        return index

@@ -5,7 +5,8 @@ key (the model pair and dtype: whatever else decides the K/V). Equal hashes mean
 equal positions after an equal prefix, hence equal K/V; the same tokens at another position or after
 another prefix hash differently. The hash → block map and the eviction order live in the allocator.
 
-What is cached, and when (`PrefixCache.register`, called after every successful step):
+What is cached, and when (`PrefixCache.register`, called after every successful step, visiting only the
+blocks that became full since its last call: `Sequence.num_registered_blocks`, set at each admission):
 - Target: only full blocks whose every position the target has written for the sequence's own tokens
   (positions < num_target_cached). Never a draft token, and never a block a rollback may still drop:
   rollback truncates to num_target_cached, which never goes below a registered block's end.
@@ -72,11 +73,14 @@ class PrefixCache:
 
     def block_hashes(self, seq: Sequence, num_blocks: int) -> list[bytes]:
         """Hashes of the sequence's first `num_blocks` full blocks (kept on the sequence, grown lazily)."""
+        self._grow_hashes(seq, num_blocks)
+        return seq.block_hashes[:num_blocks]
+
+    def _grow_hashes(self, seq: Sequence, num_blocks: int) -> None:
         hashes, size = seq.block_hashes, self.block_size
         while len(hashes) < num_blocks:
             i = len(hashes)
             hashes.append(hash_block(hashes[-1] if hashes else self.root, seq.token_ids[i * size : (i + 1) * size]))
-        return hashes[:num_blocks]
 
     def lookup(self, seq: Sequence) -> CachedPrefix:
         block_ids: list[int] = []
@@ -95,10 +99,16 @@ class PrefixCache:
         return self.block_hashes(seq, i + 1)[i] if i < (seq.num_tokens - 1) // self.block_size else None
 
     def register(self, seq: Sequence) -> None:
-        """Cache the full blocks of verified tokens; mark those whose draft K/V is written too."""
+        """Cache the full blocks of verified tokens; mark those whose draft K/V is written too. Only the
+        blocks that became full since the last call are visited (the counts restart at each admission)."""
         num_verified = min(seq.num_target_cached, seq.num_tokens) // self.block_size
-        for block_id, block_hash in zip(seq.block_table, self.block_hashes(seq, num_verified)):
-            self.allocator.cache(block_id, block_hash)
+        self._grow_hashes(seq, num_verified)
+        # NOTE: offered once: a block whose hash another block holds stays private, even if that one is
+        # evicted later (retrying such blocks every step would cost O(history) again).
+        for i in range(seq.num_registered_blocks, num_verified):
+            self.allocator.cache(seq.block_table[i], seq.block_hashes[i])
+        seq.num_registered_blocks = max(seq.num_registered_blocks, num_verified)
         num_drafted = min(seq.num_draft_cached, seq.num_target_cached, seq.num_tokens) // self.block_size
-        for block_id in seq.block_table[:num_drafted]:
+        for block_id in seq.block_table[seq.num_draft_written_blocks : num_drafted]:
             self.allocator.blocks[block_id].draft_written = True
+        seq.num_draft_written_blocks = max(seq.num_draft_written_blocks, num_drafted)

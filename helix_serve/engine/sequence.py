@@ -9,10 +9,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from helix_serve.engine.logprobs import TokenLogprob
+from helix_serve.engine.detokenizer import SequenceText
 from helix_serve.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    from helix_serve.engine.logits_processors import TokenCounts
+    from helix_serve.engine.ngram_proposer import NgramIndex
     from helix_serve.engine.structured.grammar import Matcher
 
 
@@ -108,6 +110,10 @@ class Sequence:
     (`num_target_cached == len(token_ids) - 1` once running); the draft's pool lags arbitrarily and
     catches up on its next draft pass. Both share `block_table`, whose first blocks may be prefix-cache
     blocks shared with other sequences (`block_hashes` are their keys; see prefix_cache.py).
+
+    Per-step work must not grow with the history, so what is derived from the tokens is kept here and
+    grown by the new tokens only: the text, penalty counts, the prompt-lookup index, the blocks offered to
+    the prefix cache. `token_ids` only ever grows (drafts are appended once accepted; preemption keeps them).
     """
 
     request_id: str
@@ -125,17 +131,21 @@ class Sequence:
     error: str | None = None
     stats: SequenceStats = field(default_factory=SequenceStats)
     acceptance: dict[str, Acceptance] = field(default_factory=_acceptance_by_proposer)  # by proposer name
-    token_tensor: torch.Tensor | None = None  # token_ids as a tensor, grown by the n-gram proposer
+    text: SequenceText | None = None  # the output text (detokenizer.py); set from the prompt length
+    penalty_counts: TokenCounts | None = None  # kept by logits_processors.Penalties for penalized requests
+    ngram_index: NgramIndex | None = None  # kept by the n-gram proposer
+    # the first num_registered_blocks blocks of block_table are offered to the prefix cache, the first
+    # num_draft_written_blocks marked draft-written (prefix_cache.py); set again at each admission
+    num_registered_blocks: int = 0
+    num_draft_written_blocks: int = 0
     grammar: Matcher | None = None  # structured output: advanced by emitted tokens only (structured/masks.py)
-    # detokenization state
-    output_text: str = ""
-    num_text_emitted: int = 0
-    output_logprobs: list[TokenLogprob] = field(default_factory=list)  # filled when params.logprobs is set
 
     def __post_init__(self) -> None:
         if not self.token_ids:
             self.token_ids = list(self.prompt_token_ids)
         self.stats.num_prompt_tokens = len(self.prompt_token_ids)
+        if self.text is None:
+            self.text = SequenceText.after_prompt(len(self.prompt_token_ids))
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -152,6 +162,10 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_text(self) -> str:
+        return self.text.text
 
     @property
     def is_finished(self) -> bool:

@@ -166,7 +166,7 @@ class StepLoop:
                 self._fail_all(f"{type(exc).__name__}: {exc}")
                 continue
             for output in outputs:
-                self._deliver(chunk_from_output(output, self.engine.tokenizer))
+                self._deliver(chunk_from_output(output))
             if outputs:
                 self._record(StepSummary.of(outputs, kv))
             if busy:
@@ -209,8 +209,8 @@ class DuplicateRequestError(ValueError):
     """A request id that is still streaming (HTTP 409)."""
 
 
-def chunk_from_output(output: RequestOutput, tokenizer: Any) -> EngineChunk:
-    logprobs = None if output.new_logprobs is None else token_logprobs(output.new_logprobs, tokenizer)
+def chunk_from_output(output: RequestOutput) -> EngineChunk:
+    logprobs = None if output.new_logprobs is None else token_logprobs(output.new_logprobs)
     return EngineChunk(
         request_id=output.request_id, text=output.new_text, token_ids=list(output.new_token_ids),
         num_drafted=output.num_drafted, num_accepted=output.num_accepted, finished=output.finished,
@@ -218,9 +218,8 @@ def chunk_from_output(output: RequestOutput, tokenizer: Any) -> EngineChunk:
     )
 
 
-def token_logprobs(logprobs: list[TokenLogprob], tokenizer: Any) -> list[TokenLogprobs]:
-    """Engine logprobs with each token id as its own decoded text (what OpenAI's `token` fields hold)."""
-    ids = sorted({i for lp in logprobs for i in [lp.token_id, *(t for t, _ in lp.top)]})
-    text = dict(zip(ids, tokenizer.batch_decode([[i] for i in ids])))
-    return [TokenLogprobs(text[lp.token_id], lp.token_id, lp.logprob, [(text[t], v) for t, v in lp.top])
+def token_logprobs(logprobs: list[TokenLogprob]) -> list[TokenLogprobs]:
+    """Engine logprobs in the protocol's shape. Their token texts were made on the engine thread, in the
+    context of the output (engine/logprobs.py); the tokenizer is not thread-safe and never runs here."""
+    return [TokenLogprobs(lp.token, lp.token_id, lp.logprob, [(t, v) for t, (_, v) in zip(lp.top_tokens, lp.top)])
             for lp in logprobs]
