@@ -107,3 +107,14 @@ def test_history_benchmark_quick_times_every_history_point(tmp_path):
     for row in result["rows"].values():
         assert set(row["step_ms"]) == {"96", "192"} and all(ms > 0 for ms in row["step_ms"].values())
         assert row["step_ratio"]["96"] == row["other_ratio"]["96"] == 1.0 and row["attention_ms"]["192"] > 0
+
+
+def test_structured_benchmark_quick_reports_speed_grammar_share_and_validity(llama_pair, tmp_path):
+    target, draft = llama_pair
+    result = _run("bench_structured.py", tmp_path, "--target", str(target), "--draft", str(draft), "--dtype", "float32")
+    for rows in result["results"].values():
+        assert set(rows) == {"K=0", "ngram", "draft", "hybrid"} and all(r["tokens"] > 0 for r in rows.values())
+        assert all(0 < r["grammar_share"] < 1 for r in rows.values())
+        assert "grammar" in rows["ngram"]["by_proposer"]  # the schemas' keys are forced
+    goals = {g["goal"]: g for g in result["goals"]}
+    assert goals["greedy: every method's tokens == K=0's (torch.float32; exact in float32)"]["met"]

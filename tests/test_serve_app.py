@@ -63,7 +63,7 @@ def test_ping_health_models_docs(http):
     assert http.get("/ping").json() == {"status": "ok"}
     health = http.get("/health").json()
     assert health["model_loaded"] and health["device"] == "cpu" and health["has_draft"]
-    assert health["proposers"] == ["draft", "ngram"] and health["eagle_head"] is None
+    assert health["proposers"] == ["draft", "ngram", "grammar"] and health["eagle_head"] is None
     assert health["kv_cache"]["num_blocks"] == 128
     assert http.get("/v1/models").json()["data"][0]["id"] == MODEL
     assert http.get("/docs").status_code == 200

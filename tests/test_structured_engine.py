@@ -163,3 +163,42 @@ def test_sampled_constrained_output_follows_the_masked_target(llama_pair):
     chi2 = float(((observed - wanted) ** 2 / wanted).sum())
     p_value = float(torch.special.gammaincc(torch.tensor((len(expected) - 1) / 2), torch.tensor(chi2 / 2)))
     assert p_value > 1e-3, (counts, expected)
+
+
+def test_grammar_forced_tokens_are_drafted_free_and_exact(engine):
+    """Keys, brackets and separators the schema forces are proposed by the grammar itself (every method uses
+    them): same greedy tokens as plain decoding, fewer target steps, counted as the `grammar` proposer."""
+    constraint = Constraint.json_schema(SCHEMAS["nested_object"])
+    plain = _texts(engine, constraint, speculative=False)
+    forced = _texts(engine, constraint, speculative_method="ngram", num_speculative_tokens=None)
+    assert [o.token_ids for o in forced] == [o.token_ids for o in plain]
+    for out, base in zip(forced, plain):
+        grammar = out.stats["by_proposer"]["grammar"]
+        assert grammar["num_drafted"] >= len(engine.tokenizer('{"user": {"id": ').input_ids) - 1
+        assert grammar["num_accepted"] > 0
+        assert out.stats["num_target_steps"] < base.stats["num_target_steps"]
+    # seeded sampled requests never take given proposals (their tokens must not depend on the proposer)
+    [seeded] = engine.generate(PROMPTS[:1], SamplingParams(max_tokens=MAX_TOKENS, structured=constraint, seed=3,
+                                                          temperature=1.0, speculative_method="ngram"))
+    assert "grammar" not in seeded.stats["by_proposer"]
+
+
+def test_sampled_output_with_forced_tokens_follows_the_masked_target(llama_pair):
+    """Chi-square, as above, where the grammar forces "xyz" between two free characters: the forced tokens are
+    given proposals (one-hot q) and the output still follows masked target-only sampling."""
+    engine = make_engine(llama_pair, num_speculative_tokens=None, speculative_method="ngram", max_num_seqs=64)
+    prompt, constraint, temperature = "the quick brown fox", Constraint("regex", "[ab]xyz[ab]"), 1.5
+    expected = _masked_target_strings(engine, prompt, constraint, temperature)
+    assert len(expected) == 4 and abs(sum(expected.values()) - 1.0) < 1e-4
+    n = 800
+    outputs = engine.generate([prompt] * n, SamplingParams(max_tokens=12, temperature=temperature,
+                                                           structured=constraint))
+    counts = {text: 0 for text in expected}
+    for out in outputs:
+        counts[out.text] += 1
+    assert sum(o.stats["by_proposer"].get("grammar", {}).get("num_drafted", 0) for o in outputs) >= n
+    observed = torch.tensor([counts[t] for t in expected], dtype=torch.float64)
+    wanted = n * torch.tensor(list(expected.values()), dtype=torch.float64)
+    chi2 = float(((observed - wanted) ** 2 / wanted).sum())
+    p_value = float(torch.special.gammaincc(torch.tensor((len(expected) - 1) / 2), torch.tensor(chi2 / 2)))
+    assert p_value > 1e-3, (counts, expected)

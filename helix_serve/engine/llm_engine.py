@@ -173,8 +173,10 @@ class LLMEngine:
 
     @property
     def proposers(self) -> list[str]:
-        """What this engine can draft with: its model-based proposer, if loaded, and prompt lookup."""
-        return [self.model_proposer.value, Proposer.NGRAM.value] if self.has_draft else [Proposer.NGRAM.value]
+        """What this engine can draft with: its model-based proposer, if loaded, prompt lookup, and the tokens a
+        structured output's grammar forces."""
+        given = [Proposer.NGRAM.value, Proposer.GRAMMAR.value]
+        return [self.model_proposer.value, *given] if self.has_draft else given
 
     @property
     def _loaded_proposer(self) -> str | None:
@@ -337,23 +339,29 @@ class LLMEngine:
         for seq in lookup:  # proposals the grammar forbids are cut before verification
             if seq.grammar is not None and found[seq.request_id]:
                 found[seq.request_id] = found[seq.request_id][: seq.grammar.valid_prefix(found[seq.request_id])]
-        options = [self._options(s, found.get(s.request_id, []), s.request_id in ready) for s in running]
+        forced = {s.request_id: s.grammar.forced_tokens() for s in running
+                  if s.request_id in ready and s.grammar is not None and self._may_use(s, Proposer.GRAMMAR)}
+        options = [self._options(s, found.get(s.request_id, []), s.request_id in ready, forced.get(s.request_id, []))
+                   for s in running]
         choices = self.planner.plan(options, self.step_costs)
         return {o.seq.request_id: _Planned(o, c) for o, c in zip(options, choices)}
 
-    def _options(self, seq: Sequence, ngram_tokens: list[int], ready: bool) -> Options:
+    def _options(self, seq: Sequence, ngram_tokens: list[int], ready: bool, forced_tokens: list[int]) -> Options:
         params = seq.params
         room = min(params.max_tokens - seq.num_output_tokens, self.max_model_len - seq.num_tokens) - 1
         fixed_k = params.num_speculative_tokens
         fixed_k = self.config.num_speculative_tokens if fixed_k is None else fixed_k
         return Options(seq, seq.num_tokens - seq.num_target_cached, room if ready else 0,
-                       ready and self._may_use(seq, self.model_proposer), ngram_tokens, fixed_k, self._judged(seq))
+                       ready and self._may_use(seq, self.model_proposer), ngram_tokens, fixed_k, self._judged(seq),
+                       forced_tokens)
 
     def _may_use(self, seq: Sequence, proposer: Proposer) -> bool:
         method = seq.params.speculative_method or self.method
-        if proposer is not Proposer.NGRAM:  # a model-based proposer: only the loaded one, by its name or hybrid
+        if proposer in (Proposer.DRAFT, Proposer.EAGLE):  # a model: only the loaded one, by its name or hybrid
             return self.has_draft and proposer is self.model_proposer and method in ("hybrid", proposer.value)
         seeded_sampling = seq.params.seed is not None and not seq.params.greedy  # draft only: see speculative.py
+        if proposer is Proposer.GRAMMAR:  # forced tokens are free and certain: every method uses them
+            return not seeded_sampling
         return method in ("ngram", "hybrid") and not seeded_sampling
 
     def _judged(self, seq: Sequence) -> bool:
@@ -363,8 +371,8 @@ class LLMEngine:
         """The decoder's instructions; k is the scheduler's (it drops to 0 when the KV pool is short)."""
         if planned is None:  # admitted this step
             return Draft(0, None, self._judged(seq))
-        given = planned.options.ngram_tokens if planned.choice.proposer is Proposer.NGRAM else None
-        return Draft(k, given, planned.options.judged)
+        given = {Proposer.NGRAM: planned.options.ngram_tokens, Proposer.GRAMMAR: planned.options.forced_tokens}
+        return Draft(k, given.get(planned.choice.proposer), planned.options.judged)
 
     def _advance(self, seq: Sequence, draft: Draft, planned: _Planned | None, new_ids: list[int], num_accepted: int,
                  logprobs: list[TokenLogprob] | None) -> RequestOutput:
@@ -372,7 +380,7 @@ class LLMEngine:
         if seq.stats.first_token_time is None:
             seq.stats.first_token_time = now
         seq.stats.num_target_steps += 1
-        proposer = Proposer.NGRAM if draft.tokens is not None else self.model_proposer
+        proposer = planned.choice.proposer if planned and draft.tokens is not None else self.model_proposer
         if draft.k > 0:
             seq.stats.record_verify(proposer.value, draft.k, num_accepted)
         lookup = planned.options.ngram_tokens if planned else []  # scored even when the draft model ran

@@ -5,6 +5,9 @@ Proposers. Prompt lookup is always there; the model-based proposer is the draft 
 (`Planner.model`): an engine loads at most one of the two, so a step runs one model's passes. The head is
 its own proposer all the same — its own prior, engine-wide rate, per-sequence α and probes, and its own
 cost curve in the step-cost model — so nothing learnt about one carries over to the other.
+Under structured outputs the grammar is a proposer too: where it allows a single continuation (an object's
+next key, closing brackets, the rest of an enum value) those tokens are drafted as given proposals. They cost
+nothing to propose and the target accepts them (almost) always, so they are not the planner's choice to weigh.
 
 Gain. A proposer accepted at rate α that drafts K tokens makes its sequence emit E(α, K) = (1 − α^(K+1)) /
 (1 − α) tokens (Leviathan et al. 2023): its j-th draft token adds α^j expected tokens, less for each j.
@@ -42,10 +45,12 @@ class Proposer(str, enum.Enum):
     DRAFT = "draft"  # the draft model
     EAGLE = "eagle"  # an EAGLE head on the target's features
     NGRAM = "ngram"  # prompt lookup over the sequence's own tokens
+    GRAMMAR = "grammar"  # the tokens a structured output's grammar forces next
 
 
 # (α, weight in judged positions) before any evidence: the engine-wide rate starts here...
-PRIORS = {Proposer.DRAFT: (0.5, 4.0), Proposer.EAGLE: (0.5, 4.0), Proposer.NGRAM: (0.3, 4.0)}
+PRIORS = {Proposer.DRAFT: (0.5, 4.0), Proposer.EAGLE: (0.5, 4.0), Proposer.NGRAM: (0.3, 4.0),
+          Proposer.GRAMMAR: (1.0, 4.0)}
 SEQUENCE_PRIOR_WEIGHT = 4.0  # ...and a sequence's own α starts at the engine-wide rate, with this weight
 POPULATION_DECAY = 0.995  # per judged step of any sequence: the engine-wide rate follows the recent requests
 
@@ -68,6 +73,7 @@ class Options:
     ngram_tokens: list[int]  # prompt-lookup proposals found this step ([] when none or not allowed)
     fixed_k: int | None = None  # the request's or the engine's fixed K
     judged: bool = False  # seeded sampling: the draft model always proposes K + 1 (speculative.py)
+    forced_tokens: list[int] = field(default_factory=list)  # the grammar's only continuation ([] when none)
 
     def catch_up(self, model: Proposer) -> int:
         """Tokens the model proposer's first pass would process for this sequence (the head's entries pair a
@@ -129,7 +135,10 @@ class Planner:
         return choices  # type: ignore[return-value]
 
     def _forced(self, o: Options) -> Choice | None:
-        """A choice that is not the planner's to make: fixed K or nothing to propose."""
+        """A choice that is not the planner's to make: grammar-forced tokens (certain, and free to propose: they
+        are always worth their verify tokens), fixed K, or nothing to propose."""
+        if o.forced_tokens and o.room > 0 and o.fixed_k != 0:
+            return Choice(Proposer.GRAMMAR, min(len(o.forced_tokens), o.room, self.k_max))
         if o.room <= 0 or not (o.draft or o.ngram_tokens):
             return Choice(self.model if o.judged else None, 0)
         if o.fixed_k is not None:

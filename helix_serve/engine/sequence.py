@@ -28,7 +28,7 @@ class Acceptance:
 
 
 def _acceptance_by_proposer() -> dict[str, Acceptance]:
-    return {"draft": Acceptance(), "eagle": Acceptance(), "ngram": Acceptance()}
+    return {"draft": Acceptance(), "eagle": Acceptance(), "ngram": Acceptance(), "grammar": Acceptance()}
 
 
 class SequenceStatus(enum.Enum):

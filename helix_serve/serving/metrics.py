@@ -60,8 +60,9 @@ class HelixMetrics:
                                      "this ingress finished", registry=r)
         self.request_acceptance = Histogram("helix_request_acceptance_rate", "Accepted / drafted tokens per "
                                             "speculative generation", buckets=RATE_BUCKETS, registry=r)
-        self.proposer_drafted = Counter("helix_proposer_draft_tokens", "Draft tokens proposed, by proposer "
-                                        "(draft: the draft model, ngram: prompt lookup)", ["proposer"], registry=r)
+        self.proposer_drafted = Counter("helix_proposer_draft_tokens", "Draft tokens proposed, by proposer (draft: "
+                                        "the draft model, eagle: an EAGLE head, ngram: prompt lookup, grammar: "
+                                        "tokens a structured output's grammar forces)", ["proposer"], registry=r)
         self.proposer_accepted = Counter("helix_proposer_accepted_tokens", "Draft tokens accepted, by proposer",
                                          ["proposer"], registry=r)
         self.accepted_per_position = Counter("helix_accepted_tokens_per_position", "Accepted draft tokens by "
