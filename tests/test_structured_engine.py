@@ -5,6 +5,7 @@ the masked target's distribution. Tiny random models: the constraint, not the mo
 from __future__ import annotations
 
 import json
+import time
 
 import jsonschema
 import pytest
@@ -12,7 +13,8 @@ import torch
 
 from helix_serve.engine.llm_engine import RequestRejectedError
 from helix_serve.engine.sampling_params import SamplingParams
-from helix_serve.engine.structured.constraint import Constraint
+from helix_serve.engine.structured.constraint import Constraint, ConstraintError
+from helix_serve.engine.structured.grammar import GrammarCompiler
 from helix_serve.engine.structured.masks import unpack
 from tests.helpers import PROMPTS, make_engine
 from tests.schema_suite import SCHEMAS
@@ -114,6 +116,24 @@ def test_each_distinct_constraint_compiles_once(engine):
         grammars.compile(Constraint("regex", "[0-9]+"))
     grammars.compile(Constraint("regex", "[a-z]+"))
     assert list(grammars._cache) == [Constraint("regex", "[0-9]+"), Constraint("regex", "[a-z]+")]
+
+
+def test_a_constraint_that_compiles_too_long_is_refused_and_never_waited_on_again(engine):
+    """llguidance takes seconds (quadratic in the rules) to report an undefined rule at the end of a long chain:
+    the caller waits `timeout_s`, then it and every later request for it are refused at once."""
+    compiler = GrammarCompiler(engine.tokenizer, engine.grammars.vocab_size, set(engine.stop_checker.eos_token_ids),
+                               timeout_s=0.3)
+    rules = 800
+    slow = Constraint("grammar", "start: " + " ".join(f"r{i}" for i in range(rules)) + "\n"
+                      + "\n".join(f'r{i}: "a" r{i + 1}?' for i in range(rules)))
+    for _ in range(2):
+        start = time.perf_counter()
+        with pytest.raises(ConstraintError, match="did not compile within 0.3 s"):
+            compiler.compile(slow)
+        waited = time.perf_counter() - start
+        assert waited < 3.0, waited
+    assert waited < 0.1, waited  # the second request: refused without waiting
+    assert compiler.compile(Constraint("regex", "[0-9]+")).valid_prefix([]) == 0  # other constraints still compile
 
 
 def _masked_target_strings(engine, prompt: str, constraint: Constraint, temperature: float) -> dict[str, float]:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import threading
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
 import jsonschema
@@ -26,6 +28,14 @@ JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separ
 # Compilation is refused past these (llguidance's defaults are 500k symbols and 1M lexer fuel).
 LIMITS = dict(max_grammar_size=200_000, initial_lexer_fuel=1_000_000, max_lexer_states=100_000)
 CACHE_SIZE = 64  # compiled constraints kept (least recently used dropped first)
+COMPILE_TIMEOUT_S = 10.0  # a constraint that takes longer to compile is refused
+COMPILE_THREADS = 2
+
+
+def _refused(error: ConstraintError) -> Future:
+    refusal: Future = Future()
+    refusal.set_exception(error)
+    return refusal
 
 
 def _limits() -> llguidance.LLParserLimits:
@@ -99,33 +109,51 @@ class Matcher:
 
 
 class GrammarCompiler:
-    """Compiles constraints against one tokenizer, each distinct constraint once (an LRU cache); thread-safe,
-    so the serving layer can compile ahead of admission off the engine thread."""
+    """Compiles constraints against one tokenizer, each distinct constraint once (an LRU cache of results,
+    refusals included, so a bad constraint is never compiled twice); thread-safe, so the serving layer can
+    compile ahead of admission off the engine thread.
 
-    def __init__(self, tokenizer, vocab_size: int, eos_token_ids: set[int], cache_size: int = CACHE_SIZE):
+    Compiling runs on the compiler's own threads (llguidance releases the GIL) and a caller waits at most
+    `timeout_s`: a constraint that takes longer is refused from then on. Its compilation cannot be interrupted
+    and finishes in the background (llguidance's own limits bound it), on one of `COMPILE_THREADS` threads.
+    """
+
+    def __init__(self, tokenizer, vocab_size: int, eos_token_ids: set[int], cache_size: int = CACHE_SIZE,
+                 timeout_s: float = COMPILE_TIMEOUT_S):
         self._hf_tokenizer, self.vocab_size, self._eos = tokenizer, vocab_size, sorted(eos_token_ids)
         self._tokenizer: llguidance.LLTokenizer | None = None  # built on first use: ~1 s for a 49k vocabulary
-        self._cache: OrderedDict[Constraint, llguidance.LLMatcher] = OrderedDict()
-        self._cache_size = cache_size
-        self._lock = threading.Lock()
+        self._cache: OrderedDict[Constraint, Future] = OrderedDict()  # each a compiled template or a refusal
+        self._cache_size, self.timeout_s = cache_size, timeout_s
+        self._lock = threading.Lock()  # guards the cache and the tokenizer, never held while compiling
+        self._threads = ThreadPoolExecutor(COMPILE_THREADS, thread_name_prefix="helix-grammar")
 
     def compile(self, constraint: Constraint) -> Matcher:
-        """A fresh matcher at the start of the constraint; raises ConstraintError if it cannot compile."""
+        """A fresh matcher at the start of the constraint; raises ConstraintError if it cannot compile, or
+        not within `timeout_s`."""
         with self._lock:
-            template = self._cache.get(constraint)
-            if template is None:
-                template = self._compile(constraint)
-                self._cache[constraint] = template
+            result = self._cache.get(constraint)
+            if result is None:
+                result = self._cache[constraint] = self._threads.submit(self._compile, constraint)
                 if len(self._cache) > self._cache_size:
                     self._cache.popitem(last=False)
             self._cache.move_to_end(constraint)
-            return Matcher(template.deep_copy())
+        try:
+            template = result.result(timeout=self.timeout_s)
+        except FutureTimeout:
+            refusal = ConstraintError(f"the {constraint.kind.replace('_', ' ')} constraint did not compile within "
+                                      f"{self.timeout_s:g} s; simplify it")
+            with self._lock:  # later requests for it are refused at once, never waited on again
+                if self._cache.get(constraint) is result:
+                    self._cache[constraint] = _refused(refusal)
+            raise refusal from None
+        return Matcher(template.deep_copy())
 
     def _compile(self, constraint: Constraint) -> llguidance.LLMatcher:
         _check_schema(constraint)
-        if self._tokenizer is None:
-            self._tokenizer = llguidance.hf.from_tokenizer(self._hf_tokenizer, n_vocab=self.vocab_size,
-                                                           eos_token=self._eos)
+        with self._lock:
+            if self._tokenizer is None:
+                self._tokenizer = llguidance.hf.from_tokenizer(self._hf_tokenizer, n_vocab=self.vocab_size,
+                                                               eos_token=self._eos)
         matcher = llguidance.LLMatcher(self._tokenizer, grammar_text(constraint), log_level=0, limits=_limits())
         if matcher.is_error():
             raise ConstraintError(f"invalid {constraint.kind.replace('_', ' ')}: {matcher.get_error().strip()}")
