@@ -15,6 +15,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from helix_serve.serving.app_config import RoutingConfig
 from helix_serve.serving.metrics import CURRENT_REQUEST, HelixMetrics
 from helix_serve.serving.pools import Pool, PoolRouter
+from helix_serve.serving.prefix_router import prefix_hashes, prompt_text
 from helix_serve.serving.protocol import EngineChunk, EngineRequest, TokenLogprobs
 
 # Failures that say "this pool cannot take a request now", not "this request is bad": try another pool.
@@ -139,10 +140,14 @@ class EngineClient:
         self._router.start_probing()
         tried: set[str] = set()
         failures: list[str] = []
-        while (pool := self._router.pick(tried)) is not None:
+        text = prompt_text(request) if len(self._router.pools) > 1 else None  # one pool: nothing to choose
+        prefix = prefix_hashes(text) if text else []
+        while (pool := self._router.pick(tried, prefix)) is not None:
             tried.add(pool.name)
             try:
-                return await self._open_on(pool, request, route)
+                stream = await self._open_on(pool, request, route)
+                self._router.affinity.record(prefix, pool.name)
+                return stream
             except POOL_UNAVAILABLE as exc:
                 pool.mark_down(exc)
                 failures.append(f"{pool.name}: {type(exc).__name__}")

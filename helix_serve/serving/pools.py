@@ -5,6 +5,11 @@ least load, where load is the ingress's ongoing requests on that pool divided by
 go to the pool that has served the fewest requests per capacity, so sequential traffic spreads in
 proportion to capacity too. A pool is live once a probe (`info`) answers, and down after a probe or an
 admission fails; down pools are tried last, so a pending or crashing pool costs one timeout, not an outage.
+
+Prefix affinity (prefix_router.py): a request whose prompt starts like one sent to a pool before goes to that
+pool (whose replicas hold the prefix; within the pool, the engine deployment's router finds the replica),
+unless that pool has more than `POOL_IMBALANCE` ongoing requests per unit of capacity over the least loaded one.
+So the ingress's choice of pool and Serve's choice of replica follow the same prefix instead of fighting.
 """
 
 from __future__ import annotations
@@ -16,10 +21,13 @@ from typing import Any
 
 from ray.serve.handle import DeploymentHandle
 
+from helix_serve.serving.prefix_router import PrefixAffinity
+
 logger = logging.getLogger(__name__)
 HEALTH_RANK = {True: 0, None: 1, False: 2}  # live pools first, then not yet probed, then down
 SUMMED_KV_KEYS = ("num_blocks", "used_blocks", "free_blocks", "pool_bytes", "cached_blocks",
                   "prefix_cache_queried_tokens", "prefix_cache_hit_tokens")
+POOL_IMBALANCE = 4.0  # ongoing requests per unit of capacity beyond which prefix affinity yields to load
 
 
 @dataclass(slots=True)
@@ -63,11 +71,21 @@ class PoolRouter:
         self.probe_timeout_s = probe_timeout_s
         self.probe_interval_s = probe_interval_s
         self._prober: asyncio.Task | None = None
+        self.affinity = PrefixAffinity()
 
-    def pick(self, exclude: set[str]) -> Pool | None:
-        """The preferred pool not yet tried for this request, or None when every pool was tried."""
+    def pick(self, exclude: set[str], prefix: list[bytes] = ()) -> Pool | None:
+        """The preferred pool not yet tried for this request, or None when every pool was tried. `prefix`: the
+        request's prompt prefix hashes (prefix_router.prefix_hashes)."""
         candidates = [p for p in self.pools if p.name not in exclude]
-        return min(candidates, key=Pool.order) if candidates else None
+        if not candidates:
+            return None
+        least = min(candidates, key=Pool.order)
+        holders = self.affinity.best(list(prefix), {p.name for p in candidates if p.healthy}) if prefix else set()
+        if holders:
+            holder = min((p for p in candidates if p.name in holders), key=Pool.order)
+            if holder.ongoing / holder.capacity - least.ongoing / least.capacity <= POOL_IMBALANCE:
+                return holder
+        return least
 
     def start_probing(self) -> None:
         """Start the background probe loop (lazily: it needs the replica's running event loop)."""

@@ -1,0 +1,46 @@
+"""Two engine replicas behind Helix's prefix-aware request router on a local cluster: every conversation's next
+turn lands on the replica that served its history, so its prompt starts from that replica's prefix cache.
+
+With Serve's default router (power of two choices over idle replicas: a coin flip) each next turn would find its
+history on the other replica half of the time; 8 conversations all hitting by chance is a 1-in-256 event."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.serve_harness import MODEL, app_args, build_test_app, local_serve, wait_kv_free
+
+ROUTER = {"request_router_class": "helix_serve.serving.prefix_router.PrefixAffinityRouter",
+          "request_router_kwargs": {"imbalance_threshold": 4}}
+ENGINE = {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.5}, "request_router_config": ROUTER}
+TOPICS = ["rivers", "mountains", "castles", "harbours", "forests", "deserts", "glaciers", "islands"]
+
+
+@pytest.fixture(scope="module")
+def http(llama_pair):
+    app = build_test_app(app_args(llama_pair), ENGINE)
+    with local_serve(app) as url, httpx.Client(base_url=url, timeout=120) as client:
+        yield client
+
+
+def _complete(http: httpx.Client, prompt: str) -> dict:
+    response = http.post("/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 8,
+                                                    "temperature": 0})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_each_conversations_next_turn_reuses_its_history_on_the_same_replica(http):
+    histories = {}
+    for topic in TOPICS:  # every conversation's first turn: distinct text from the first character
+        prompt = f"{topic}: a long conversation about {topic}, the {topic} of the north and of the south. " * 3
+        first = _complete(http, prompt)
+        assert first["usage"]["prompt_tokens"] >= 48
+        histories[topic] = prompt + first["choices"][0]["text"]
+    cached = {}
+    for topic, history in histories.items():
+        second = _complete(http, history + f" Tell me more about {topic}.")
+        cached[topic] = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert all(tokens >= 32 for tokens in cached.values()), cached  # >= 2 blocks of 16 reused, on every turn
+    assert wait_kv_free(http) == 0
