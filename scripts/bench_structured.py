@@ -58,28 +58,23 @@ TASKS = [
          "required": ["country", "capital"], "additionalProperties": False}}},
       "required": ["countries"], "additionalProperties": False}),
 ]
-STR = {"type": "string", "maxLength": 80}
+STR = {"type": "string", "maxLength": 60}
 # Extraction, the other everyday use of schemas: the values are in the prompt, so prompt lookup can draft them.
 EXTRACTION = [
     ("Extract the contact as JSON.\n\nHi team, please welcome Maria Gonzalez, our new account manager. She works "
      "from the Madrid office and can be reached at maria.gonzalez@example.com or +34 612 345 678.",
      {"type": "object", "properties": {"name": STR, "email": STR, "phone": STR, "city": STR},
       "required": ["name", "email", "phone", "city"], "additionalProperties": False}),
-    ("Extract the order as JSON.\n\nOrder A-10293 was placed on 2024-03-15 by John Smith: 2 Wireless Mouse at "
-     "24.99 dollars each and 1 USB-C Hub at 39.50 dollars. Ship to 42 Elm Street, Springfield.",
-     {"type": "object", "properties": {
-         "order_id": STR, "date": STR, "customer": STR, "address": STR,
-         "items": {"type": "array", "maxItems": 4, "items": {
-             "type": "object", "properties": {"product": STR, "quantity": {"type": "integer", "minimum": 1,
-                                                                           "maximum": 99},
-                                              "unit_price": {"type": "number", "minimum": 0, "maximum": 1000}},
-             "required": ["product", "quantity", "unit_price"], "additionalProperties": False}}},
-      "required": ["order_id", "date", "customer", "address", "items"], "additionalProperties": False}),
-    ("Turn this note into JSON.\n\nThe budget review with Sarah Lee and Tom Baker moves to Thursday at 3 pm in "
-     "Room 204; bring the Q3 spreadsheet.",
-     {"type": "object", "properties": {"meeting": STR, "attendees": {"type": "array", "items": STR, "maxItems": 4},
-                                       "day": STR, "time": STR, "room": STR, "bring": STR},
-      "required": ["meeting", "attendees", "day", "time", "room", "bring"], "additionalProperties": False}),
+    ("Extract the order as JSON.\n\nOrder A-10293 was placed on 2024-03-15 by John Smith for 2 Wireless Mouse at "
+     "24.99 dollars each.",
+     {"type": "object", "properties": {"order_id": STR, "date": STR, "customer": STR, "product": STR,
+                                       "quantity": {"type": "integer", "minimum": 1, "maximum": 99},
+                                       "unit_price": {"type": "number", "minimum": 0, "maximum": 1000}},
+      "required": ["order_id", "date", "customer", "product", "quantity", "unit_price"],
+      "additionalProperties": False}),
+    ("Extract the meeting as JSON.\n\nThe budget review moves to Thursday at 3 pm in Room 204.",
+     {"type": "object", "properties": {"meeting": NAME, "day": NAME, "time": NAME, "room": NAME},
+      "required": ["meeting", "day", "time", "room"], "additionalProperties": False}),
     ("Extract the book as JSON.\n\nThe Midnight Library by Matt Haig was published in 2020 by Canongate Books; "
      "it has 304 pages and is a work of fiction.",
      {"type": "object", "properties": {"title": STR, "author": STR, "year": {"type": "integer", "minimum": 1000,
