@@ -1,5 +1,5 @@
 """A real local Ray + Serve app for the security, reliability and fuzz tests, with deployment options
-(replicas, queue bounds) that `build_app` leaves to the YAML."""
+(replicas, queue bounds) that `build_app` leaves to the YAML (`build_test_app`: local.build_graph)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from typing import Any
 
 import httpx
 
-from helix_serve.serving.local import free_port, local_serve  # noqa: F401  (re-exported for the tests)
+from helix_serve.serving.local import build_graph as build_test_app  # noqa: F401  (re-exported for the tests)
+from helix_serve.serving.local import free_port, local_serve  # noqa: F401
 
 MODEL = "helix-test"
 PROMPT = "the quick brown fox"
@@ -21,20 +22,6 @@ def app_args(pair: tuple[Path, Path], **overrides: Any) -> dict[str, Any]:
     args = {"target_model": str(target), "draft_model": str(draft), "device": "cpu", "dtype": "float32",
             "num_kv_blocks": 128, "served_model_name": MODEL, "max_batch_prompts": 4}
     return {**args, **overrides}
-
-
-def build_test_app(args: dict[str, Any], engine_options: dict[str, Any] | None = None,
-                   ingress_options: dict[str, Any] | None = None):
-    """`build_app`'s graph (one pool), with Serve options applied to each deployment."""
-    from helix_serve.serving.app_config import DEFAULT_POOL, HelixAppArgs
-    from helix_serve.serving.engine_deployment import HelixEngine
-    from helix_serve.serving.ingress import HelixIngress
-
-    config = HelixAppArgs(**args)
-    engine = HelixEngine.options(name=DEFAULT_POOL, **(engine_options or {})).bind(args, DEFAULT_POOL)
-    return HelixIngress.options(**(ingress_options or {})).bind(
-        {DEFAULT_POOL: engine}, {DEFAULT_POOL: 1.0}, config.routing, config.served_model_name,
-        config.max_batch_prompts, config.security)
 
 
 def kv_used(http: httpx.Client, headers: dict[str, str] | None = None) -> int:

@@ -96,17 +96,21 @@ def test_the_router_ranks_the_replica_holding_the_prefix_first_unless_load_is_im
         assert _names(await router.choose_replicas([a, b], turn1)) == [{"a", "b"}]  # nothing known: least loaded
         router.on_request_routed(turn1, a.replica_id, None)
         turn2 = FakePending(chat("What is the capital of France?", "Paris.", "And of Spain?"))
-        assert _names(await router.choose_replicas([a, b], turn2)) == [{"a"}, {"b"}]
+        assert _names(await router.choose_replicas([a, b], turn2)) == [{"a"}]
         router.on_request_routed(turn2, a.replica_id, None)
         cache = router.replica_queue_len_cache
         cache.update(a.replica_id, 9)
         cache.update(b.replica_id, 1)  # 8 more on a than b, over the threshold of 4: load wins
         assert _names(await router.choose_replicas([a, b], turn2)) == [{"a", "b"}]
         cache.update(a.replica_id, 5)
-        assert _names(await router.choose_replicas([a, b], turn2)) == [{"a"}, {"b"}]
+        assert _names(await router.choose_replicas([a, b], turn2)) == [{"a"}]
         c = FakeReplica("c")  # a replica appears: it holds nothing yet
         router.update_replicas([a, b, c])
-        assert _names(await router.choose_replicas([a, b, c], turn2)) == [{"a"}, {"b", "c"}]
+        assert _names(await router.choose_replicas([a, b, c], turn2)) == [{"a"}]
+        cache.update(a.replica_id, 16)  # a is full (max_ongoing_requests): the least loaded of all instead
+        cache.update(b.replica_id, 14)
+        cache.update(c.replica_id, 13)
+        assert _names(await router.choose_replicas([a, b, c], turn2)) == [{"a", "b", "c"}]
         router.update_replicas([b, c])  # a leaves: what it held is forgotten, the next turn goes by load
         assert _names(await router.choose_replicas([b, c], turn2)) == [{"b", "c"}]
         assert _names(await router.choose_replicas([b], turn2)) == [{"b"}]

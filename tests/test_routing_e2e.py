@@ -6,6 +6,10 @@ history on the other replica half of the time; 8 conversations all hitting by ch
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import httpx
 import pytest
 
@@ -14,6 +18,7 @@ from tests.serve_harness import MODEL, app_args, build_test_app, local_serve, wa
 ROUTER = {"request_router_class": "helix_serve.serving.prefix_router.PrefixAffinityRouter",
           "request_router_kwargs": {"imbalance_threshold": 4}}
 ENGINE = {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.5}, "request_router_config": ROUTER}
+ROOT = Path(__file__).resolve().parents[1]
 TOPICS = ["rivers", "mountains", "castles", "harbours", "forests", "deserts", "glaciers", "islands"]
 
 
@@ -44,3 +49,24 @@ def test_each_conversations_next_turn_reuses_its_history_on_the_same_replica(htt
         cached[topic] = second["usage"]["prompt_tokens_details"]["cached_tokens"]
     assert all(tokens >= 32 for tokens in cached.values()), cached  # >= 2 blocks of 16 reused, on every turn
     assert wait_kv_free(http) == 0
+
+
+def test_the_routing_benchmark_chats_and_reports_against_a_real_server(http, tmp_path):
+    """bench_routing's client and report on this module's server (its full run serves three configurations)."""
+    spec = importlib.util.spec_from_file_location("bench_routing", ROOT / "scripts" / "bench_routing.py")
+    sys.path.insert(0, str(ROOT / "scripts"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.MODEL = MODEL
+    records: list[dict] = []
+    for opener in bench.OPENERS[:2]:
+        bench.conversation(http, opener, turns=2, max_tokens=4, out=records)
+    assert [r["turn"] for r in records] == [0, 1, 0, 1]
+    later = [r for r in records if r["turn"] == 1]
+    assert all(r["cached_tokens"] >= 16 and r["prompt_tokens"] > r["cached_tokens"] for r in later), records
+    summary = bench.summarize(records, seconds=1.0)
+    assert 0 < summary["hit_rate"] < 1 and 0 < summary["ttft_p50_s"] <= summary["ttft_p99_s"]
+    results = dict.fromkeys(bench.CONFIGS, summary)
+    assert [g["met"] for g in bench.report(results)] == [True, False]  # same numbers: hit rate 1x, TTFT 1x
+    bench.plot(results, tmp_path / "routing.png")
+    assert (tmp_path / "routing.png").stat().st_size > 0

@@ -6,6 +6,7 @@ import os
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 
 def free_port() -> int:
@@ -15,8 +16,9 @@ def free_port() -> int:
 
 
 @contextmanager
-def local_serve(app, env: dict[str, str] | None = None, log_to_driver: bool = True) -> Iterator[str]:
-    """Start a new local cluster (never join another session's), serve `app`, yield its base URL."""
+def local_cluster(env: dict[str, str] | None = None, log_to_driver: bool = True) -> Iterator[str]:
+    """Start a new local cluster (never join another session's) with Serve on a free port; yield its base URL.
+    Apps are then served with `serve.run(app, name="helix", route_prefix="/")` (a later one replaces it)."""
     os.environ["RAY_AUTH_MODE"] = "disabled"
     os.environ.update(env or {})  # inherited by the raylet, so by every replica
     import ray
@@ -26,10 +28,33 @@ def local_serve(app, env: dict[str, str] | None = None, log_to_driver: bool = Tr
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=log_to_driver)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
-        serve.run(app, name="helix", route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
         ray.shutdown()
         for name in env or {}:
             os.environ.pop(name, None)
+
+
+@contextmanager
+def local_serve(app, env: dict[str, str] | None = None, log_to_driver: bool = True) -> Iterator[str]:
+    """A new local cluster serving `app`; yields its base URL."""
+    from ray import serve
+
+    with local_cluster(env, log_to_driver) as url:
+        serve.run(app, name="helix", route_prefix="/")
+        yield url
+
+
+def build_graph(args: dict[str, Any], engine_options: dict[str, Any] | None = None,
+                ingress_options: dict[str, Any] | None = None):
+    """`build_app`'s graph (one pool) with Serve options applied to each deployment, as a YAML would."""
+    from helix_serve.serving.app_config import DEFAULT_POOL, HelixAppArgs
+    from helix_serve.serving.engine_deployment import HelixEngine
+    from helix_serve.serving.ingress import HelixIngress
+
+    config = HelixAppArgs(**args)
+    engine = HelixEngine.options(name=DEFAULT_POOL, **(engine_options or {})).bind(args, DEFAULT_POOL)
+    return HelixIngress.options(**(ingress_options or {})).bind(
+        {DEFAULT_POOL: engine}, {DEFAULT_POOL: 1.0}, config.routing, config.served_model_name,
+        config.max_batch_prompts, config.security)

@@ -11,10 +11,10 @@ shorter text holds the blocks the longer one starts with. A block boundary in th
 what matters is only that a longer match means a longer shared prefix.
 
 `PrefixAffinityRouter` is a Ray Serve request router (the public `ray.serve.request_router` API, set with
-`request_router_config` in the YAML). Its first rank is the replicas holding the longest remembered prefix,
-its second the rest: Serve sends the request to the least loaded replica of the first rank that has room. When
-the replicas' queues differ by more than `imbalance_threshold` requests, or none holds any of the prefix, all
-replicas form one rank and the least loaded wins.
+`request_router_config` in the YAML). It offers Serve the replicas holding the longest remembered prefix, and
+Serve sends the request to the least loaded of them. When they are full, when the replicas' queues differ by more
+than `imbalance_threshold` requests, or when none holds any of the prefix, it offers every replica and the least
+loaded wins.
 """
 
 from __future__ import annotations
@@ -119,10 +119,11 @@ class PrefixAffinityRouter(FIFOMixin, RequestRouter):
         if not hashes or len(candidate_replicas) < 2 or self._imbalanced(candidate_replicas):
             return [candidate_replicas]
         ids = {r.replica_id.to_full_id_str(): r for r in candidate_replicas}
-        best = self.affinity.best(hashes, set(ids))
-        if not best:
-            return [candidate_replicas]
-        return [[ids[o] for o in best], [r for o, r in ids.items() if o not in best]]
+        best = [ids[o] for o in self.affinity.best(hashes, set(ids))]
+        room = [r for r in best if (self.replica_queue_len_cache.get(r.replica_id) or 0) < r.max_ongoing_requests]
+        # Only the holders: a holder slow to answer Serve's queue-length probe (busy stepping) is retried with a
+        # longer deadline rather than passed over for a replica without the prefix. Full holders yield to load.
+        return [room] if room else [candidate_replicas]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
         self.affinity.record(self._hashes(pending_request), replica_id.to_full_id_str())
