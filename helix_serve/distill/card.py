@@ -91,7 +91,7 @@ def write_eagle_card(out_dir: Path, facts: dict) -> None:
         f"An EAGLE-3-style head (`helix_serve/model/eagle_head.py`): `fc` fuses the target's residual streams "
         f"entering layers {facts['capture_layers']}; one Llama decoder layer whose attention reads "
         "[embedding of the next token (the target's own embedding), fused feature]; RMSNorm; an LM head over "
-        f"{len(json.loads((out_dir / 'eagle_vocab.json').read_text()))} target tokens "
+        f"{len(json.loads((out_dir / 'eagle_config.json').read_text())['vocab_ids'])} target tokens "
         f"({facts['sub_vocab_coverage']:.2%} of answer tokens; `vocab_ids` in `eagle_config.json`; other tokens get "
         f"q = 0, rejection sampling stays exact). {facts['head_params'] / 1e6:.1f}M parameters, "
         f"{facts['head_bytes'] / 1e6:.1f} MB in bf16.", "",
