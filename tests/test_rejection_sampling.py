@@ -2,7 +2,7 @@
 
 import torch
 
-from helix_serve.engine.rejection import rejection_sample
+from helix_serve.engine.rejection import greedy_verify, rejection_sample
 from helix_serve.engine.sampler import SamplingTensors, logits_to_probs, sample_from_probs
 from helix_serve.engine.sampling_params import SamplingParams
 
@@ -85,6 +85,23 @@ def test_greedy_rows_accept_only_the_target_argmax():
                               torch.rand(2, 1), torch.rand(2))
     assert result.num_accepted.tolist() == [1, 0]
     assert result.next_token_ids.tolist() == [1, 0]  # bonus = argmax; recovered = target argmax
+
+
+def test_greedy_verify_is_rejection_sampling_with_one_hot_distributions():
+    gen = torch.Generator().manual_seed(5)
+    vocab, rows, width = 4, 400, 3
+    target_ids = torch.randint(vocab, (rows, width + 1), generator=gen)
+    ks = torch.randint(width + 1, (rows,), generator=gen)
+    # drafts agree with the target often enough that every accepted length occurs
+    draft_ids = torch.where(torch.rand(rows, width, generator=gen) < 0.7, target_ids[:, :width],
+                            torch.randint(vocab, (rows, width), generator=gen))
+    one_hot = torch.nn.functional.one_hot
+    expected = rejection_sample(draft_ids, one_hot(draft_ids, vocab).float(), one_hot(target_ids, vocab).float(),
+                                ks, torch.full((rows, width), 0.5), torch.full((rows, width + 1), 0.5))
+    result = greedy_verify(draft_ids, target_ids, ks)
+    assert set(result.num_accepted.tolist()) == {0, 1, 2, 3}
+    assert torch.equal(result.num_accepted, expected.num_accepted)
+    assert torch.equal(result.next_token_ids, expected.next_token_ids)
 
 
 def test_judged_last_position_follows_target_distribution():
