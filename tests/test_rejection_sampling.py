@@ -3,7 +3,7 @@
 import torch
 
 from helix_serve.engine.rejection import greedy_verify, rejection_sample
-from helix_serve.engine.sampler import SamplingTensors, logits_to_probs, sample_from_probs
+from helix_serve.engine.sampler import SamplingTensors, argmax, logits_to_probs, sample_from_probs
 from helix_serve.engine.sampling_params import SamplingParams
 
 N = 200_000  # draws; the TV distance of an exact sampler over 8 outcomes is ~0.003 at this size
@@ -85,6 +85,14 @@ def test_greedy_rows_accept_only_the_target_argmax():
                               torch.rand(2, 1), torch.rand(2))
     assert result.num_accepted.tolist() == [1, 0]
     assert result.next_token_ids.tolist() == [1, 0]  # bonus = argmax; recovered = target argmax
+
+
+def test_argmax_is_torchs_first_maximum_in_every_layout():
+    gen = torch.Generator().manual_seed(0)
+    for rows in (1, 3, 7):
+        logits = torch.randint(0, 4, (rows, 300), generator=gen).float()  # ties everywhere
+        for layout in (logits, logits.t().contiguous().t(), torch.stack((logits, logits), -1)[..., 0]):
+            assert torch.equal(argmax(layout), logits.argmax(dim=-1))
 
 
 def test_greedy_verify_is_rejection_sampling_with_one_hot_distributions():

@@ -123,7 +123,7 @@ class Penalties:
 
     def apply(self, logits: torch.Tensor, seq_rows: torch.Tensor, earlier_ids: torch.Tensor,
               num_earlier: torch.Tensor) -> torch.Tensor:
-        """Adjusted logits at R positions of this step.
+        """The logits at R positions of this step, adjusted in place.
 
         Args:
             logits: [R, V] raw logits (fp32).
@@ -147,7 +147,7 @@ class Penalties:
         penalized = torch.where(values > 0, values / repetition, values * repetition)
         values = torch.where(present | self.prompt_seen[rows, ids], penalized, values)
         values = values - self.frequency[seq_rows][:, None] * counts - self.presence[seq_rows][:, None] * present
-        return logits.scatter(1, ids, values + self.bias[rows, ids])
+        return logits.scatter_(1, ids, values + self.bias[rows, ids])
 
 
 def _pad_rows(rows: list[torch.Tensor]) -> torch.Tensor:

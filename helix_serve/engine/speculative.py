@@ -38,7 +38,7 @@ from helix_serve.engine.logits_processors import Penalties, PenaltyRow
 from helix_serve.engine.logprobs import TokenLogprob, emitted_logprobs
 from helix_serve.engine.model_runner import ModelRunner
 from helix_serve.engine.rejection import RejectionResult, greedy_verify, rejection_sample
-from helix_serve.engine.sampler import (Purpose, SamplingTensors, logits_to_probs, position_uniform,
+from helix_serve.engine.sampler import (Purpose, SamplingTensors, argmax, logits_to_probs, position_uniform,
                                         sample_from_probs, sampling_row)
 from helix_serve.engine.sequence import Sequence
 from helix_serve.engine.step_cost import PassShape, PassTiming, StepTiming
@@ -135,8 +135,8 @@ class _StepInputs:
 
     def adjust(self, logits: torch.Tensor, seq_rows: torch.Tensor, earlier_ids: torch.Tensor,
                num_earlier: torch.Tensor) -> torch.Tensor:
-        """[R, V] logits at R positions → after penalties, bias and the grammar, each position's penalties
-        counting the drafts before it in this step (see Penalties.apply for the arguments)."""
+        """[R, V] logits at R positions → after penalties, bias and the grammar (in place where it can), each
+        position's penalties counting the drafts before it in this step (see Penalties.apply for the arguments)."""
         if self.penalties is not None:
             logits = self.penalties.apply(logits, seq_rows, earlier_ids, num_earlier)
         if self.grammar is not None:
@@ -165,6 +165,7 @@ class SpeculativeDecoder:
         # first step after a preemption) has not produced yet. Its seeded tokens stay exact, not K-independent.
         return self.draft is not None and not self.eagle and reproducible and seq.num_output_tokens > 0
 
+    @torch.inference_mode()  # the runners' logits are inference tensors, and the penalties adjust them in place
     def step(self, seqs: list[Sequence], drafts: list[Draft]) -> StepOutput:
         """Raises SequenceInputError (before running anything) if one sequence's inputs cannot be built."""
         ks = [d.k for d in drafts]
@@ -241,7 +242,7 @@ class SpeculativeDecoder:
             index = torch.tensor(rows, device=self.device)
             logits = inputs.adjust(logits, index, draft_ids[index, :j], torch.full((len(rows),), j))
             if draft_probs is None:
-                tokens = logits.argmax(dim=-1)
+                tokens = argmax(logits)
             else:
                 probs = inputs.probs(logits, index)
                 tokens = sample_from_probs(probs, inputs.draft_uniforms[index.cpu(), j])
@@ -327,8 +328,9 @@ class SpeculativeDecoder:
         rows = torch.repeat_interleave(torch.arange(len(seqs)), counts)
         first_rows = torch.cumsum(counts, 0) - counts
         cols = torch.arange(len(rows)) - first_rows[rows]
-        adjusted = inputs.adjust(logits, rows, draft_ids[rows.to(self.device)], cols)  # [Σ(K_i+1), V]
-        scored = adjusted.argmax(dim=-1) if inputs.greedy else inputs.probs(adjusted, rows)
+        raw = logits.clone() if any(s.params.logprobs is not None for s in seqs) else logits  # logprobs read it
+        adjusted = inputs.adjust(raw, rows, draft_ids[rows.to(self.device)], cols)  # [Σ(K_i+1), V]
+        scored = argmax(adjusted) if inputs.greedy else inputs.probs(adjusted, rows)
         padded = _padded(scored, rows.to(self.device), cols.to(self.device), len(seqs), max(ks) + 1)
         self._synchronize()
         timing.target = PassTiming(_shape(chunks, starts), forwarded - start)
