@@ -90,7 +90,7 @@ class Penalties:
     repetition: torch.Tensor  # [N]
     frequency: torch.Tensor  # [N]
     presence: torch.Tensor  # [N]
-    bias: torch.Tensor  # [N, V]
+    bias: torch.Tensor | None  # [N, V]; None when no row has a logit_bias
     prompt_seen: torch.Tensor  # [N, V] bool
     output_counts: torch.Tensor  # [N, V] tokens emitted before this step
     touched: torch.Tensor  # [N, S] each row's seen and biased token ids (padded by repeating one of them)
@@ -107,7 +107,7 @@ class Penalties:
         def settings(values: list[float]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.float32, device=device)
 
-        bias = torch.zeros(len(rows), vocab_size, device=device)
+        bias = torch.zeros(len(rows), vocab_size, device=device) if any(r.bias for r in rows) else None
         for i, row in enumerate(rows):
             if row.bias:
                 bias[i, torch.tensor(list(row.bias), device=device)] = settings(list(row.bias.values()))
@@ -147,7 +147,9 @@ class Penalties:
         penalized = torch.where(values > 0, values / repetition, values * repetition)
         values = torch.where(present | self.prompt_seen[rows, ids], penalized, values)
         values = values - self.frequency[seq_rows][:, None] * counts - self.presence[seq_rows][:, None] * present
-        return logits.scatter_(1, ids, values + self.bias[rows, ids])
+        if self.bias is not None:
+            values = values + self.bias[rows, ids]
+        return logits.scatter_(1, ids, values)
 
 
 def _pad_rows(rows: list[torch.Tensor]) -> torch.Tensor:
