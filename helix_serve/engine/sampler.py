@@ -111,7 +111,9 @@ def logits_to_probs(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     greedy = t.temperature == 0
     if bool(greedy.all()):  # the common greedy batch: skip the softmax entirely
         return _one_hot_argmax(logits)
-    scaled = logits / torch.where(greedy, 1.0, t.temperature)[:, None]
+    # Row-major first: the weight-major LM head's logits are a transposed view (paged_llm.linear), over which
+    # the row-wise sort, softmax and cumsum below run much slower.
+    scaled = logits.contiguous() / torch.where(greedy, 1.0, t.temperature)[:, None]
     if bool((t.min_p > 0).any()):
         scaled = _min_p(scaled, t.min_p)
     if bool((t.top_k > 0).any()) or bool((t.top_p < 1).any()):
