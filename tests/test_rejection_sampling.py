@@ -2,6 +2,7 @@
 
 import torch
 
+from helix_serve.engine import sampler
 from helix_serve.engine.rejection import greedy_verify, rejection_sample
 from helix_serve.engine.sampler import SamplingTensors, argmax, logits_to_probs, sample_from_probs
 from helix_serve.engine.sampling_params import SamplingParams
@@ -65,6 +66,18 @@ def test_top_k_top_p_applied_identically_to_draft_and_target():
     first = _first_token(result, draft_ids)
     assert _tv(first, p[0]) < TV_BOUND
     assert bool((p[0][first] > 0).all())  # never a token outside the target's top-k/top-p set
+
+
+def test_top_k_top_p_sorts_only_the_candidates_when_they_hold_every_kept_token(monkeypatch):
+    gen = torch.Generator().manual_seed(1)
+    vocab = 4 * sampler.TOP_CANDIDATES
+    logits = torch.randn(5, vocab, generator=gen) * torch.tensor([[0.2], [3.0], [3.0], [6.0], [6.0]])
+    top_k, top_p = torch.tensor([0, 0, 50, 2000, 0]), torch.tensor([0.9, 0.9, 0.95, 0.8, 0.5])
+    sorted_first = sampler._top_k_top_p(logits, top_k, top_p)  # row 0 is flat: its nucleus needs the full sort
+    monkeypatch.setattr(sampler, "TOP_CANDIDATES", vocab)
+    assert torch.equal(sorted_first, sampler._top_k_top_p(logits, top_k, top_p))
+    assert torch.equal(sampler._top_k_top_p(logits[1:], top_k[1:], top_p[1:]), sorted_first[1:])
+    assert 0 < int(torch.isfinite(sorted_first[1:]).sum(-1).max()) <= sampler.TOP_CANDIDATES
 
 
 def test_identical_draft_and_target_accepts_everything():
