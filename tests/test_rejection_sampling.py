@@ -2,8 +2,9 @@
 
 import torch
 
-from helix_serve.engine.rejection import rejection_sample
-from helix_serve.engine.sampler import SamplingTensors, logits_to_probs, sample_from_probs
+from helix_serve.engine import sampler
+from helix_serve.engine.rejection import greedy_verify, rejection_sample
+from helix_serve.engine.sampler import SamplingTensors, argmax, logits_to_probs, sample_from_probs
 from helix_serve.engine.sampling_params import SamplingParams
 
 N = 200_000  # draws; the TV distance of an exact sampler over 8 outcomes is ~0.003 at this size
@@ -67,6 +68,18 @@ def test_top_k_top_p_applied_identically_to_draft_and_target():
     assert bool((p[0][first] > 0).all())  # never a token outside the target's top-k/top-p set
 
 
+def test_top_k_top_p_sorts_only_the_candidates_when_they_hold_every_kept_token(monkeypatch):
+    gen = torch.Generator().manual_seed(1)
+    vocab = 4 * sampler.TOP_CANDIDATES
+    logits = torch.randn(5, vocab, generator=gen) * torch.tensor([[0.2], [3.0], [3.0], [6.0], [6.0]])
+    top_k, top_p = torch.tensor([0, 0, 50, 2000, 0]), torch.tensor([0.9, 0.9, 0.95, 0.8, 0.5])
+    sorted_first = sampler._top_k_top_p(logits, top_k, top_p)  # row 0 is flat: its nucleus needs the full sort
+    monkeypatch.setattr(sampler, "TOP_CANDIDATES", vocab)
+    assert torch.equal(sorted_first, sampler._top_k_top_p(logits, top_k, top_p))
+    assert torch.equal(sampler._top_k_top_p(logits[1:], top_k[1:], top_p[1:]), sorted_first[1:])
+    assert 0 < int(torch.isfinite(sorted_first[1:]).sum(-1).max()) <= sampler.TOP_CANDIDATES
+
+
 def test_identical_draft_and_target_accepts_everything():
     gen = torch.Generator().manual_seed(3)
     p = torch.softmax(torch.randn(8, generator=gen), 0)
@@ -85,6 +98,31 @@ def test_greedy_rows_accept_only_the_target_argmax():
                               torch.rand(2, 1), torch.rand(2))
     assert result.num_accepted.tolist() == [1, 0]
     assert result.next_token_ids.tolist() == [1, 0]  # bonus = argmax; recovered = target argmax
+
+
+def test_argmax_is_torchs_first_maximum_in_every_layout():
+    gen = torch.Generator().manual_seed(0)
+    for rows in (1, 3, 7):
+        logits = torch.randint(0, 4, (rows, 300), generator=gen).float()  # ties everywhere
+        for layout in (logits, logits.t().contiguous().t(), torch.stack((logits, logits), -1)[..., 0]):
+            assert torch.equal(argmax(layout), logits.argmax(dim=-1))
+
+
+def test_greedy_verify_is_rejection_sampling_with_one_hot_distributions():
+    gen = torch.Generator().manual_seed(5)
+    vocab, rows, width = 4, 400, 3
+    target_ids = torch.randint(vocab, (rows, width + 1), generator=gen)
+    ks = torch.randint(width + 1, (rows,), generator=gen)
+    # drafts agree with the target often enough that every accepted length occurs
+    draft_ids = torch.where(torch.rand(rows, width, generator=gen) < 0.7, target_ids[:, :width],
+                            torch.randint(vocab, (rows, width), generator=gen))
+    one_hot = torch.nn.functional.one_hot
+    expected = rejection_sample(draft_ids, one_hot(draft_ids, vocab).float(), one_hot(target_ids, vocab).float(),
+                                ks, torch.full((rows, width), 0.5), torch.full((rows, width + 1), 0.5))
+    result = greedy_verify(draft_ids, target_ids, ks)
+    assert set(result.num_accepted.tolist()) == {0, 1, 2, 3}
+    assert torch.equal(result.num_accepted, expected.num_accepted)
+    assert torch.equal(result.next_token_ids, expected.next_token_ids)
 
 
 def test_judged_last_position_follows_target_distribution():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from helix_serve.model.attention import AttentionMetadata
@@ -43,6 +45,6 @@ class ModelRunner:
         input_ids = torch.tensor([t for c in chunks for t in c], dtype=torch.long, device=self.device)
         hidden, features = self.model.forward_with_features(self.vocab_map.inputs(input_ids), meta, self.kv_cache,
                                                             capture_layers)  # [T, hidden]
-        ends = torch.tensor(query_lens).cumsum(0)
-        index = torch.cat([torch.arange(int(e) - n, int(e)) for e, n in zip(ends, num_logits)])
-        return self.vocab_map.logits(self.model.compute_logits(hidden[index.to(self.device)])), features
+        ends = itertools.accumulate(query_lens)
+        index = torch.tensor([i for e, n in zip(ends, num_logits) for i in range(e - n, e)], device=self.device)
+        return self.vocab_map.logits(self.model.compute_logits(hidden[index])), features

@@ -116,6 +116,8 @@ class Planner:
     # ---- choosing ------------------------------------------------------------------------------
 
     def plan(self, options: list[Options], costs: StepCostModel) -> list[Choice]:
+        if not any(o.draft or o.ngram_tokens or o.forced_tokens or o.judged for o in options):
+            return [Choice(None, 0)] * len(options)  # plain decoding only: nothing to choose, no one to probe
         choices: list[Choice | None] = [self._forced(o) for o in options]
         free = [options[i] for i, c in enumerate(choices) if c is None]
         shape = _StepShape.of(options, choices, self, costs)

@@ -75,3 +75,21 @@ def rejection_sample(
     drawn = sample_from_probs(torch.where(rejected[:, None], residual, p_next), final_uniforms[rows, num_accepted])
     last_proposal = draft_token_ids[rows, num_accepted.clamp(max=width - 1)]
     return RejectionResult(num_accepted, torch.where(judged & ~rejected, last_proposal, drawn))
+
+
+def greedy_verify(draft_token_ids: torch.Tensor, target_token_ids: torch.Tensor,
+                  num_draft_tokens: torch.Tensor) -> RejectionResult:
+    """`rejection_sample` for greedy rows, whose p and q are one-hot on argmaxes: a draft passes iff it is
+    the target's argmax (p(x)/q(x) is 1 or 0), and the token after the accepted prefix is the target's
+    argmax there (the residual of two different one-hots is p's). No row is judged: judged rows sample.
+
+    Args:
+        draft_token_ids: [N, D] proposals (entries past a row's own count are ignored).
+        target_token_ids: [N, K+1] the target's argmax at the K verified draft positions and the one after.
+        num_draft_tokens: [N] each row's own K.
+    """
+    width = draft_token_ids.shape[1]
+    in_range = torch.arange(width, device=draft_token_ids.device)[None, :] < num_draft_tokens[:, None]
+    passed = (draft_token_ids == target_token_ids[:, :width]) & in_range
+    num_accepted = passed.long().cumprod(dim=-1).sum(dim=-1)
+    return RejectionResult(num_accepted, target_token_ids.gather(1, num_accepted[:, None]).squeeze(1))

@@ -72,16 +72,33 @@ class SamplingTensors:
         return SamplingTensors(self.temperature[rows], self.top_k[rows], self.top_p[rows], self.min_p[rows])
 
 
+TOP_CANDIDATES = 1024  # the most likely tokens a top-k/top-p row sorts first (the whole vocabulary only if needed)
+
+
 def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Mask logits outside each row's top-k, then outside its top-p nucleus (the top token always stays)."""
+    """Mask logits outside each row's top-k, then outside its top-p nucleus (the top token always stays).
+
+    Sorting the whole vocabulary costs more than the rest of a sampled step, so only the TOP_CANDIDATES most
+    likely tokens are sorted (topk) when every row's kept tokens are sure to be among them: its top-k is, or
+    their probability reaches its top-p (a later token then has at least top_p before it). Else all are sorted.
+    """
     vocab = logits.shape[-1]
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    rank = torch.arange(vocab, device=logits.device)
     k = torch.where(top_k > 0, top_k, vocab).clamp(max=vocab)
+    width = min(vocab, TOP_CANDIDATES)
+    sorted_logits, order = logits.topk(width, dim=-1)  # descending
+    rank = torch.arange(width, device=logits.device)
     sorted_logits = sorted_logits.masked_fill(rank[None, :] >= k[:, None], float("-inf"))
-    probs = sorted_logits.softmax(dim=-1)
-    mass_before = probs.cumsum(dim=-1) - probs
-    sorted_logits = sorted_logits.masked_fill(mass_before >= top_p[:, None], float("-inf"))
+    # Each row's distribution over its whole top-k: the candidates' own when it is inside them, else the vocabulary's.
+    log_total = torch.where(k <= width, sorted_logits.logsumexp(dim=-1), logits.logsumexp(dim=-1))
+    probs = (sorted_logits - log_total[:, None]).exp()
+    mass = probs.cumsum(dim=-1)
+    if width < vocab and not bool(((k <= width) | ((k == vocab) & (mass[:, -1] >= top_p))).all()):
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        rank = torch.arange(vocab, device=logits.device)
+        sorted_logits = sorted_logits.masked_fill(rank[None, :] >= k[:, None], float("-inf"))
+        probs = sorted_logits.softmax(dim=-1)
+        mass = probs.cumsum(dim=-1)
+    sorted_logits = sorted_logits.masked_fill(mass - probs >= top_p[:, None], float("-inf"))
     return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
 
 
@@ -92,8 +109,18 @@ def _min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(log_probs < threshold, float("-inf"))
 
 
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """[N, V] → [N] each row's most likely token (the first one on ties, like torch.argmax). On the CPU this is
+    numpy's argmax: torch's CPU argmax is not vectorised and costs ~25x more over a 49k-token vocabulary."""
+    if logits.device.type != "cpu" or logits.dtype != torch.float32:
+        return logits.argmax(dim=-1)
+    if logits.t().is_contiguous():  # the weight-major LM head's transposed view (paged_llm.linear): no copy
+        return torch.from_numpy(logits.t().numpy().argmax(axis=0))
+    return torch.from_numpy(logits.contiguous().numpy().argmax(axis=-1))
+
+
 def _one_hot_argmax(logits: torch.Tensor) -> torch.Tensor:
-    return torch.zeros_like(logits).scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
+    return torch.zeros_like(logits).scatter_(-1, argmax(logits)[:, None], 1.0)
 
 
 def logits_to_probs(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
@@ -101,7 +128,9 @@ def logits_to_probs(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     greedy = t.temperature == 0
     if bool(greedy.all()):  # the common greedy batch: skip the softmax entirely
         return _one_hot_argmax(logits)
-    scaled = logits / torch.where(greedy, 1.0, t.temperature)[:, None]
+    # Row-major first: the weight-major LM head's logits are a transposed view (paged_llm.linear), over which
+    # the row-wise sort, softmax and cumsum below run much slower.
+    scaled = logits.contiguous() / torch.where(greedy, 1.0, t.temperature)[:, None]
     if bool((t.min_p > 0).any()):
         scaled = _min_p(scaled, t.min_p)
     if bool((t.top_k > 0).any()) or bool((t.top_p < 1).any()):

@@ -37,8 +37,8 @@ from helix_serve.engine.eagle_runner import EagleRunner
 from helix_serve.engine.logits_processors import Penalties, PenaltyRow
 from helix_serve.engine.logprobs import TokenLogprob, emitted_logprobs
 from helix_serve.engine.model_runner import ModelRunner
-from helix_serve.engine.rejection import rejection_sample
-from helix_serve.engine.sampler import (Purpose, SamplingTensors, logits_to_probs, position_uniform,
+from helix_serve.engine.rejection import RejectionResult, greedy_verify, rejection_sample
+from helix_serve.engine.sampler import (Purpose, SamplingTensors, argmax, logits_to_probs, position_uniform,
                                         sample_from_probs, sampling_row)
 from helix_serve.engine.sequence import Sequence
 from helix_serve.engine.step_cost import PassShape, PassTiming, StepTiming
@@ -116,6 +116,7 @@ class _StepInputs:
     draft_uniforms: torch.Tensor  # [N, D] with D = max proposals
     accept_uniforms: torch.Tensor  # [N, D]
     final_uniforms: torch.Tensor  # [N, K+1]
+    greedy: bool  # every row is greedy: tokens are argmaxes, no distributions needed (rejection.greedy_verify)
     grammar: StepMasks | None = None  # structured outputs: masks every position, draft and target alike
 
     @classmethod
@@ -129,16 +130,21 @@ class _StepInputs:
         judged = torch.tensor([r.num_proposals > k for r, k in zip(rows, ks)])
         sampling = SamplingTensors.from_rows([r.sampling for r in rows], device)
         penalties = Penalties.build([r.penalties for r in rows], vocab_size, device)
-        return cls(sampling, penalties, [r.num_proposals for r in rows], judged, draft, accept, final)
+        greedy = all(r.sampling[0] == 0.0 for r in rows)
+        return cls(sampling, penalties, [r.num_proposals for r in rows], judged, draft, accept, final, greedy)
 
-    def probs(self, logits: torch.Tensor, seq_rows: torch.Tensor, earlier_ids: torch.Tensor,
-              num_earlier: torch.Tensor) -> torch.Tensor:
-        """[R, V] logits at R positions → the distributions sampled from there, each position's penalties
-        counting the drafts before it in this step (see Penalties.apply for the arguments)."""
+    def adjust(self, logits: torch.Tensor, seq_rows: torch.Tensor, earlier_ids: torch.Tensor,
+               num_earlier: torch.Tensor) -> torch.Tensor:
+        """[R, V] logits at R positions → after penalties, bias and the grammar (in place where it can), each
+        position's penalties counting the drafts before it in this step (see Penalties.apply for the arguments)."""
         if self.penalties is not None:
             logits = self.penalties.apply(logits, seq_rows, earlier_ids, num_earlier)
         if self.grammar is not None:
             logits = self.grammar.apply(logits, seq_rows, earlier_ids, num_earlier)
+        return logits
+
+    def probs(self, logits: torch.Tensor, seq_rows: torch.Tensor) -> torch.Tensor:
+        """Adjusted [R, V] logits → the distributions sampled from there."""
         return logits_to_probs(logits, self.sampling.select(seq_rows))
 
 
@@ -159,6 +165,7 @@ class SpeculativeDecoder:
         # first step after a preemption) has not produced yet. Its seeded tokens stay exact, not K-independent.
         return self.draft is not None and not self.eagle and reproducible and seq.num_output_tokens > 0
 
+    @torch.inference_mode()  # the runners' logits are inference tensors, and the penalties adjust them in place
     def step(self, seqs: list[Sequence], drafts: list[Draft]) -> StepOutput:
         """Raises SequenceInputError (before running anything) if one sequence's inputs cannot be built."""
         ks = [d.k for d in drafts]
@@ -166,11 +173,8 @@ class SpeculativeDecoder:
         timing = StepTiming(drafted_tokens=sum(ks))
         draft_ids, draft_probs = self._propose(seqs, drafts, inputs, timing)
         draft_lists = draft_ids.tolist()
-        target_probs, target_logits, first_rows, features = self._score(seqs, ks, draft_ids, draft_lists, inputs,
-                                                                         timing)
-        k_tensor = torch.tensor(ks, device=self.device)
-        result = rejection_sample(draft_ids, draft_probs, target_probs, k_tensor, inputs.accept_uniforms,
-                                  inputs.final_uniforms, inputs.judged)
+        target, target_logits, first_rows, features = self._score(seqs, ks, draft_ids, draft_lists, inputs, timing)
+        result = self._judge(draft_ids, draft_probs, target, ks, inputs)
         num_accepted, next_ids = result.num_accepted.tolist(), result.next_token_ids.tolist()
         # KV counters change only once the whole step succeeded, so a failed step leaves them consistent.
         if self.eagle:
@@ -183,6 +187,16 @@ class SpeculativeDecoder:
         new_ids = [d[:a] + [t] for d, a, t in zip(draft_lists, num_accepted, next_ids)]
         logprobs = emitted_logprobs(target_logits, first_rows, new_ids, [s.params.logprobs for s in seqs])
         return StepOutput(new_ids, num_accepted, logprobs, timing)
+
+    def _judge(self, draft_ids: torch.Tensor, draft_probs: torch.Tensor | None, target: torch.Tensor,
+               ks: list[int], inputs: _StepInputs) -> RejectionResult:
+        """Rejection sampling; a greedy batch compares argmaxes (`target` holds the target's tokens, not
+        its distributions), which is what the same rule does with one-hot p and q."""
+        k_tensor = torch.tensor(ks, device=self.device)
+        if inputs.greedy:
+            return greedy_verify(draft_ids, target, k_tensor)
+        return rejection_sample(draft_ids, draft_probs, target, k_tensor, inputs.accept_uniforms,
+                                inputs.final_uniforms, inputs.judged)
 
     def _synchronize(self) -> None:
         if self.device.type == "cuda":  # step timings must cover the work, not its launch
@@ -200,17 +214,19 @@ class SpeculativeDecoder:
         return inputs
 
     def _propose(self, seqs: list[Sequence], drafts: list[Draft], inputs: _StepInputs,
-                 timing: StepTiming) -> tuple[torch.Tensor, torch.Tensor]:
+                 timing: StepTiming) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Each sequence's proposals: [N, D] ids and the [N, D, V] distributions they came from
-        (sampled from the draft model, or given and one-hot). Times each draft pass into `timing`."""
+        (sampled from the draft model, or given and one-hot; None for a greedy batch, whose proposals are
+        argmaxes). Times each draft pass into `timing`."""
         vocab, width = self.target.vocab_size, max(inputs.num_proposals)
         draft_ids = torch.zeros(len(seqs), width, dtype=torch.long, device=self.device)
-        draft_probs = torch.zeros(len(seqs), width, vocab, device=self.device)
+        draft_probs = None if inputs.greedy else torch.zeros(len(seqs), width, vocab, device=self.device)
         for i, draft in enumerate(drafts):
             if draft.tokens is not None and draft.k:
                 given = torch.tensor(draft.tokens[: draft.k], device=self.device)
                 draft_ids[i, : draft.k] = given
-                draft_probs[i, torch.arange(draft.k, device=self.device), given] = 1.0
+                if draft_probs is not None:
+                    draft_probs[i, torch.arange(draft.k, device=self.device), given] = 1.0
         counts = [d.num_proposals if d.by_model else 0 for d in drafts]
         previous: dict[int, int] = {}
         hidden: dict[int, torch.Tensor] = {}  # EAGLE: each row's last output feature
@@ -224,9 +240,14 @@ class SpeculativeDecoder:
             self._synchronize()
             forwarded = time.perf_counter()
             index = torch.tensor(rows, device=self.device)
-            probs = inputs.probs(logits, index, draft_ids[index, :j], torch.full((len(rows),), j))
-            tokens = sample_from_probs(probs, inputs.draft_uniforms[index.cpu(), j])
-            draft_ids[index, j], draft_probs[index, j] = tokens, probs
+            logits = inputs.adjust(logits, index, draft_ids[index, :j], torch.full((len(rows),), j))
+            if draft_probs is None:
+                tokens = argmax(logits)
+            else:
+                probs = inputs.probs(logits, index)
+                tokens = sample_from_probs(probs, inputs.draft_uniforms[index.cpu(), j])
+                draft_probs[index, j] = probs
+            draft_ids[index, j] = tokens
             previous = dict(zip(rows, tokens.tolist()))  # waits for the pass
             passes = timing.heads if self.eagle else timing.drafts
             passes.append(PassTiming(_shape(chunks, starts), forwarded - start))
@@ -289,8 +310,9 @@ class SpeculativeDecoder:
                inputs: _StepInputs, timing: StepTiming
                ) -> tuple[torch.Tensor, torch.Tensor, list[int], torch.Tensor | None]:
         """One target pass over the uncached tokens plus the drafts. Returns the [N, K+1, V] target
-        distributions, the raw [Σ(K_i+1), V] logits behind them, each sequence's first row there, and the
-        captured features of every token of the pass (with an EAGLE head; else None)."""
+        distributions (a greedy batch: the [N, K+1] argmax tokens), the raw [Σ(K_i+1), V] logits behind them,
+        each sequence's first row there, and the captured features of every token of the pass (with an EAGLE
+        head; else None)."""
         chunks = [s.token_ids[s.num_target_cached :] + d[:k] for s, d, k in zip(seqs, draft_lists, ks)]
         starts = [s.num_target_cached for s in seqs]
         counts = torch.tensor(ks) + 1
@@ -306,14 +328,24 @@ class SpeculativeDecoder:
         rows = torch.repeat_interleave(torch.arange(len(seqs)), counts)
         first_rows = torch.cumsum(counts, 0) - counts
         cols = torch.arange(len(rows)) - first_rows[rows]
-        probs = inputs.probs(logits, rows, draft_ids[rows.to(self.device)], cols)  # [Σ(K_i+1), V]
-        padded = probs.new_zeros(len(seqs), max(ks) + 1, probs.shape[-1])
-        padded[rows.to(self.device), cols.to(self.device)] = probs
+        raw = logits.clone() if any(s.params.logprobs is not None for s in seqs) else logits  # logprobs read it
+        adjusted = inputs.adjust(raw, rows, draft_ids[rows.to(self.device)], cols)  # [Σ(K_i+1), V]
+        scored = argmax(adjusted) if inputs.greedy else inputs.probs(adjusted, rows)
+        padded = _padded(scored, rows.to(self.device), cols.to(self.device), len(seqs), max(ks) + 1)
         self._synchronize()
         timing.target = PassTiming(_shape(chunks, starts), forwarded - start)
         timing.processing_s += time.perf_counter() - forwarded
         timing.processed_rows += len(rows)
         return padded, logits, first_rows.tolist(), features
+
+
+def _padded(values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, num_rows: int, width: int) -> torch.Tensor:
+    """Per-position values [Σ(K_i+1), ...] → [N, K+1, ...] (a view when every row has K+1 positions)."""
+    if len(values) == num_rows * width:
+        return values.view(num_rows, width, *values.shape[1:])
+    padded = values.new_zeros(num_rows, width, *values.shape[1:])
+    padded[rows, cols] = values
+    return padded
 
 
 def _shape(chunks: list[list[int]], starts: list[int]) -> PassShape:

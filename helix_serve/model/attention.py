@@ -46,19 +46,14 @@ class AttentionMetadata:
     ) -> AttentionMetadata:
         """Metadata for sequences whose last `query_lens[i]` of `context_lens[i]` tokens are new."""
         q_lens = torch.tensor(query_lens, dtype=torch.long)
-        ctx_lens = torch.tensor(context_lens, dtype=torch.long)
-        num_seqs, num_tokens = len(query_lens), int(q_lens.sum())
+        num_seqs, num_tokens, max_ctx = len(query_lens), sum(query_lens), max(context_lens)
         batch_idx = torch.repeat_interleave(torch.arange(num_seqs), q_lens)  # [T]
-        starts = torch.cumsum(q_lens, 0) - q_lens
-        offset = torch.arange(num_tokens) - starts[batch_idx]  # [T]
-        positions = (ctx_lens - q_lens)[batch_idx] + offset  # [T]
+        offset = torch.arange(num_tokens) - (torch.cumsum(q_lens, 0) - q_lens)[batch_idx]  # [T]
+        positions = torch.tensor([c - n for c, n in zip(context_lens, query_lens)])[batch_idx] + offset  # [T]
 
-        max_ctx = int(ctx_lens.max())
-        num_ctx_blocks = -(-max_ctx // block_size)
-        table = torch.zeros(num_seqs, num_ctx_blocks, dtype=torch.long)
-        for i, blocks in enumerate(block_tables):
-            used = blocks[:num_ctx_blocks]
-            table[i, : len(used)] = torch.tensor(used, dtype=torch.long)
+        num_ctx_blocks = -(-max_ctx // block_size)  # one tensor from padded rows: no per-row tensor ops
+        table = torch.tensor([blocks[:num_ctx_blocks] + [0] * (num_ctx_blocks - len(blocks)) for blocks in block_tables],
+                             dtype=torch.long)
         slots = table[batch_idx, positions // block_size] * block_size + positions % block_size
 
         # Each query sees keys at positions <= its own; padding query rows see key 0 only (never NaN).
