@@ -229,6 +229,8 @@ def plot(table: dict, path: Path) -> None:
         ratios = [rows[m]["tokens_per_s"] / rows["K=0"]["tokens_per_s"] for m in names]
         ax.bar([j + i * width for j in range(len(names))], ratios, width, label=f"batch {row}")
     ax.axhline(SPEED_GOAL, color="r", lw=0.8, ls="--", label=f"{SPEED_GOAL}x (goal, batch 1)")
+    top = max(rows[m]["tokens_per_s"] / rows["K=0"]["tokens_per_s"] for rows in table.values() for m in names)
+    ax.set_ylim(0, 1.1 * max(top, SPEED_GOAL))
     ax.set_xticks([j + width * (len(table) - 1) / 2 for j in range(len(names))], names)
     ax.set_ylabel("JSON-schema tokens/s ÷ K=0")
     ax.set_title("Structured outputs with speculation")

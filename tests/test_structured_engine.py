@@ -164,6 +164,18 @@ def _masked_target_strings(engine, prompt: str, constraint: Constraint, temperat
     return result
 
 
+def _assert_follows(outputs: list, expected: dict[str, float]) -> None:
+    """Chi-square test of the output texts' counts against their exact probabilities (p > 1e-3)."""
+    counts = {text: 0 for text in expected}
+    for out in outputs:
+        counts[out.text] += 1
+    observed = torch.tensor([counts[t] for t in expected], dtype=torch.float64)
+    wanted = len(outputs) * torch.tensor(list(expected.values()), dtype=torch.float64)
+    chi2 = float(((observed - wanted) ** 2 / wanted).sum())
+    p_value = float(torch.special.gammaincc(torch.tensor((len(expected) - 1) / 2), torch.tensor(chi2 / 2)))
+    assert p_value > 1e-3, (counts, expected)
+
+
 def test_sampled_constrained_output_follows_the_masked_target(llama_pair):
     """Chi-square of 1,200 speculative samples (draft model and prompt lookup, K = 3) against the exact
     distribution of masked target-only sampling, enumerated over every token path."""
@@ -174,15 +186,8 @@ def test_sampled_constrained_output_follows_the_masked_target(llama_pair):
     n = 1200
     outputs = engine.generate([prompt] * n, SamplingParams(max_tokens=8, temperature=temperature,
                                                            structured=constraint))
-    counts = {text: 0 for text in expected}
-    for out in outputs:
-        counts[out.text] += 1
     assert sum(o.stats["num_drafted"] for o in outputs) > n  # speculation really ran
-    observed = torch.tensor([counts[t] for t in expected], dtype=torch.float64)
-    wanted = n * torch.tensor(list(expected.values()), dtype=torch.float64)
-    chi2 = float(((observed - wanted) ** 2 / wanted).sum())
-    p_value = float(torch.special.gammaincc(torch.tensor((len(expected) - 1) / 2), torch.tensor(chi2 / 2)))
-    assert p_value > 1e-3, (counts, expected)
+    _assert_follows(outputs, expected)
 
 
 def test_grammar_forced_tokens_are_drafted_free_and_exact(engine):
@@ -213,12 +218,5 @@ def test_sampled_output_with_forced_tokens_follows_the_masked_target(llama_pair)
     n = 800
     outputs = engine.generate([prompt] * n, SamplingParams(max_tokens=12, temperature=temperature,
                                                            structured=constraint))
-    counts = {text: 0 for text in expected}
-    for out in outputs:
-        counts[out.text] += 1
     assert sum(o.stats["by_proposer"].get("grammar", {}).get("num_drafted", 0) for o in outputs) >= n
-    observed = torch.tensor([counts[t] for t in expected], dtype=torch.float64)
-    wanted = n * torch.tensor(list(expected.values()), dtype=torch.float64)
-    chi2 = float(((observed - wanted) ** 2 / wanted).sum())
-    p_value = float(torch.special.gammaincc(torch.tensor((len(expected) - 1) / 2), torch.tensor(chi2 / 2)))
-    assert p_value > 1e-3, (counts, expected)
+    _assert_follows(outputs, expected)
