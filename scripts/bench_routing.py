@@ -2,8 +2,8 @@
 behind Serve's default router (power of two choices), and with two behind Helix's prefix-aware router.
 
 Each configuration is served afresh on one local cluster (new replicas, empty prefix caches). Conversations run concurrently, each one turn after another: the
-next turn sends the whole history (system prompt, every user message and reply so far) plus a new question, so
-its prompt starts with the previous one's. The hit rate is the prompt tokens served from a prefix cache over all
+next turn sends the whole history (system prompt, a note about the conversation's topic, every question and reply
+so far) plus a new question, so its prompt starts with the previous one's. The hit rate is the prompt tokens served from a prefix cache over all
 prompt tokens of the later turns (`usage.prompt_tokens_details.cached_tokens`); TTFT is measured by the client on
 the stream (first content chunk), later turns only.
 
@@ -34,10 +34,20 @@ ROUTER = {"request_router_class": "helix_serve.serving.prefix_router.PrefixAffin
 CONFIGS = {"1 replica": (1, None), "2 replicas, default router": (2, None), "2 replicas, prefix router": (2, ROUTER)}
 SYSTEM = ("You are Helix, a concise assistant. Answer in two or three sentences, plainly, without lists, and say "
           "so when you do not know.")
-OPENERS = ["Tell me about the river Nile.", "How do bees make honey?", "What is a black hole?",
-           "Why is the sky blue?", "How does a bicycle stay upright?", "What causes the seasons?",
-           "How do vaccines work?", "What is the Pythagorean theorem?", "How are mountains formed?",
-           "What do octopuses eat?", "How does a compass work?", "Why do leaves change colour?"]
+TOPICS = ["the river Nile", "honey bees", "black holes", "the blue sky", "bicycles", "the seasons", "vaccines",
+          "the Pythagorean theorem", "mountains", "octopuses", "the compass", "autumn leaves"]
+NOTE = ["{t} has been studied for centuries by scientists, travellers and curious children alike.",
+        "Many books about {t} begin with a simple question and end with a long list of new ones.",
+        "A teacher once explained {t} to a class of forty pupils using only chalk and a map.",
+        "Museums often hold exhibitions on {t}, with models, drawings and old photographs.",
+        "The earliest written records that mention {t} are several thousand years old.",
+        "Today researchers use satellites, microscopes and computers to learn more about {t}.",
+        "Some of the most popular questions people ask about {t} have surprisingly simple answers.",
+        "Others remain open, and whole careers have been spent trying to settle them.",
+        "In many languages the word for {t} is also used in proverbs and children's songs.",
+        "This note was written to help a reader prepare for a short conversation about {t}."]
+# Each conversation opens on its own long note (a document to chat about), so its history is worth keeping.
+OPENERS = [" ".join(line.format(t=t) for line in NOTE) + f"\n\nUsing the note, tell me about {t}." for t in TOPICS]
 FOLLOW_UPS = ["Can you say more?", "Why is that?", "Give me an example.", "What else should I know?"]
 HIT_GOAL, TTFT_GOAL = 0.9, 0.6
 

@@ -1,9 +1,12 @@
 """The speculation planner on synthetic step-cost curves: which proposer, which K, and when none."""
 
+import json
+
 import pytest
 import torch
 
-from helix_serve.engine.planner import PRIORS, Choice, Options, Planner, Proposer, expected_speedup
+from helix_serve.config import DEFAULT_DRAFT
+from helix_serve.engine.planner import PRIORS, Choice, Options, Planner, Proposer, expected_speedup, measured_alpha
 from helix_serve.engine.sampling_params import SamplingParams
 from helix_serve.engine.sequence import Acceptance, Sequence
 from helix_serve.engine.step_cost import DraftWork, ForwardCost, PassShape, PassTiming, StepCostModel, StepTiming
@@ -259,3 +262,22 @@ def test_configured_ratios_go_to_the_head_when_one_is_loaded():
     assert model.draft is None and model.ratios == pytest.approx((0.05, 0.1))
     assert model.draft_seconds(DraftWork(2, 1, 3, 10, head=True)) == pytest.approx(0.1)
     assert model.draft_seconds(DraftWork(2, 1, 3, 10)) == 0.0  # no draft model's passes to pay for
+
+
+def test_the_model_proposers_prior_is_the_acceptance_measured_for_it(tmp_path):
+    """`helix distill` writes the engine-measured α beside a draft (top-level) or a head (per K): the planner
+    starts from it instead of the generic prior; without one (a hub id, a directory without it) nothing changes."""
+    draft, head = tmp_path / "draft", tmp_path / "head"
+    draft.mkdir()
+    head.mkdir()
+    (draft / "distill.json").write_text(json.dumps({"greedy": {"alpha": 0.21}, "t0.8": {"alpha": 0.18}}))
+    (head / "distill.json").write_text(json.dumps({"evaluation": {"greedy": {"1": {"alpha": 0.4},
+                                                                              "4": {"alpha": 0.35}}}}))
+    assert measured_alpha(str(draft)) == 0.21 and measured_alpha(str(head)) == 0.35
+    assert measured_alpha(str(tmp_path)) is None and measured_alpha("org/model") is None
+    assert measured_alpha(None) is None
+    planner = Planner(model=Proposer.DRAFT, model_prior=0.21)
+    assert planner.prior(Proposer.DRAFT) == pytest.approx(0.21)
+    assert planner.prior(Proposer.NGRAM) == pytest.approx(PRIORS[Proposer.NGRAM][0])
+    assert Planner().prior(Proposer.DRAFT) == pytest.approx(PRIORS[Proposer.DRAFT][0])
+    assert measured_alpha(DEFAULT_DRAFT) == pytest.approx(0.357, abs=0.01)  # the shipped draft's card

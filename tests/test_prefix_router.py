@@ -37,7 +37,8 @@ def test_a_conversations_next_turn_extends_its_prefix_hashes():
     first = prefix_hashes(prompt_text(chat("What is the capital of France?")))
     second = prefix_hashes(prompt_text(chat("What is the capital of France?", "Paris.", "And of Spain?")))
     assert len(first) >= 3 and second[: len(first) - 1] == first[: len(first) - 1]
-    assert prefix_hashes(prompt_text(chat("Something else entirely")))[:1] == first[:1]  # the shared system prompt
+    other = prefix_hashes(prompt_text(chat("Something else entirely")))
+    assert other[:4] == first[:4] and other[-1] not in first  # the shared system prompt, then its own text
     assert prefix_hashes("x" * (BLOCK_CHARS - 1)) == []  # no full block, nothing to route by
     assert prompt_text(EngineRequest("r", {}, prompt="plain")) == "plain"
 
@@ -58,6 +59,10 @@ def test_affinity_prefers_the_longest_fresh_prefix_and_forgets():
     affinity.record(long, "B")
     affinity.forget("B")
     assert affinity.best(long, {"A", "B"}) == set()
+    shared = PrefixAffinity(clock=clock)  # a remembered prefix under half the prompt does not count
+    shared.record(short, "A")
+    assert shared.best(prefix_hashes("a" * 200 + "b" * 200), {"A"}) == set()
+    assert shared.best(prefix_hashes("a" * 200 + "b" * 150), {"A"}) == {"A"}
     bounded = PrefixAffinity(max_entries=3, clock=clock)
     bounded.record(long, "A")  # 6 blocks: only the last 3 recorded are kept, so no chain from the start
     assert len(bounded._seen) == 3 and bounded.best(long, {"A"}) == set()

@@ -20,7 +20,7 @@ from helix_serve.engine.eagle_runner import EagleRunner
 from helix_serve.engine.logprobs import TokenLogprob
 from helix_serve.engine.model_runner import ModelRunner
 from helix_serve.engine.ngram_proposer import NgramProposer
-from helix_serve.engine.planner import Choice, Options, Planner, Proposer
+from helix_serve.engine.planner import Choice, Options, Planner, Proposer, measured_alpha
 from helix_serve.engine.sampler import sampling_row
 from helix_serve.engine.sampling_params import SamplingParams
 from helix_serve.engine.scheduler import Scheduler
@@ -112,7 +112,8 @@ class LLMEngine:
             raise ValueError(f"speculative_method {self.method!r} needs " +
                              ("a draft model" if self.method == "draft" else "an EAGLE head (eagle_head)"))
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.planner = Planner(config.k_max, config.max_num_batched_tokens, model=self.model_proposer)
+        self.planner = Planner(config.k_max, config.max_num_batched_tokens, model=self.model_proposer,
+                               model_prior=measured_alpha(config.eagle_head or config.draft_model))
         self.ngram = NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
         self.step_costs = self._step_costs()
         self.step_cost_log: deque[tuple[float, float]] = deque(maxlen=4096)  # (predicted, measured) seconds per step

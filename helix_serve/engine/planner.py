@@ -21,7 +21,9 @@ tokens per second wins. K = 0 everywhere is a candidate like the others, so spec
 when it does not pay, per sequence and per step, whatever the load.
 Acceptance. α is a decayed ratio of accepted to judged draft positions, per sequence and per proposer, pulled
 towards the engine-wide rate of that proposer while the sequence's own evidence is thin (a new request starts
-from what the proposer has been doing lately, not from a fixed guess). Prompt lookup is scored every step for
+from what the proposer has been doing lately, not from a fixed guess). Before any evidence the engine-wide rate
+of the model proposer is what `helix distill` measured for that draft or head with this engine (its
+`distill.json`), else a generic prior. Prompt lookup is scored every step for
 free ("shadow"): its proposals are compared with the tokens the step emitted, which are exact samples of the
 target, so a match is a token it would have had accepted. A model proposer can only be scored by running it:
 a sequence that has not used it for `probe_interval` steps gets K = 1 from it — when the probe budget allows.
@@ -33,7 +35,9 @@ is expensive, probes become rare; at batch 1 they are cheap and frequent).
 from __future__ import annotations
 
 import enum
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -53,6 +57,18 @@ PRIORS = {Proposer.DRAFT: (0.5, 4.0), Proposer.EAGLE: (0.5, 4.0), Proposer.NGRAM
           Proposer.GRAMMAR: (1.0, 4.0)}
 SEQUENCE_PRIOR_WEIGHT = 4.0  # ...and a sequence's own α starts at the engine-wide rate, with this weight
 POPULATION_DECAY = 0.995  # per judged step of any sequence: the engine-wide rate follows the recent requests
+
+
+def measured_alpha(model_dir: str | None) -> float | None:
+    """The greedy α `helix distill` measured with Helix's engine for a draft model or an EAGLE head (the
+    `distill.json` beside its weights; a head's at K = 4), or None when there is none (a hub id, a file)."""
+    path = Path(model_dir) / "distill.json" if model_dir else None
+    if path is None or not path.is_file():
+        return None
+    facts = json.loads(path.read_text())
+    greedy = facts.get("greedy") or (facts.get("evaluation") or {}).get("greedy") or {}
+    alpha = greedy.get("alpha", greedy.get("4", {}).get("alpha"))
+    return None if alpha is None else float(alpha)
 
 
 def expected_speedup(alpha: float, k: int, cost_ratio: float, verify_ratio: float = 0.0) -> float:
@@ -100,12 +116,15 @@ class Planner:
     probe_interval: int = 16
     probe_share: float = 0.01  # of predicted step time, spent on probing the model proposer at most
     model: Proposer = Proposer.DRAFT  # the engine's model-based proposer: the draft model or the EAGLE head
+    model_prior: float | None = None  # its measured α (measured_alpha), the engine-wide rate's starting point
     population: dict[Proposer, Acceptance] = field(default_factory=_population)
     probe_budget_s: float = 0.0
 
     def prior(self, proposer: Proposer) -> float:
         """The engine-wide acceptance rate of a proposer (recent sequences, pulled towards PRIORS)."""
         alpha, weight = PRIORS[proposer]
+        if proposer is self.model and self.model_prior is not None:
+            alpha = self.model_prior
         state = self.population[proposer]
         return (state.accepted + alpha * weight) / (state.judged + weight)
 

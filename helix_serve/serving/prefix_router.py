@@ -3,7 +3,9 @@ prefix cache holds that prefix serves it (a conversation's next turn reuses the 
 
 `PrefixAffinity` is the memory: chained hashes of the prompt text's leading blocks of `block_chars` characters →
 the owner (an engine replica; for the ingress, an engine pool) last sent a request with that prefix, and when.
-Knowledge older than `ttl_s` is ignored, and past `max_entries` hashes the oldest are forgotten.
+Knowledge older than `ttl_s` is ignored, and past `max_entries` hashes the oldest are forgotten. A prefix counts
+only when it is at least `min_share` of the prompt: a system prompt shared by every conversation would otherwise
+send each new conversation to whichever replica served that prompt last.
 
 Text, not tokens: the ingress never loads the engine stack (no tokenizer). A conversation's next turn renders to
 the same text prefix, so the same token prefix under the engine's chat template: the replica that served the
@@ -27,9 +29,10 @@ from typing import Any
 
 from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
-BLOCK_CHARS = 64
+BLOCK_CHARS = 16  # small: a conversation's own text starts a block of its own early
 TTL_S = 600.0
 MAX_ENTRIES = 200_000
+MIN_SHARE = 0.5  # affinity only where the remembered prefix is at least this share of the prompt
 
 
 def prompt_text(request: Any) -> str | None:
@@ -61,8 +64,9 @@ class PrefixAffinity:
     """Which owner each remembered prefix went to last. Plain data, no Ray: the replica router and the
     ingress's pool choice both use it."""
 
-    def __init__(self, ttl_s: float = TTL_S, max_entries: int = MAX_ENTRIES, clock=time.monotonic):
-        self.ttl_s, self.max_entries, self._clock = ttl_s, max_entries, clock
+    def __init__(self, ttl_s: float = TTL_S, max_entries: int = MAX_ENTRIES, min_share: float = MIN_SHARE,
+                 clock=time.monotonic):
+        self.ttl_s, self.max_entries, self.min_share, self._clock = ttl_s, max_entries, min_share, clock
         self._seen: OrderedDict[bytes, _Seen] = OrderedDict()
 
     def record(self, hashes: list[bytes], owner: str) -> None:
@@ -85,10 +89,13 @@ class PrefixAffinity:
         return found
 
     def best(self, hashes: list[bytes], owners: set[str]) -> set[str]:
-        """The owners holding the longest remembered prefix (empty when none holds any)."""
+        """The owners holding the longest remembered prefix, if it is at least `min_share` of the prompt (else
+        empty: a shared system prompt alone must not herd every new conversation onto one owner)."""
         found = self.matches(hashes, owners)
         longest = max(found.values(), default=0)
-        return {o for o, depth in found.items() if depth == longest} if longest else set()
+        if not longest or longest < self.min_share * len(hashes):
+            return set()
+        return {o for o, depth in found.items() if depth == longest}
 
     def forget(self, owner: str) -> None:
         for h in [h for h, seen in self._seen.items() if seen.owner == owner]:
@@ -99,9 +106,9 @@ class PrefixAffinityRouter(FIFOMixin, RequestRouter):
     """Ray Serve request router for the engine deployments (module docstring)."""
 
     def initialize_state(self, imbalance_threshold: int = 4, block_chars: int = BLOCK_CHARS, ttl_s: float = TTL_S,
-                         max_entries: int = MAX_ENTRIES) -> None:
+                         max_entries: int = MAX_ENTRIES, min_share: float = MIN_SHARE) -> None:
         self.imbalance_threshold, self.block_chars = imbalance_threshold, block_chars
-        self.affinity = PrefixAffinity(ttl_s, max_entries)
+        self.affinity = PrefixAffinity(ttl_s, max_entries, min_share)
 
     def _hashes(self, pending_request: PendingRequest | None) -> list[bytes]:
         args = pending_request.args if pending_request is not None else ()
