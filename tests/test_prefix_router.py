@@ -63,6 +63,9 @@ def test_affinity_prefers_the_longest_fresh_prefix_and_forgets():
     shared.record(short, "A")
     assert shared.best(prefix_hashes("a" * 200 + "b" * 200), {"A"}) == set()
     assert shared.best(prefix_hashes("a" * 200 + "b" * 150), {"A"}) == {"A"}
+    few_words = prefix_hashes("the quick brown fox 1")  # one block in common: nothing worth following
+    shared.record(few_words, "A")
+    assert shared.best(prefix_hashes("the quick brown fox 2"), {"A"}) == set()
     bounded = PrefixAffinity(max_entries=3, clock=clock)
     bounded.record(long, "A")  # 6 blocks: only the last 3 recorded are kept, so no chain from the start
     assert len(bounded._seen) == 3 and bounded.best(long, {"A"}) == set()

@@ -4,8 +4,9 @@ prefix cache holds that prefix serves it (a conversation's next turn reuses the 
 `PrefixAffinity` is the memory: chained hashes of the prompt text's leading blocks of `block_chars` characters →
 the owner (an engine replica; for the ingress, an engine pool) last sent a request with that prefix, and when.
 Knowledge older than `ttl_s` is ignored, and past `max_entries` hashes the oldest are forgotten. A prefix counts
-only when it is at least `min_share` of the prompt: a system prompt shared by every conversation would otherwise
-send each new conversation to whichever replica served that prompt last.
+only when it is at least `min_share` of the prompt and `min_blocks` long: a system prompt shared by every
+conversation would otherwise send each new conversation to whichever replica served that prompt last, and
+prompts that share a few words (less than a KV block) have nothing to reuse.
 
 Text, not tokens: the ingress never loads the engine stack (no tokenizer). A conversation's next turn renders to
 the same text prefix, so the same token prefix under the engine's chat template: the replica that served the
@@ -32,7 +33,8 @@ from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, Reque
 BLOCK_CHARS = 16  # small: a conversation's own text starts a block of its own early
 TTL_S = 600.0
 MAX_ENTRIES = 200_000
-MIN_SHARE = 0.5  # affinity only where the remembered prefix is at least this share of the prompt
+MIN_SHARE = 0.5  # affinity only where the remembered prefix is at least this share of the prompt...
+MIN_BLOCKS = 4  # ...and at least 64 characters, about one 16-token KV block: shorter has nothing to reuse
 
 
 def prompt_text(request: Any) -> str | None:
@@ -65,8 +67,9 @@ class PrefixAffinity:
     ingress's pool choice both use it."""
 
     def __init__(self, ttl_s: float = TTL_S, max_entries: int = MAX_ENTRIES, min_share: float = MIN_SHARE,
-                 clock=time.monotonic):
-        self.ttl_s, self.max_entries, self.min_share, self._clock = ttl_s, max_entries, min_share, clock
+                 min_blocks: int = MIN_BLOCKS, clock=time.monotonic):
+        self.ttl_s, self.max_entries, self._clock = ttl_s, max_entries, clock
+        self.min_share, self.min_blocks = min_share, min_blocks
         self._seen: OrderedDict[bytes, _Seen] = OrderedDict()
 
     def record(self, hashes: list[bytes], owner: str) -> None:
@@ -89,11 +92,12 @@ class PrefixAffinity:
         return found
 
     def best(self, hashes: list[bytes], owners: set[str]) -> set[str]:
-        """The owners holding the longest remembered prefix, if it is at least `min_share` of the prompt (else
-        empty: a shared system prompt alone must not herd every new conversation onto one owner)."""
+        """The owners holding the longest remembered prefix, if it is at least `min_share` of the prompt and
+        `min_blocks` long (else empty: a shared system prompt alone must not herd every new conversation onto one
+        owner, and prompts that share a few words have nothing to reuse)."""
         found = self.matches(hashes, owners)
         longest = max(found.values(), default=0)
-        if not longest or longest < self.min_share * len(hashes):
+        if longest < max(self.min_blocks, self.min_share * len(hashes)):
             return set()
         return {o for o, depth in found.items() if depth == longest}
 
