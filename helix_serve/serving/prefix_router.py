@@ -34,7 +34,7 @@ BLOCK_CHARS = 16  # small: a conversation's own text starts a block of its own e
 TTL_S = 600.0
 MAX_ENTRIES = 200_000
 MIN_SHARE = 0.5  # affinity only where the remembered prefix is at least this share of the prompt...
-MIN_BLOCKS = 4  # ...and at least 64 characters, about one 16-token KV block: shorter has nothing to reuse
+MIN_MATCH_CHARS = 64  # ...and at least this long, about one 16-token KV block: shorter has nothing to reuse
 
 
 def prompt_text(request: Any) -> str | None:
@@ -67,7 +67,7 @@ class PrefixAffinity:
     ingress's pool choice both use it."""
 
     def __init__(self, ttl_s: float = TTL_S, max_entries: int = MAX_ENTRIES, min_share: float = MIN_SHARE,
-                 min_blocks: int = MIN_BLOCKS, clock=time.monotonic):
+                 min_blocks: int = MIN_MATCH_CHARS // BLOCK_CHARS, clock=time.monotonic):
         self.ttl_s, self.max_entries, self._clock = ttl_s, max_entries, clock
         self.min_share, self.min_blocks = min_share, min_blocks
         self._seen: OrderedDict[bytes, _Seen] = OrderedDict()
@@ -112,7 +112,7 @@ class PrefixAffinityRouter(FIFOMixin, RequestRouter):
     def initialize_state(self, imbalance_threshold: int = 4, block_chars: int = BLOCK_CHARS, ttl_s: float = TTL_S,
                          max_entries: int = MAX_ENTRIES, min_share: float = MIN_SHARE) -> None:
         self.imbalance_threshold, self.block_chars = imbalance_threshold, block_chars
-        self.affinity = PrefixAffinity(ttl_s, max_entries, min_share)
+        self.affinity = PrefixAffinity(ttl_s, max_entries, min_share, max(1, MIN_MATCH_CHARS // block_chars))
 
     def _hashes(self, pending_request: PendingRequest | None) -> list[bytes]:
         args = pending_request.args if pending_request is not None else ()
