@@ -18,6 +18,14 @@ TOY_TARGET = str(PRETRAINED_DIR / "helix-target")
 TOY_DRAFT = str(PRETRAINED_DIR / "helix-draft")
 
 
+def shipped(name: str | None) -> str | None:
+    """A model shipped in helix_serve/pretrained named by its directory (`smollm2-eagle`, `smollm2-draft`,
+    `helix-target`), so a YAML need not know where the package is installed; any other name as given."""
+    if name is None or Path(name).exists() or not (PRETRAINED_DIR / name).is_dir():
+        return name
+    return str(PRETRAINED_DIR / name)
+
+
 @dataclass(slots=True)
 class EngineConfig:
     """Everything the engine needs to start. `draft_model=None` runs plain decoding only."""
@@ -49,6 +57,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True  # reuse the K/V of full prompt blocks seen before (prefix_cache.py)
 
     def __post_init__(self) -> None:
+        self.target_model, self.draft_model = shipped(self.target_model), shipped(self.draft_model)
+        self.eagle_head = shipped(self.eagle_head)
         if self.eagle_head is not None and self.draft_model is not None:
             raise ValueError("set draft_model or eagle_head, not both (one model-based proposer per engine)")
         if self.block_size < 1 or self.num_kv_blocks < 1:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import statistics
 import time
 from pathlib import Path
@@ -37,6 +38,15 @@ PROMPTS = [
     "PORTIA:\nThe quality of mercy is not strain'd",
     "Enter a Messenger.\n\nMessenger:\n",
 ]
+
+
+def cpu_name() -> str:
+    """The CPU's model name, to print beside every figure (the machines here differ: Zen 3 or Zen 4)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    for line in cpuinfo.read_text().splitlines() if cpuinfo.exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def add_pair_args(parser, quantization: bool = True) -> None:

@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from bench_common import save_figure, subplots
+from bench_common import cpu_name, save_figure, subplots
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import helix_serve.model.paged_llm as paged_llm
@@ -137,14 +136,6 @@ def summarize(times: dict[int, list[tuple[float, float]]], first: int) -> dict:
     return row
 
 
-def cpu_model() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    for line in cpuinfo.read_text().splitlines() if cpuinfo.exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokenizer", default="smollm2-135m-instruct")
@@ -174,7 +165,7 @@ def main() -> None:
 
 def report(args, rows: dict) -> None:
     baseline = json.loads(Path(args.baseline).read_text()) if args.baseline else None
-    result = {"label": args.label, "args": vars(args), "cpu": cpu_model(), "torch": torch.__version__, "rows": rows}
+    result = {"label": args.label, "args": vars(args), "cpu": cpu_name(), "torch": torch.__version__, "rows": rows}
     print(f"\n{args.label or 'run'}: batch {args.batch}, {torch.get_num_threads()} threads, {result['cpu']}")
     print("step ms (ratio to the first history); attention ms; step - attention ms (ratio)")
     print(f"{'method':20} " + " ".join(f"{h:>31}" for h in args.histories))

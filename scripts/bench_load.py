@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from bench_common import add_pair_args, save_figure, subplots
+from bench_common import add_pair_args, cpu_name, save_figure, subplots
 from bench_planner import CHAT, GROUNDED
 from tqdm import tqdm
 
@@ -32,13 +31,6 @@ from helix_serve.engine.sampling_params import SamplingParams
 METHODS = {"K=0": {"speculative": False}, "draft": {"speculative_method": "draft"},
            "ngram": {"speculative_method": "ngram"}, "hybrid": {"speculative_method": "hybrid"}}
 GOAL = 0.97
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def run(engine: LLMEngine, prompts: list[list[int]], max_tokens: int, overrides: dict) -> dict:

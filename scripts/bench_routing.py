@@ -21,8 +21,7 @@ import time
 from pathlib import Path
 
 import httpx
-from bench_common import save_figure, subplots
-from bench_load import cpu_name
+from bench_common import cpu_name, save_figure, subplots
 from ray import serve
 
 from helix_serve.config import DEFAULT_DRAFT, DEFAULT_TARGET

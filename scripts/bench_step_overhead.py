@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 from bench_common import save_figure, subplots
-from bench_load import cpu_name
+from bench_common import cpu_name
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from helix_serve.config import EngineConfig

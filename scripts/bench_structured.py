@@ -24,7 +24,7 @@ from pathlib import Path
 import jsonschema
 import torch
 from bench_common import add_pair_args, save_figure, subplots
-from bench_load import cpu_name
+from bench_common import cpu_name
 from tqdm import tqdm
 
 from helix_serve.config import EngineConfig

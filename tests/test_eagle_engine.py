@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from helix_serve.engine.sampling_params import SamplingParams
 from tests.helpers import PROMPTS, make_engine
@@ -85,3 +86,42 @@ def test_the_heads_passes_are_calibrated_and_refreshed_as_its_own_curve(llama_pa
     [out] = engine.generate(["the quick brown"], SamplingParams(max_tokens=12, ignore_eos=True,
                                                                 num_speculative_tokens=2))
     assert "eagle" in out.stats["by_proposer"] and costs.eagle.scale != before  # hybrid: the head and lookup
+
+
+def _head_keys(engine, prompt: list[int], params: SamplingParams):
+    """Run `prompt` until the head has caught up past it; its head K/V entries for the prompt's positions
+    (read through the sequence's block table), then finish it. Returns (keys, the finished output)."""
+    request_id = engine.add_request(prompt, params)
+    seq = engine.seqs[request_id]
+    outputs = []
+    while seq.num_draft_cached < len(prompt):
+        outputs += engine.step()
+    size, k = engine.config.block_size, engine.decoder.draft.kv_cache.k
+    keys = torch.stack([k[:, seq.block_table[t // size], t % size] for t in range(len(prompt) - 1)])
+    while engine.has_unfinished_requests():
+        outputs += engine.step()
+    return keys, next(o for o in outputs if o.request_id == request_id and o.finished)
+
+
+def test_prefix_cache_hits_reuse_only_the_heads_own_kv(llama_pair, eagle_dir):
+    """A prompt served from another one's cached blocks has the head K/V it would have computed on an empty
+    cache: reused only where the head wrote it and where it is this prompt's own (the head's entry at a block's
+    last position read the next block's first token, so a block is reused only when the next one matched too).
+    Its drafts and greedy output are then those of an empty cache, and the target's."""
+    engine = eagle_engine(llama_pair, eagle_dir)
+    ids = engine.tokenizer("paged attention reads keys and values through a block table and the quick brown fox "
+                           "jumps over").input_ids
+    common = ids[: len(ids) // 4 * 4]  # whole blocks of 4
+    first, second = common + ids[1:3], common + ids[3:5]  # the same blocks, then different next tokens
+    assert ids[1] != ids[3]
+    params = SamplingParams(max_tokens=16, ignore_eos=True, num_speculative_tokens=3)
+    fresh_keys, fresh = _head_keys(eagle_engine(llama_pair, eagle_dir), second, params)  # an empty cache
+    engine.generate([first], params)
+    hit_keys, hit = _head_keys(engine, second, params)
+    assert hit.stats["num_cached_tokens"] == len(common) - 4  # every matched block but the last
+    torch.testing.assert_close(hit_keys, fresh_keys)
+    counts = [o.stats["by_proposer"]["eagle"] for o in (hit, fresh)]
+    assert counts[0] == counts[1] and counts[0]["num_drafted"] > 0
+    [plain] = engine.generate([second], SamplingParams(max_tokens=16, ignore_eos=True, speculative=False))
+    assert hit.token_ids == plain.token_ids
+    assert engine.kv_usage()["used_blocks"] == 0

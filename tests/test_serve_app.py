@@ -1,4 +1,5 @@
-"""End to end over HTTP: a real local Ray cluster serving the Helix graph on the tiny random pair."""
+"""End to end over HTTP: a real local Ray cluster serving the Helix graph on the tiny random pair — and, as a
+second model of the same app, a tiny random Qwen2 target that the `model` field routes to."""
 
 from __future__ import annotations
 
@@ -15,13 +16,21 @@ import torch
 from helix_serve.config import EngineConfig
 from helix_serve.engine.llm_engine import LLMEngine
 from helix_serve.engine.sampling_params import SamplingParams
-from helix_serve.serving.app import build_app
-from tests.serve_harness import MODEL, PROMPT, app_args, local_serve
+from tests.serve_harness import MODEL, PROMPT, app_args, build_test_app, local_serve
+
+SECOND = "helix-test-qwen2"  # the app's second model: plain decoding on a tiny random Qwen2
 
 
 @pytest.fixture(scope="module")
-def base_url(llama_pair):
-    with local_serve(build_app(app_args(llama_pair))) as url:
+def base_url(llama_pair, qwen2_pair):
+    first = app_args(llama_pair)
+    max_batch_prompts = first.pop("max_batch_prompts")
+    assert first.pop("served_model_name") == MODEL
+    second = {"target_model": str(qwen2_pair[0]), "draft_model": None, "device": "cpu", "dtype": "float32",
+              "num_kv_blocks": 64}
+    args = {"models": {MODEL: first, SECOND: second}, "max_batch_prompts": max_batch_prompts}
+    # Half a core each: two engines and the ingress fit the 2-CPU cluster.
+    with local_serve(build_test_app(args, {"ray_actor_options": {"num_cpus": 0.5}})) as url:
         yield url
 
 
@@ -65,7 +74,9 @@ def test_ping_health_models_docs(http):
     assert health["model_loaded"] and health["device"] == "cpu" and health["has_draft"]
     assert health["proposers"] == ["draft", "ngram", "grammar"] and health["eagle_head"] is None
     assert health["kv_cache"]["num_blocks"] == 128
-    assert http.get("/v1/models").json()["data"][0]["id"] == MODEL
+    assert [m["id"] for m in http.get("/v1/models").json()["data"]] == [MODEL, SECOND]
+    assert health["served_model_name"] == MODEL and set(health["models"]) == {MODEL, SECOND}
+    assert health["models"][SECOND]["proposers"] == ["ngram", "grammar"]
     assert http.get("/docs").status_code == 200
     assert "/generate/stream" in http.get("/openapi.json").json()["paths"]
 
@@ -151,10 +162,37 @@ def test_openai_chat_completions(client):
     assert chunks[-1].usage.completion_tokens == chat.usage.completion_tokens
 
 
-def test_openai_unknown_model_is_404(client):
+def test_openai_unknown_model_is_404(client, http):
     with pytest.raises(openai.NotFoundError) as info:
         client.completions.create(model="gpt-nope", prompt=PROMPT, max_tokens=4)
     assert "gpt-nope" in info.value.body["message"]
+    response = http.post("/generate", json={"prompt": PROMPT, "model": "gpt-nope"})
+    assert response.status_code == 404 and SECOND in response.json()["detail"]
+
+
+@pytest.fixture(scope="module")
+def second_engine(qwen2_pair) -> Iterator[LLMEngine]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield LLMEngine(EngineConfig(str(qwen2_pair[0]), None, device="cpu", dtype="float32", num_kv_blocks=64))
+    torch.set_num_threads(threads)
+
+
+def test_the_model_field_routes_to_that_models_engine(http, client, local_engine, second_engine):
+    """Each route sends a request naming the second model to the second model's engine, and only there."""
+    (mine,) = second_engine.generate([PROMPT], SamplingParams(max_tokens=12, speculative=False))
+    (default,) = local_engine.generate([PROMPT], SamplingParams(max_tokens=12, speculative=False))
+    assert mine.token_ids != default.token_ids  # else this test could not tell the models apart
+    completion = client.completions.create(model=SECOND, prompt=PROMPT, max_tokens=12, temperature=0)
+    assert (completion.model, completion.choices[0].text) == (SECOND, mine.text)
+    chunks = list(client.completions.create(model=SECOND, prompt=PROMPT, max_tokens=12, temperature=0,
+                                            stream=True))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == mine.text and chunks[0].model == SECOND
+    native = http.post("/generate", json={"prompt": PROMPT, "max_tokens": 12, "model": SECOND}).json()
+    batch = http.post("/generate/batch", json={"prompts": [PROMPT], "max_tokens": 12, "model": SECOND}).json()
+    assert native["generated_text"] == batch["results"][0]["generated_text"] == mine.text
+    assert http.post("/generate", json={"prompt": PROMPT, "max_tokens": 12}).json()["generated_text"] == \
+        default.text  # no model: the first one
 
 
 @pytest.mark.parametrize(("route", "payload", "status", "needle"), [

@@ -27,7 +27,7 @@ def _deployment(path: Path, name: str) -> dict[str, Any]:
 
 def test_every_variant_is_checked():
     assert {p.name for p in CONFIGS} == {"serve_config.yaml", "cpu.yaml", "cuda.yaml", "directml.yaml",
-                                         "mixed-cluster.yaml"}
+                                         "mixed-cluster.yaml", "multi-model.yaml"}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -38,11 +38,11 @@ def test_config_is_a_valid_serve_deploy_config(path: Path):
     args = HelixAppArgs(**app.args)
     deployments = {d.name: d for d in app.deployments}
     # Serve refuses a YAML entry for a deployment the builder did not bind, so names must match the pools.
-    assert set(deployments) == {INGRESS_NAME, *args.engine_pools()}
-    for name in args.engine_pools():
-        engine = deployments[name]
+    assert set(deployments) == {INGRESS_NAME, *(d.name for d in args.engine_deployments())}
+    for d in args.engine_deployments():
+        engine = deployments[d.name]
         batching = BatchingConfig(**engine.user_config)
-        assert engine.max_ongoing_requests >= max(batching.max_batch_size, args.max_num_seqs)
+        assert engine.max_ongoing_requests >= max(batching.max_batch_size, d.model_args.max_num_seqs)
     assert deployments[INGRESS_NAME].ray_actor_options.num_cpus < 1  # fractional: fits 2-core machines
 
 
@@ -54,13 +54,14 @@ def test_ray_actor_options_are_valid_actor_options(path: Path):
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_builder_binds_one_engine_deployment_per_pool(path: Path):
+def test_builder_binds_one_engine_deployment_per_pool_of_each_model(path: Path):
     args = _app(path)["args"]
     ingress = build_app(args)._bound_deployment
-    engines = ingress.init_args[0]
+    engines = ingress.init_args[0]  # served model → {deployment name: bound engine}
     assert ingress.name == INGRESS_NAME
-    assert {name: app._bound_deployment.name for name, app in engines.items()} == \
-        {name: name for name in HelixAppArgs(**args).engine_pools()}
+    bound = {(model, name, app._bound_deployment.name) for model, pools in engines.items()
+             for name, app in pools.items()}
+    assert bound == {(d.model, d.name, d.name) for d in HelixAppArgs(**args).engine_deployments()}
 
 
 def test_single_pool_variants_keep_the_helix_engine_deployment():
@@ -112,3 +113,40 @@ def test_an_eagle_head_replaces_the_default_draft_model():
 def test_unknown_args_are_refused():
     with pytest.raises(ValueError, match="not_an_arg"):
         HelixAppArgs(not_an_arg=1)
+
+
+def test_the_multi_model_config_serves_the_draft_pair_and_the_eagle_pair_under_their_own_names():
+    args = HelixAppArgs(**_app(ROOT / "configs" / "multi-model.yaml")["args"])
+    deployments = {d.model: d for d in args.engine_deployments()}
+    assert list(deployments) == ["smollm2-135m-instruct", "smollm2-135m-instruct-eagle"]  # the first is the default
+    draft, eagle = deployments.values()
+    assert draft.model_args.engine_config().draft_model is not None and draft.model_args.eagle_head is None
+    assert eagle.model_args.engine_config().draft_model is None and eagle.model_args.eagle_head is not None
+    assert draft.model_args.target_model == eagle.model_args.target_model
+
+
+def test_models_each_get_their_own_pools_and_deployments():
+    args = HelixAppArgs(models={"org/model.v1": {"target_model": "a"},
+                                "small": {"target_model": "b", "pools": {"small_cpu": {"device": "cpu"}}}})
+    assert [(d.model, d.name) for d in args.engine_deployments()] == \
+        [("org/model.v1", "HelixEngine-org-model-v1"), ("small", "small_cpu")]
+    assert list(args.served_models()) == ["org/model.v1", "small"]
+    assert args.served_models()["small"].engine_config().target_model == "b"
+    one = HelixAppArgs(target_model="c", served_model_name="mine")
+    assert [(d.model, d.name, d.model_args.target_model) for d in one.engine_deployments()] == \
+        [("mine", DEFAULT_POOL, "c")]
+
+
+@pytest.mark.parametrize(("settings", "needle"), [
+    ({"models": {}}, "at least one model"),
+    ({"models": {"a": {}}, "target_model": "x"}, "target_model on each model"),
+    ({"models": {"a": {}}, "served_model_name": "x"}, "served_model_name on each model"),
+    ({"models": {"a": {"pools": {"p": {}}}, "b": {"pools": {"p": {}}}}}, "p used twice"),
+    ({"models": {"a": {"pools": {"HelixEngine-b": {}}}, "b": {}}}, "HelixEngine-b used twice"),
+    ({"models": {"a": {"served_model_name": "x"}}}, "served_model_name"),
+    ({"models": {"a b": {}}}, "pattern"),
+    ({"models": {"a": {"eagle_head": "h", "draft_model": "d"}}}, "not both"),
+])
+def test_bad_model_settings_are_refused(settings, needle):
+    with pytest.raises(ValueError, match=needle):
+        HelixAppArgs(**settings)

@@ -111,8 +111,12 @@ class BlockManager:
     """Grows, truncates and releases the block tables of sequences; reuses cached prefix blocks when
     `enable_prefix_caching` (`cache_key` names whatever else decides K/V content: the model pair, dtype)."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False, cache_key: str = ""):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False, cache_key: str = "",
+                 draft_needs_features: bool = False):
+        """draft_needs_features: the model proposer is an EAGLE head, whose K/V at a position is computed from the
+        target's feature there (cached_prefix)."""
         self.block_size = block_size
+        self.draft_needs_features = draft_needs_features
         self.allocator = BlockAllocator(num_blocks)
         self.prefix_cache = PrefixCache(self.allocator, block_size, cache_key) if enable_prefix_caching else None
 
@@ -137,7 +141,14 @@ class BlockManager:
 
     def cached_prefix(self, seq: Sequence) -> CachedPrefix:
         """The cached blocks a waiting sequence could start from (nothing is taken yet)."""
-        return self.prefix_cache.lookup(seq) if self.prefix_cache else NO_PREFIX
+        prefix = self.prefix_cache.lookup(seq) if self.prefix_cache else NO_PREFIX
+        if self.draft_needs_features and prefix.block_ids:
+            # An EAGLE head cannot catch up on a reused prefix (the target never computes its features there),
+            # so only blocks with the head's K/V written count; and the head's entry at a block's last position
+            # also read the next block's first token, so a block counts only if the next one matched too.
+            keep = min(prefix.num_draft_tokens // self.block_size, len(prefix.block_ids) - 1)
+            prefix = CachedPrefix(prefix.block_ids[:keep], keep * self.block_size, keep * self.block_size)
+        return prefix
 
     def first_missing_block(self, seq: Sequence, prefix: CachedPrefix) -> bytes | None:
         """What the sequence would prefill first that the prefix cache could have held (None: nothing, or
@@ -168,6 +179,8 @@ class BlockManager:
     def reuse_draft_blocks(self, seq: Sequence) -> None:
         """Count as drafted the blocks past `seq.num_draft_cached` whose draft K/V a sharer has written since
         `seq` was admitted: n samples of one prompt are admitted before the first one's draft catches up."""
+        if self.draft_needs_features:  # a head's entries need this sequence's own target features (cached_prefix)
+            return
         size, blocks, table = self.block_size, self.allocator.blocks, seq.block_table
         i = seq.num_draft_cached // size
         while (i + 1) * size <= seq.num_target_cached and blocks[table[i]].draft_written:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
@@ -14,6 +16,7 @@ INGRESS_NAME = "HelixIngress"
 DEFAULT_POOL = "HelixEngine"  # the one pool of a config without `pools`: pre-pool YAML files stay valid
 DEVICE_PATTERN = r"^(auto|directml|cuda|cpu|cuda:\d+)$"  # what helix_serve.device.resolve_device accepts
 PoolName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")]
+ModelName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$", max_length=128)]
 
 
 class PoolConfig(BaseModel):
@@ -38,8 +41,8 @@ class RoutingConfig(BaseModel):
     probe_interval_s: float = Field(5.0, gt=0)
 
 
-class HelixAppArgs(BaseModel):
-    """Everything `build_app` accepts; engine fields map one to one onto `EngineConfig`."""
+class ModelArgs(BaseModel):
+    """One served model: its pair, engine settings and pools. Engine fields map one to one onto `EngineConfig`."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -69,15 +72,11 @@ class HelixAppArgs(BaseModel):
     seed: int = 0
     enable_prefix_caching: bool = Field(True, description="reuse the K/V of prompt blocks seen before")
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads per engine replica")
-    served_model_name: str = Field("helix", min_length=1)
-    max_batch_prompts: int = Field(16, ge=1, description="most prompts one /generate/batch call may carry")
     pools: dict[PoolName, PoolConfig] | None = Field(None, description="engine pools by deployment name; "
                                                      f"none: one pool, {DEFAULT_POOL}, on `device`")
-    routing: RoutingConfig = Field(default_factory=RoutingConfig)
-    security: SecurityConfig = Field(default_factory=SecurityConfig, description="API keys and request limits")
 
     @model_validator(mode="after")
-    def _one_model_proposer(self) -> HelixAppArgs:
+    def _one_model_proposer(self) -> ModelArgs:
         """A head replaces the default draft model; naming both is a mistake (one model-based proposer)."""
         if self.eagle_head is not None and "draft_model" not in self.model_fields_set:
             self.draft_model = None
@@ -86,7 +85,7 @@ class HelixAppArgs(BaseModel):
         return self
 
     @model_validator(mode="after")
-    def _check_pools(self) -> HelixAppArgs:
+    def _check_pools(self) -> ModelArgs:
         if self.pools is None:
             return self
         if not self.pools:
@@ -97,9 +96,9 @@ class HelixAppArgs(BaseModel):
             raise ValueError(f"pools: {INGRESS_NAME!r} is the ingress deployment's name")
         return self
 
-    def engine_pools(self) -> dict[str, PoolConfig]:
+    def engine_pools(self, default_name: str = DEFAULT_POOL) -> dict[str, PoolConfig]:
         """The pools to bind, by deployment name."""
-        return self.pools or {DEFAULT_POOL: PoolConfig(device=self.device)}
+        return self.pools or {default_name: PoolConfig(device=self.device)}
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
@@ -113,6 +112,65 @@ class HelixAppArgs(BaseModel):
             draft_cost_ratio=self.draft_cost_ratio, verify_cost_ratio=self.verify_cost_ratio, seed=self.seed,
             enable_prefix_caching=self.enable_prefix_caching,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class EngineDeployment:
+    """One engine pool of one served model: a deployment of HelixEngine named `name`."""
+
+    name: str
+    model: str  # the served model name
+    model_args: ModelArgs
+    pool: PoolConfig
+
+
+class HelixAppArgs(ModelArgs):
+    """Everything `build_app` accepts: one model's fields at the top level, or several models under `models`."""
+
+    served_model_name: str = Field("helix", min_length=1)
+    models: dict[ModelName, ModelArgs] | None = Field(
+        None, description="served model name → its pair, engine settings and pools; the first is the default of "
+        "requests that name no model; none: the one model of the top-level fields, as `served_model_name`")
+    max_batch_prompts: int = Field(16, ge=1, description="most prompts one /generate/batch call may carry")
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    security: SecurityConfig = Field(default_factory=SecurityConfig, description="API keys and request limits")
+
+    @model_validator(mode="after")
+    def _check_models(self) -> HelixAppArgs:
+        if self.models is None:
+            return self
+        if not self.models:
+            raise ValueError("models: name at least one model (or leave `models` out to serve the top-level one)")
+        top_level = sorted((self.model_fields_set & set(ModelArgs.model_fields)) | ({"served_model_name"}
+                                                                                 & self.model_fields_set))
+        if top_level:
+            raise ValueError(f"with `models`, set {', '.join(top_level)} on each model (the keys of `models` are "
+                             "the served names), not at the top level")
+        names = [d.name for d in self.engine_deployments()]
+        clashes = sorted({n for n in names if names.count(n) > 1} | ({INGRESS_NAME} & set(names)))
+        if clashes:
+            raise ValueError(f"models: deployment name(s) {', '.join(clashes)} used twice; name each model's "
+                             "pools uniquely across the app")
+        return self
+
+    def served_models(self) -> dict[str, ModelArgs]:
+        """Every served model by name, the default one first."""
+        if self.models is not None:
+            return dict(self.models)
+        own = {name: getattr(self, name) for name in self.model_fields_set & set(ModelArgs.model_fields)}
+        return {self.served_model_name: ModelArgs(**own)}
+
+    def engine_deployments(self) -> list[EngineDeployment]:
+        """Each model's pools; a model of `models` without `pools` gets one pool named HelixEngine-<model>."""
+        several = self.models is not None
+        return [EngineDeployment(pool_name, model, args, pool)
+                for model, args in self.served_models().items()
+                for pool_name, pool in args.engine_pools(deployment_name(model) if several else DEFAULT_POOL).items()]
+
+
+def deployment_name(model: str) -> str:
+    """The default pool's deployment name for a served model (Serve names carry no '/' or '.')."""
+    return f"{DEFAULT_POOL}-{re.sub(r'[^A-Za-z0-9_-]', '-', model)}"
 
 
 class BatchingConfig(BaseModel):

@@ -1,7 +1,7 @@
 """The engine deployment: one LLMEngine per replica, fed by `@serve.batch`, driven by a StepLoop.
 
-The class is bound once per engine pool (`HelixEngine.options(name=pool)`); each replica picks its device
-from its pool's settings.
+The class is bound once per engine pool of each served model (`HelixEngine.options(name=pool)`); each replica
+loads its model's pair and picks its device from its pool's settings.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from helix_serve.config import EngineConfig
 from helix_serve.device import DeviceUnavailableError, resolve_device
 from helix_serve.engine.llm_engine import LLMEngine
 from helix_serve.model.loader import load_model_pair
-from helix_serve.serving.app_config import BatchingConfig, HelixAppArgs, PoolConfig
+from helix_serve.serving.app_config import BatchingConfig, ModelArgs, PoolConfig
 from helix_serve.serving.metrics import EngineMetrics
 from helix_serve.serving.protocol import EngineChunk, EngineRequest
 from helix_serve.serving.step_loop import DuplicateRequestError, StepLoop, StepSummary
@@ -74,11 +74,12 @@ def load_pair_for_pool(pool_name: str, pool: PoolConfig, placement: PoolDevice, 
     health_check_period_s=10,
 )
 class HelixEngine:
-    def __init__(self, args: dict[str, Any], pool_name: str):
-        self.args = HelixAppArgs(**args)
+    def __init__(self, model_args: dict[str, Any], pool_name: str, pool: dict[str, Any]):
+        """model_args: the served model's fields (ModelArgs), pool: its PoolConfig, both as given in the YAML."""
+        self.args = ModelArgs(**model_args)
         self.pool_name = pool_name
         torch.set_num_threads(self.args.torch_threads)
-        pool = self.args.engine_pools()[pool_name]
+        pool = PoolConfig(**pool)
         config = self.args.engine_config()
         pair, self.placement = load_pair_for_pool(pool_name, pool, select_device(pool_name, pool), config)
         engine = LLMEngine(config, pair)

@@ -80,32 +80,51 @@ def choice_requests(base: str, sampling: dict[str, Any], n: int, prompts: list[d
     return requests
 
 
+def summed_kv(infos) -> dict[str, int]:
+    """The KV gauges' view over every served model's pools."""
+    # NOTE: above the class: @serve.ingress captures the class and the globals its methods use when it is defined.
+    keys = ("used_blocks", "free_blocks", "cached_blocks")
+    return {key: sum(info["kv_cache"].get(key, 0) for info in infos) for key in keys}
+
+
 @serve.deployment(name="HelixIngress", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=256)
 @serve.ingress(app)
 class HelixIngress:
-    def __init__(self, engines: dict[str, DeploymentHandle], capacities: dict[str, float], routing: RoutingConfig,
-                 served_model_name: str, max_batch_prompts: int, security: SecurityConfig | None = None):
+    def __init__(self, engines: dict[str, dict[str, DeploymentHandle]], capacities: dict[str, float],
+                 routing: RoutingConfig, max_batch_prompts: int, security: SecurityConfig | None = None):
+        """engines: served model name → its pools' handles by deployment name (the first model is the default of
+        requests that name none); capacities: by deployment name."""
         GUARD.configure(security or SecurityConfig(), max_batch_prompts)
-        self.engine = EngineClient.for_pools(engines, capacities, routing, METRICS)
-        self.model_name = served_model_name
+        self.engines = {model: EngineClient.for_pools(pools, capacities, routing, METRICS)
+                        for model, pools in engines.items()}
+        self.default_model = next(iter(engines))
         self.max_batch_prompts = max_batch_prompts
         self.created = int(time.time())
+
+    def engine(self, model: str | None) -> EngineClient:
+        """The engine serving `model` (None: the default model); an unknown model is a 404."""
+        client = self.engines.get(model or self.default_model)
+        if client is None:
+            raise HTTPException(404, f"the model {model!r} does not exist; served: {', '.join(self.engines)}")
+        return client
 
     # ---- native routes --------------------------------------------------------------------------
 
     @app.post("/generate", response_model=GenerateResponse)
     async def generate(self, body: GenerateRequest, request: Request) -> GenerateResponse:
         engine_request = EngineRequest(request_id(request), body.sampling(), **body.engine_prompt())
-        return generate_response(await self.engine.generate(engine_request, "/generate"), body.logprobs is not None)
+        generation = await self.engine(body.model).generate(engine_request, "/generate")
+        return generate_response(generation, body.logprobs is not None)
 
     @app.post("/generate/batch", response_model=BatchGenerateResponse)
     async def generate_batch(self, body: BatchGenerateRequest, request: Request) -> BatchGenerateResponse:
         if len(body.prompts) > self.max_batch_prompts:
             raise HTTPException(413, f"{len(body.prompts)} prompts; at most {self.max_batch_prompts} per batch")
+        engine = self.engine(body.model)
         started = time.perf_counter()
         base = request_id(request)
         requests = [EngineRequest(f"{base}.{i}", body.sampling(), prompt=p) for i, p in enumerate(body.prompts)]
-        generations = await self._generate_all(requests, "/generate/batch")
+        generations = await self._generate_all(engine, requests, "/generate/batch")
         results = [generate_response(g, body.logprobs is not None) for g in generations]
         elapsed = time.perf_counter() - started
         total = sum(r.tokens_generated for r in results)
@@ -115,14 +134,15 @@ class HelixIngress:
     @app.post("/generate/stream")
     async def generate_stream(self, body: GenerateRequest, request: Request) -> EventSourceResponse:
         engine_request = EngineRequest(request_id(request), body.sampling(), **body.engine_prompt())
-        stream = await sse_streams.started(await self.engine.open(engine_request, "/generate/stream"))
+        stream = await sse_streams.started(await self.engine(body.model).open(engine_request, "/generate/stream"))
         return EventSourceResponse(sse_streams.native_events(stream))
 
-    async def _generate_all(self, requests: list[EngineRequest], route: str) -> list[Generation]:
+    @staticmethod
+    async def _generate_all(engine: EngineClient, requests: list[EngineRequest], route: str) -> list[Generation]:
         """Concurrently, so the engine's @serve.batch admits them together; one rejection cancels the rest."""
         async def one(index: int, engine_request: EngineRequest) -> Generation:
             try:
-                return await self.engine.generate(engine_request, route)
+                return await engine.generate(engine_request, route)
             except EngineRejectedError as exc:
                 if len(requests) == 1:
                     raise
@@ -139,50 +159,55 @@ class HelixIngress:
 
     @app.get("/v1/models")
     async def models(self) -> dict[str, Any]:
-        return openai_format.models_list(self.model_name, self.created)
+        return openai_format.models_list(list(self.engines), self.created)
 
     @app.post("/v1/completions")
     async def completions(self, body: CompletionRequest, request: Request) -> Any:
-        base, created = self._openai_request(body, request, len(body.prompts))
+        engine, base, created = self._openai_request(body, request, len(body.prompts))
         sampling = body.sampling(COMPLETIONS_DEFAULT_MAX_TOKENS)
         requests = choice_requests(base, sampling, body.n, [{"prompt": p} for p in body.prompts])
         response_id, logprobs = f"cmpl-{base}", body.logprobs is not None
         if body.stream:
-            streams = await self._open_all(requests, "/v1/completions")
-            shapes = openai_format.CompletionChunks(response_id, self.model_name, created, logprobs)
+            streams = await self._open_all(engine, requests, "/v1/completions")
+            shapes = openai_format.CompletionChunks(response_id, body.model, created, logprobs)
             return EventSourceResponse(sse_streams.openai_events(streams, body.n, shapes, body.include_usage))
-        generations = self._check_generations(await self._generate_all(requests, "/v1/completions"))
-        return openai_format.completion(response_id, self.model_name, created, generations, body.n, logprobs)
+        generations = self._check_generations(await self._generate_all(engine, requests, "/v1/completions"))
+        return openai_format.completion(response_id, body.model, created, generations, body.n, logprobs)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Any:
-        base, created = self._openai_request(body, request, 1)
+        engine, base, created = self._openai_request(body, request, 1)
         messages = {"messages": [m.engine_message() for m in body.messages],
                     "max_tokens_limit": GUARD.limits.max_tokens}
         requests = choice_requests(base, body.sampling(CHAT_DEFAULT_MAX_TOKENS), body.n, [messages])
         response_id = f"chatcmpl-{base}"
         if body.stream:
-            streams = await self._open_all(requests, "/v1/chat/completions")
+            streams = await self._open_all(engine, requests, "/v1/chat/completions")
             chunks = openai_format.ToolCallChunks if body.calls_tool else openai_format.ChatChunks
-            shapes = chunks(response_id, self.model_name, created, body.logprobs)
+            shapes = chunks(response_id, body.model, created, body.logprobs)
             return EventSourceResponse(sse_streams.openai_events(streams, body.n, shapes, body.include_usage))
-        generations = self._check_generations(await self._generate_all(requests, "/v1/chat/completions"))
-        return openai_format.chat_completion(response_id, self.model_name, created, generations, body.logprobs,
+        generations = self._check_generations(await self._generate_all(engine, requests, "/v1/chat/completions"))
+        return openai_format.chat_completion(response_id, body.model, created, generations, body.logprobs,
                                              body.calls_tool)
 
-    def _openai_request(self, body: OpenAISamplingFields, request: Request, num_prompts: int) -> tuple[str, int]:
-        """The request's id and creation time, once its model and number of generations are known to be fine."""
-        if body.model != self.model_name:
+    def _openai_request(self, body: OpenAISamplingFields, request: Request,
+                        num_prompts: int) -> tuple[EngineClient, str, int]:
+        """The engine of the request's model, its id and creation time, once its model and number of generations
+        are known to be fine."""
+        engine = self.engines.get(body.model)
+        if engine is None:
             raise OpenAIError(404, f"The model `{body.model}` does not exist.", "NotFoundError", "model")
         if num_prompts * body.n > self.max_batch_prompts:
             raise OpenAIError(400, f"{num_prompts} prompt(s) × n={body.n} generations; at most "
                                    f"{self.max_batch_prompts} per request", "invalid_request_error", "n")
-        return request_id(request), int(time.time())
+        return engine, request_id(request), int(time.time())
 
-    async def _open_all(self, requests: list[EngineRequest], route: str) -> list[sse_streams.StartedStream]:
+    @staticmethod
+    async def _open_all(engine: EngineClient, requests: list[EngineRequest],
+                        route: str) -> list[sse_streams.StartedStream]:
         """Every choice's stream, each past its first output; if one fails, the others are aborted."""
         async def one(engine_request: EngineRequest) -> sse_streams.StartedStream:
-            return await sse_streams.started(await self.engine.open(engine_request, route))
+            return await sse_streams.started(await engine.open(engine_request, route))
 
         results = await asyncio.gather(*(one(r) for r in requests), return_exceptions=True)
         failures = [r for r in results if isinstance(r, BaseException)]
@@ -202,13 +227,25 @@ class HelixIngress:
 
     @app.get("/health")
     async def health(self) -> dict[str, Any]:
-        """Asks the engine: model loaded, device, KV pool usage."""
-        try:
-            info = await asyncio.wait_for(self.engine.info(), timeout=10)
-        except Exception as exc:  # noqa: BLE001 - any failure to reach the engine means unhealthy
-            raise HTTPException(503, f"engine unavailable: {type(exc).__name__}: {exc}") from exc
-        METRICS.set_kv_usage(info["kv_cache"])
-        return {"status": "ok", "model_loaded": True, "served_model_name": self.model_name, **info}
+        """Asks every model's engine pools: model loaded, device, KV pool usage. The top level is the default
+        model's; with several models, `models` has each one's (a model none of whose pools answers is down)."""
+        answers = await asyncio.gather(*(asyncio.wait_for(e.info(), timeout=10) for e in self.engines.values()),
+                                       return_exceptions=True)
+        infos = dict(zip(self.engines, answers))
+        down = {m: a for m, a in infos.items() if isinstance(a, BaseException)}
+        if self.default_model in down:  # any failure to reach the default model's engine means unhealthy
+            exc = down[self.default_model]
+            raise HTTPException(503, f"engine unavailable: {type(exc).__name__}: {exc}")
+        live = {m: a for m, a in infos.items() if m not in down}
+        METRICS.set_kv_usage(summed_kv(live.values()))
+        health = {"status": "ok", "model_loaded": True, "served_model_name": self.default_model,
+                  **live[self.default_model]}
+        if len(self.engines) > 1:
+            health["models"] = {m: live.get(m) or {"status": "down", "error": f"{type(a).__name__}: {a}"}
+                                for m, a in infos.items()}
+            if down:
+                health["status"] = "degraded"
+        return health
 
     @app.get("/ping")
     async def ping(self) -> dict[str, str]:
@@ -217,7 +254,8 @@ class HelixIngress:
     @app.get("/metrics")
     async def metrics(self) -> Response:
         try:  # refresh the KV gauges; a busy or unreachable engine must not break scraping
-            METRICS.set_kv_usage((await asyncio.wait_for(self.engine.info(), timeout=2))["kv_cache"])
+            infos = await asyncio.gather(*(asyncio.wait_for(e.info(), timeout=2) for e in self.engines.values()))
+            METRICS.set_kv_usage(summed_kv(infos))
         except Exception:  # noqa: BLE001
             pass
         return Response(METRICS.render(), media_type=CONTENT_TYPE_LATEST)

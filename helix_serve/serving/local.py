@@ -48,13 +48,9 @@ def local_serve(app, env: dict[str, str] | None = None, log_to_driver: bool = Tr
 
 def build_graph(args: dict[str, Any], engine_options: dict[str, Any] | None = None,
                 ingress_options: dict[str, Any] | None = None):
-    """`build_app`'s graph (one pool) with Serve options applied to each deployment, as a YAML would."""
-    from helix_serve.serving.app_config import DEFAULT_POOL, HelixAppArgs
-    from helix_serve.serving.engine_deployment import HelixEngine
-    from helix_serve.serving.ingress import HelixIngress
+    """`build_app`'s graph with Serve options applied to every engine deployment and to the ingress, as a YAML
+    would."""
+    from helix_serve.serving.app import bind_graph
+    from helix_serve.serving.app_config import HelixAppArgs
 
-    config = HelixAppArgs(**args)
-    engine = HelixEngine.options(name=DEFAULT_POOL, **(engine_options or {})).bind(args, DEFAULT_POOL)
-    return HelixIngress.options(**(ingress_options or {})).bind(
-        {DEFAULT_POOL: engine}, {DEFAULT_POOL: 1.0}, config.routing, config.served_model_name,
-        config.max_batch_prompts, config.security)
+    return bind_graph(HelixAppArgs(**args), engine_options, ingress_options)

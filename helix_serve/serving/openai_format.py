@@ -28,8 +28,9 @@ def error_body(message: str, error_type: str, code: int, param: str | None = Non
     return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
 
 
-def models_list(model: str, created: int) -> dict[str, Any]:
-    return {"object": "list", "data": [{"id": model, "object": "model", "created": created, "owned_by": "helix"}]}
+def models_list(models: list[str], created: int) -> dict[str, Any]:
+    return {"object": "list",
+            "data": [{"id": model, "object": "model", "created": created, "owned_by": "helix"} for model in models]}
 
 
 def _usage_of(generations: list[Generation], n: int) -> dict[str, Any]:

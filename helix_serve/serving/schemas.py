@@ -103,8 +103,12 @@ class SamplingFields(StructuredFields, PenaltyFields):
         return {**self.model_dump(include=SAMPLING_FIELDS), **self.penalty_sampling(), "structured": self.constraint()}
 
 
+MODEL_HELP = "served model name (GET /v1/models lists them); none: the app's default model"
+
+
 class GenerateRequest(SamplingFields):
     prompt: str
+    model: str | None = Field(None, description=MODEL_HELP)
     chat: bool = Field(False, description="send `prompt` as one user message through the model's chat template")
 
     @field_validator("prompt")
@@ -119,6 +123,7 @@ class GenerateRequest(SamplingFields):
 
 class BatchGenerateRequest(SamplingFields):
     prompts: list[str] = Field(min_length=1)
+    model: str | None = Field(None, description=MODEL_HELP)
 
     @field_validator("prompts")
     @classmethod
