@@ -1,5 +1,7 @@
 """Serving under load: N concurrent SSE streams against the running Serve app, speculative vs not,
-plus KV memory (reserved vs live bytes, and a contiguous max-length cache for comparison).
+plus KV memory (reserved vs live bytes, and a contiguous max-length cache for comparison). When it starts the app
+itself it first runs the same batch-1 requests on the same engine settings in-process ("engine alone"), so the
+serving path's cost at batch 1 is printed as served ÷ engine alone.
 
 Loopback only, bounded: each concurrency level sends `--requests-per-stream` requests per stream.
 
@@ -139,9 +141,40 @@ def main() -> None:
                     "quantization": args.quantization}
         if args.target:
             app_args.update(target_model=args.target, draft_model=args.draft)
+        alone = engine_alone(app_args, args)
         with local_serve(build_app(app_args), log_to_driver=False) as url:
             rows = run_levels(url, args)
+        rows += alone
     report(rows, args)
+
+
+def engine_alone(app_args: dict, args) -> list[dict]:
+    """The concurrency-1 requests on an in-process engine with the app's settings: tokens/s per method."""
+    import gc
+
+    import torch
+
+    from helix_serve.engine.llm_engine import LLMEngine
+    from helix_serve.engine.sampling_params import SamplingParams
+    from helix_serve.serving.app_config import HelixAppArgs
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.engine_threads)
+    engine = LLMEngine(HelixAppArgs(**app_args).engine_config())
+    rows = []
+    for speculative in (True, False):
+        params = SamplingParams(max_tokens=args.max_tokens, speculative=speculative, ignore_eos=True)
+        engine.generate([PROMPTS[0]], params)  # warm-up, as the server's first request warms the replica
+        start, tokens = time.perf_counter(), 0
+        for i in range(args.requests_per_stream):
+            [out] = engine.generate([PROMPTS[i % len(PROMPTS)]], params)
+            tokens += len(out.token_ids)
+        rows.append({"concurrency": 1, "speculative": speculative, "engine_alone": True,
+                     "tokens_per_s": tokens / (time.perf_counter() - start)})
+    del engine
+    gc.collect()
+    torch.set_num_threads(threads)
+    return rows
 
 
 def run_levels(url: str, args) -> list[dict]:
@@ -153,6 +186,8 @@ def report(rows: list[dict], args) -> None:
     print(f"\nserving load, {args.max_tokens} tokens per request, {args.requests_per_stream} requests per stream")
     print(f"{'streams':>7} {'spec':>5} {'tok/s':>8} {'req/s':>6} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} "
           f"{'ITL p99':>8} {'KV waste':>8} {'KV paged/contig':>15}")
+    alone = {r["speculative"]: r["tokens_per_s"] for r in rows if r.get("engine_alone")}
+    rows = [r for r in rows if not r.get("engine_alone")]
     for r in rows:
         kv = r["kv"]
         ratio = (f"{kv['peak_reserved_bytes'] / kv['contiguous_bytes_at_peak']:.2f}"
@@ -162,9 +197,16 @@ def report(rows: list[dict], args) -> None:
         print(f"{r['concurrency']:7d} {str(r['speculative']):>5} {r['tokens_per_s']:8.1f} {r['requests_per_s']:6.2f} "
               f"{fmt(r['ttft_p50_ms']):>9} {fmt(r['ttft_p99_ms']):>9} {fmt(r['itl_p50_ms']):>8} "
               f"{fmt(r['itl_p99_ms']):>8} {waste:>8} {ratio:>15}")
+    served_vs_alone = {}
+    for spec, rate in alone.items():
+        served = next(r["tokens_per_s"] for r in rows if r["concurrency"] == 1 and r["speculative"] is spec)
+        served_vs_alone["speculative" if spec else "plain"] = served / rate
+        print(f"batch 1, {'speculative' if spec else 'plain'}: engine alone {rate:.1f} tok/s, served {served:.1f} "
+              f"tok/s: served ÷ engine alone {served / rate:.2f}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_serving.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+    (out / "bench_serving.json").write_text(json.dumps({"args": vars(args), "rows": rows, "engine_alone": alone,
+                                                         "served_vs_engine_alone": served_vs_alone}, indent=2))
     fig, (left, right) = subplots(1, 2, figsize=(11, 4))
     for spec, style in ((True, "o-"), (False, "s--")):
         sel = [r for r in rows if r["speculative"] is spec]
