@@ -125,3 +125,23 @@ def test_prefix_cache_hits_reuse_only_the_heads_own_kv(llama_pair, eagle_dir):
     [plain] = engine.generate([second], SamplingParams(max_tokens=16, ignore_eos=True, speculative=False))
     assert hit.token_ids == plain.token_ids
     assert engine.kv_usage()["used_blocks"] == 0
+
+
+def test_with_an_int4_target_the_head_drafts_in_int4_too(llama_pair, eagle_dir):
+    """Its passes then stream a quarter of the bytes (the cost ratio that decides whether it pays); its q is
+    whatever it computes, so sampling stays exact; its logits stay those of the head up to 4-bit rounding."""
+    from helix_serve.model.eagle_head import EagleHead
+    from helix_serve.model.int4 import Int4Linear, quantizable
+
+    engine = eagle_engine(llama_pair, eagle_dir, quantization="int4")
+    head = engine.decoder.draft.head
+    layers = [getattr(head, n) for n in ("fc", "qkv", "o", "gate_up", "down", "lm_head")]
+    assert all(isinstance(layer, Int4Linear) or not quantizable(layer) for layer in layers)
+    assert sum(isinstance(layer, Int4Linear) for layer in layers) == 5  # the tiny sub-vocabulary (150) is not
+    exact = EagleHead.load(eagle_dir, engine.pair.target.embed_tokens, head.dtype)
+    features = torch.randn(6, 3 * head.config.hidden_size, dtype=head.dtype)
+    cosine = torch.nn.functional.cosine_similarity(head.fuse(features).float(), exact.fuse(features).float())
+    assert cosine.min() > 0.99
+    outs = engine.generate(PROMPTS[:4], SamplingParams(max_tokens=16, ignore_eos=True, num_speculative_tokens=3))
+    assert all(len(o.token_ids) == 16 and o.stats["by_proposer"]["eagle"]["num_drafted"] > 0 for o in outs)
+    assert engine.kv_usage()["used_blocks"] == 0

@@ -155,6 +155,8 @@ class LLMEngine:
     def _eagle_runner(self, path: str, vocab: int) -> EagleRunner:
         target = self.pair.target
         head = EagleHead.load(path, target.embed_tokens, target.dtype)
+        if target.quantization == "int4":  # the head's passes in 4 bits too: their cost ratio c is what pays
+            head.quantize_int4()
         if head.config.target_vocab_size != vocab or max(head.config.capture_layers) > target.shape.num_layers:
             raise ValueError(f"{path}: this EAGLE head was made for another target")
         kv = KVCache.allocate(head.shape, self.config.num_kv_blocks, self.config.block_size, head.dtype, head.device)

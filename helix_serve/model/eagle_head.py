@@ -31,6 +31,7 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from helix_serve.model.attention import AttentionMetadata, paged_attention
+from helix_serve.model.int4 import Int4Linear, quantizable
 from helix_serve.model.paged_llm import KVCache, ModelShape, linear
 
 CONFIG_FILE = "eagle_config.json"
@@ -108,11 +109,12 @@ class EagleHead(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.fc.weight.dtype
+        """Its activations' dtype (a norm weight's: the projections may be 4-bit codes, quantize_int4)."""
+        return self.final_norm.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.fc.weight.device
+        return self.final_norm.device
 
     def init_from_target(self, target_lm_head: torch.Tensor, target_norm: torch.Tensor) -> None:
         """Start the LM head and final norm from the target's rows: the output feature then only has to
@@ -152,6 +154,14 @@ class EagleHead(nn.Module):
         q, k, v = self.qkv_rope(features, token_ids, meta.positions)
         out = paged_attention(q, k, v, kv.k[0], kv.v[0], meta, self.scale)
         return self.finish(features, out.flatten(-2))
+
+    def quantize_int4(self) -> None:
+        """Its projections and LM head as 4-bit weights (model/int4.py), as the target's run under `quantization:
+        int4`: a drafting pass then streams a quarter of the bytes. Its q is whatever this head computes, so
+        rejection sampling stays exact; only how often it is right may move."""
+        for name in ("fc", "qkv", "o", "gate_up", "down", "lm_head"):
+            if quantizable(layer := getattr(self, name)):
+                setattr(self, name, Int4Linear(layer))
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, H] → [N, V_sub] fp32 logits over the sub-vocabulary."""
