@@ -3,7 +3,9 @@ behind Serve's default router (power of two choices), and with two behind Helix'
 
 Each configuration is served afresh on one local cluster (new replicas, empty prefix caches). Conversations run concurrently, each one turn after another: the
 next turn sends the whole history (system prompt, a note about the conversation's topic, every question and reply
-so far) plus a new question, so its prompt starts with the previous one's. The hit rate is the prompt tokens served from a prefix cache over all
+so far) plus a new question, so its prompt starts with the previous one's. Between turns a user thinks (a seeded
+random pause, `--think-s` on average): without it, closed-loop clients hand a least-loaded router an affinity of
+its own (the replica that just finished your turn is the least loaded when your next one arrives). The hit rate is the prompt tokens served from a prefix cache over all
 prompt tokens of the later turns (`usage.prompt_tokens_details.cached_tokens`); TTFT is measured by the client on
 the stream (first content chunk), later turns only.
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import threading
 import time
@@ -51,9 +54,13 @@ FOLLOW_UPS = ["Can you say more?", "Why is that?", "Give me an example.", "What 
 HIT_GOAL, TTFT_GOAL = 0.9, 0.6
 
 
-def conversation(http: httpx.Client, opener: str, turns: int, max_tokens: int, out: list[dict]) -> None:
+def conversation(http: httpx.Client, opener: str, turns: int, max_tokens: int, think_s: float, seed: int,
+                 out: list[dict]) -> None:
     messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": opener}]
+    rng = random.Random(seed)
     for turn in range(turns):
+        if turn:
+            time.sleep(think_s * rng.uniform(0.25, 1.75))
         start, first, text, usage = time.perf_counter(), None, [], None
         body = {"model": MODEL, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
                 "stream_options": {"include_usage": True}}
@@ -78,7 +85,7 @@ def conversation(http: httpx.Client, opener: str, turns: int, max_tokens: int, o
 
 
 def run_config(url: str, args: dict, replicas: int, router: dict | None, conversations: int, turns: int,
-               max_tokens: int) -> dict:
+               max_tokens: int, think_s: float) -> dict:
     """Serve the configuration on the running cluster (fresh replicas: empty prefix caches) and chat with it."""
     engine = {"num_replicas": replicas, "ray_actor_options": {"num_cpus": 0.5}}
     if router:
@@ -89,7 +96,7 @@ def run_config(url: str, args: dict, replicas: int, router: dict | None, convers
     with httpx.Client(base_url=url, timeout=600) as http:
         http.post("/v1/completions", json={"model": MODEL, "prompt": "warm up", "max_tokens": 2})
         threads = [threading.Thread(target=conversation, args=(http, OPENERS[i % len(OPENERS)], turns, max_tokens,
-                                                                records)) for i in range(conversations)]
+                                                                think_s, i, records)) for i in range(conversations)]
         start = time.perf_counter()
         for thread in threads:
             thread.start()
@@ -151,17 +158,18 @@ def main() -> None:
     parser.add_argument("--conversations", type=int, default=8)
     parser.add_argument("--turns", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=48)
-    parser.add_argument("--quick", action="store_true", help="4 conversations x 2 turns, 8 tokens")
+    parser.add_argument("--think-s", type=float, default=3.0, help="a user's mean pause between turns")
+    parser.add_argument("--quick", action="store_true", help="4 conversations x 2 turns, 8 tokens, no pause")
     parser.add_argument("--out", default="bench_results")
     args = parser.parse_args()
     if args.quick:
-        args.conversations, args.turns, args.max_tokens = 4, 2, 8
+        args.conversations, args.turns, args.max_tokens, args.think_s = 4, 2, 8, 0.0
     # One torch thread per replica: two replicas share the two cores.
     app_args = {"target_model": args.target, "draft_model": args.draft, "dtype": args.dtype, "device": "cpu",
                 "served_model_name": MODEL, "torch_threads": 1, "num_kv_blocks": 512}
     with local_cluster(log_to_driver=False) as url:
-        results = {name: run_config(url, app_args, replicas, router, args.conversations, args.turns, args.max_tokens)
-                   for name, (replicas, router) in CONFIGS.items()}
+        results = {name: run_config(url, app_args, replicas, router, args.conversations, args.turns, args.max_tokens,
+                                    args.think_s) for name, (replicas, router) in CONFIGS.items()}
     checks = report(results)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -60,7 +60,8 @@ def test_the_routing_benchmark_chats_and_reports_against_a_real_server(http, tmp
     bench.MODEL = MODEL
     records: list[dict] = []
     for topic in TOPICS[:2]:  # the benchmark's long notes exceed the tiny model's context
-        bench.conversation(http, f"Tell me about {topic}, all about {topic}.", turns=2, max_tokens=4, out=records)
+        bench.conversation(http, f"Tell me about {topic}, all about {topic}.", turns=2, max_tokens=4, think_s=0.01,
+                           seed=0, out=records)
     assert [r["turn"] for r in records] == [0, 1, 0, 1]
     later = [r for r in records if r["turn"] == 1]
     assert all(r["cached_tokens"] >= 16 and r["prompt_tokens"] > r["cached_tokens"] for r in later), records
