@@ -120,7 +120,8 @@ def _eagle_evaluation(evaluation: dict) -> list[str]:
             for label in ("greedy", "t0.8") for k, e in evaluation[label].items()]
     return [f"Helix's engine with `speculative_method: eagle` and K fixed per run, on "
             f"{evaluation['num_eval_prompts']} held-out prompts, up to {evaluation['eval_max_tokens']} tokens "
-            f"each ({evaluation['dtype']}, CPU; sampled: T = 0.8, seed 1). One head pass costs "
+            f"each ({evaluation['dtype']}, quantization {evaluation.get('quantization', 'none')}, CPU; sampled: "
+            f"T = 0.8, seed 1). One head pass costs "
             f"c = {evaluation['eagle_cost_ratio']:.3f} target forwards (the engine's calibration at start; each "
             f"extra verified token v = {evaluation['verify_cost_ratio']:.3f}).", "",
             "| sampling | K | α | accepted / drafted | accepted per step | tokens per target step |",

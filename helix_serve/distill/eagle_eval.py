@@ -30,7 +30,8 @@ def evaluate_eagle(target: str, head_dir: Path, prompt_ids: list[list[int]], max
                                     num_kv_blocks=2048, speculative_method="eagle"), pair)
     c, v = engine.cost_ratios
     result: dict = {"num_eval_prompts": len(prompt_ids), "eval_max_tokens": max_tokens, "ks": list(EVAL_KS),
-                    "dtype": str(engine.pair.target.dtype), "eagle_cost_ratio": c, "verify_cost_ratio": v,
+                    "dtype": str(engine.pair.target.dtype),
+                    "quantization": engine.pair.target.quantization, "eagle_cost_ratio": c, "verify_cost_ratio": v,
                     "speculative_method": "eagle"}
     for label, temperature in SAMPLINGS:
         result[label] = {str(k): _measure(engine, prompt_ids, SamplingParams(
