@@ -145,3 +145,26 @@ def test_with_an_int4_target_the_head_drafts_in_int4_too(llama_pair, eagle_dir):
     outs = engine.generate(PROMPTS[:4], SamplingParams(max_tokens=16, ignore_eos=True, num_speculative_tokens=3))
     assert all(len(o.token_ids) == 16 and o.stats["by_proposer"]["eagle"]["num_drafted"] > 0 for o in outs)
     assert engine.kv_usage()["used_blocks"] == 0
+
+
+def test_the_head_catches_up_on_the_prompt_in_the_prefill_step(llama_pair, eagle_dir):
+    """So a long prompt's catch-up is never charged to a drafting step (which would make drafting look too
+    expensive to the planner for good); without drafts the head waits, but at most HEAD_BACKLOG tokens, so the
+    target features a sequence keeps stay bounded however long it decodes."""
+    from helix_serve.engine.speculative import HEAD_BACKLOG
+
+    engine = eagle_engine(llama_pair, eagle_dir, num_kv_blocks=128)
+    prompt = engine.tokenizer(PROMPTS[3] + " " + PROMPTS[7]).input_ids
+    request_id = engine.add_request(prompt, SamplingParams(max_tokens=2 * HEAD_BACKLOG + 8, ignore_eos=True,
+                                                           speculative=False))
+    seq = engine.seqs[request_id]
+    engine.step()  # the prefill
+    assert seq.num_draft_cached == len(prompt) - 1 and len(seq.eagle_features) == 1
+    engine.step()  # K = 0: no head pass
+    assert seq.num_draft_cached == len(prompt) - 1
+    kept = []
+    while engine.has_unfinished_requests():
+        engine.step()
+        kept.append(len(seq.eagle_features))
+    assert max(kept) <= HEAD_BACKLOG + 1 and seq.num_draft_cached > len(prompt) + HEAD_BACKLOG
+    assert engine.kv_usage()["used_blocks"] == 0

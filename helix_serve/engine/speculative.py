@@ -44,6 +44,7 @@ from helix_serve.engine.sequence import Sequence
 from helix_serve.engine.step_cost import PassShape, PassTiming, StepTiming
 from helix_serve.engine.structured.masks import StepMasks
 
+HEAD_BACKLOG = 64  # tokens an EAGLE head may trail its sequence by before it catches up without drafting
 GREEDY_UNIFORM = 0.5  # greedy rows use one-hot p and q: any uniform gives the same tokens
 
 
@@ -179,6 +180,7 @@ class SpeculativeDecoder:
         # KV counters change only once the whole step succeeded, so a failed step leaves them consistent.
         if self.eagle:
             self._keep_features(seqs, drafts, ks, num_accepted, features)
+            self._catch_up_head(seqs, drafts, timing)
         for seq, draft, a in zip(seqs, drafts, num_accepted):
             # Rollback is a length change: K/V past the accepted prefix is simply overwritten later.
             seq.num_target_cached = seq.num_tokens + a
@@ -305,6 +307,28 @@ class SpeculativeDecoder:
                 kept = kept[seq.num_tokens - 1 - seq.num_draft_cached :]
                 seq.num_draft_cached = seq.num_tokens - 1
             seq.eagle_features = kept
+
+    def _catch_up_head(self, seqs: list[Sequence], drafts: list[Draft], timing: StepTiming) -> None:
+        """The head runs over a prompt's features right after its prefill (EAGLE's own order), so drafting later
+        only catches up on the few tokens since: left for the first drafting step, a long prompt's catch-up makes
+        drafting look too expensive to the planner for good, and the debt only grows. A sequence that has not
+        drafted for HEAD_BACKLOG steps catches up too, which bounds the features it keeps (one pass per
+        HEAD_BACKLOG tokens: a fraction of a percent of those steps)."""
+        # A prefill step: more than the newest token was uncached (num_target_cached is not yet updated here).
+        picked = [s for s, d in zip(seqs, drafts) if d.k == 0 and s.num_tokens - 1 > s.num_draft_cached and (
+            s.num_tokens - s.num_target_cached > 1 or s.num_tokens - 1 - s.num_draft_cached >= HEAD_BACKLOG)]
+        if not picked:
+            return
+        start = time.perf_counter()
+        features = torch.cat([s.eagle_features[: s.num_tokens - 1 - s.num_draft_cached] for s in picked])
+        chunks = [s.token_ids[s.num_draft_cached + 1 : s.num_tokens] for s in picked]
+        starts = [s.num_draft_cached for s in picked]
+        self.draft.logits([s.block_table for s in picked], self.draft.head.fuse(features), chunks, starts)
+        self._synchronize()
+        timing.heads.append(PassTiming(_shape(chunks, starts), time.perf_counter() - start))
+        for s in picked:
+            s.eagle_features = s.eagle_features[s.num_tokens - 1 - s.num_draft_cached :]
+            s.num_draft_cached = s.num_tokens - 1
 
     def _score(self, seqs: list[Sequence], ks: list[int], draft_ids: torch.Tensor, draft_lists: list[list[int]],
                inputs: _StepInputs, timing: StepTiming
