@@ -94,9 +94,6 @@ def weight_bytes_per_forward(model) -> int:
         if isinstance(layer, Int4Linear):  # its fp32 weight (a view in `params`) is not read; its 4-bit copy is
             total += layer.packed_weight.nbytes + layer.scales_and_zeros.nbytes
             total -= layer.in_features * layer.out_features * model.dtype.itemsize
-    head = model.int8_head
-    if head is not None and head.max_rows >= 1:  # a one-row pass reads the int8 codes, not the LM head
-        total += head.codes.nbytes + head.scales.nbytes - model.lm_head.weight.nbytes
     return total
 
 

@@ -19,7 +19,6 @@ from torch import nn
 
 from helix_serve.model.attention import AttentionMetadata, paged_attention
 from helix_serve.model.int4 import Int4Linear, int4_available, quantizable
-from helix_serve.model.int8_head import Int8Head
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 QUANTIZATIONS = ("auto", "none", "int4")  # int4: model/int4.py; auto: int4 for 4-bit checkpoints (loader.py)
@@ -133,8 +132,6 @@ class PagedCausalLM(nn.Module):
         inner = hf_model.model
         self.embed_tokens, self.layers, self.norm = inner.embed_tokens, inner.layers, inner.norm
         self.rotary_emb, self.lm_head = inner.rotary_emb, hf_model.lm_head
-        # With int4 the LM head is read at 8 bits where that kernel is faster (model/int8_head.py).
-        self.int8_head = Int8Head(self.lm_head) if quantization == "int4" else None
         attn = self.layers[0].self_attn
         self.num_heads = config.num_attention_heads
         qkv_proj = [fuse_linears([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj])
@@ -225,6 +222,4 @@ class PagedCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head on the selected positions only, in fp32 for sampling."""
-        if self.int8_head is not None:
-            return self.int8_head(hidden)
         return linear(hidden, self.lm_head).float()
