@@ -191,7 +191,8 @@ def measure(args) -> dict:
     bandwidth = gemv_bandwidth(torch.float32)
     weight_bytes = gguf.stat().st_size
     return {
-        "cpu": cpu_name(), "cpu_native_bf16": cpu_has_native_bf16(), "threads": args.threads, "torch": torch.__version__, "gguf": gguf.name,
+        "cpu": cpu_name(), "cpu_native_bf16": cpu_has_native_bf16(), "threads": args.threads,
+        "torch": torch.__version__, "gguf": gguf.name,
         "helix_dtype": str(engine.pair.target.dtype), "helix_quantization": engine.pair.target.quantization,
         "llama_cpp_system_info": llama.system_info(), "rounds": args.rounds,
         "bandwidth_bytes_per_s": bandwidth, "gguf_bytes": weight_bytes,

@@ -1,12 +1,13 @@
 """Multi-turn chats over engine replicas: prefix-cache hit rate and time to first token with one replica, with two
 behind Serve's default router (power of two choices), and with two behind Helix's prefix-aware router.
 
-Each configuration is served afresh on one local cluster (new replicas, empty prefix caches). Conversations run concurrently, each one turn after another: the
-next turn sends the whole history (system prompt, a note about the conversation's topic, every question and reply
-so far) plus a new question, so its prompt starts with the previous one's. Between turns a user thinks (a seeded
-random pause, `--think-s` on average): without it, closed-loop clients hand a least-loaded router an affinity of
-its own (the replica that just finished your turn is the least loaded when your next one arrives). The hit rate is the prompt tokens served from a prefix cache over all
-prompt tokens of the later turns (`usage.prompt_tokens_details.cached_tokens`); TTFT is measured by the client on
+Each configuration is served afresh on one local cluster (new replicas, empty prefix caches). Conversations run
+concurrently, each one turn after another: the next turn sends the whole history (system prompt, a note about the
+conversation's topic, every question and reply so far) plus a new question, so its prompt starts with the previous
+one's. Between turns a user thinks (a seeded random pause, `--think-s` on average): without it, closed-loop clients
+hand a least-loaded router an affinity of its own (the replica that just finished your turn is the least loaded
+when your next one arrives). The hit rate is the prompt tokens served from a prefix cache over all prompt tokens
+of the later turns (`usage.prompt_tokens_details.cached_tokens`); TTFT is measured by the client on
 the stream (first content chunk), later turns only.
 
     python scripts/bench_routing.py                 # real pair, 8 conversations x 4 turns, ~10 min on 2 cores

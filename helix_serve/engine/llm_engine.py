@@ -94,7 +94,8 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len or target.shape.max_model_len, target.shape.max_model_len)
         vocab = target.shape.vocab_size
         # What else decides the K/V a prefix-cache hit reuses.
-        cache_key = f"{config.target_model}|{config.draft_model}|{config.eagle_head}|{target.dtype}|{target.quantization}"
+        cache_key = "|".join(map(str, (config.target_model, config.draft_model, config.eagle_head, target.dtype,
+                                       target.quantization)))
         self.block_manager = BlockManager(config.num_kv_blocks, config.block_size, config.enable_prefix_caching,
                                           cache_key, draft_needs_features=config.eagle_head is not None)
         self.kv_bytes = 0
