@@ -19,6 +19,8 @@ from torch import nn
 
 from helix_serve.model.attention import AttentionMetadata, paged_attention
 from helix_serve.model.int4 import Int4Linear, int4_available, quantizable
+from helix_serve.model.int8_head import MAX_ROWS as HEAD8_MAX_ROWS
+from helix_serve.model.int8_head import MXInt8Head
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 QUANTIZATIONS = ("auto", "none", "int4")  # int4: model/int4.py; auto: int4 for 4-bit checkpoints (loader.py)
@@ -132,6 +134,9 @@ class PagedCausalLM(nn.Module):
         inner = hf_model.model
         self.embed_tokens, self.layers, self.norm = inner.embed_tokens, inner.layers, inner.norm
         self.rotary_emb, self.lm_head = inner.rotary_emb, hf_model.lm_head
+        # With int4 the head (and a tied embedding) becomes MXINT8, read at 8 bits for a few rows (int8_head.py).
+        self.head8 = MXInt8Head(self.lm_head) if quantization == "int4" and quantizable(self.lm_head) \
+            and self.lm_head.bias is None else None
         attn = self.layers[0].self_attn
         self.num_heads = config.num_attention_heads
         qkv_proj = [fuse_linears([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj])
@@ -140,8 +145,8 @@ class PagedCausalLM(nn.Module):
         self.qk_size = attn.q_proj.out_features + attn.k_proj.out_features
         self.hidden_size = config.hidden_size
         self.rms_eps = self.norm.variance_epsilon
-        # With int4 the projections run from 4-bit copies; the embeddings, the LM head and the fp32 weights
-        # (transformers' reference forward) stay as loaded.
+        # With int4 the projections run from 4-bit copies; their loaded weights (transformers' reference
+        # forward) stay as loaded.
         quant = Int4Linear if quantization == "int4" else None
         self.projections = project = nn.ModuleList(  # 4 per layer: qkv, o, gate_up, down
             quant(lin) if quant and quantizable(lin) else lin
@@ -167,6 +172,11 @@ class PagedCausalLM(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.embed_tokens.weight.dtype
+
+    @property
+    def lm_head_format(self) -> str:
+        """What the LM head's weights are: "mxint8" (int8_head.py) or the model's dtype."""
+        return "mxint8" if self.head8 is not None else str(self.dtype).removeprefix("torch.")
 
     @property
     def device(self) -> torch.device:
@@ -222,4 +232,9 @@ class PagedCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head on the selected positions only, in fp32 for sampling."""
-        return linear(hidden, self.lm_head).float()
+        if self.head8 is None:
+            return linear(hidden, self.lm_head).float()
+        if hidden.shape[0] <= HEAD8_MAX_ROWS:
+            return self.head8(hidden)
+        # The same MXINT8 values as a GEMM in the model's dtype, on the bf16 activations the 8-bit kernel reads.
+        return linear(hidden.to(torch.bfloat16).to(hidden.dtype), self.lm_head).float()

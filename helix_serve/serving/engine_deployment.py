@@ -131,7 +131,7 @@ class HelixEngine:
             "device": str(engine.device), "max_model_len": engine.max_model_len,
             "dtype": str(engine.pair.target.dtype).removeprefix("torch."), "dtype_requested": self.args.dtype,
             "quantization": engine.pair.target.quantization, "quantization_requested": self.args.quantization,
-            "kv_cache": kv, "pool": self.pool_name, "device_requested": self.placement.requested,
+            "lm_head": engine.pair.target.lm_head_format, "kv_cache": kv, "pool": self.pool_name, "device_requested": self.placement.requested,
             "device_fallback": self.placement.fallback_reason, "node_id": self.node_id,
             "last_step": last_step.info(),
         }
