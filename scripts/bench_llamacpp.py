@@ -157,8 +157,11 @@ def scenarios(args, chat: list[list[int]], copy: list[list[int]]) -> dict[str, t
 def measure(args) -> dict:
     torch.set_num_threads(args.threads)
     gguf = smollm2_gguf_path()
+    # "Helix default" is what `serve run serve_config.yaml` serves: hybrid over the shipped EAGLE head and prompt
+    # lookup (--proposer draft: the distilled draft model instead).
+    proposer = {"draft_model": None, "eagle_head": "smollm2-eagle"} if args.proposer == "eagle" else {}
     engine = LLMEngine(EngineConfig(target_model=SMOLLM2_ALIAS, device="cpu", dtype=args.dtype,
-                                    quantization=args.quantization))
+                                    quantization=args.quantization, **proposer))
     tok = engine.tokenizer
     chat = [chat_prompt_ids(tok, q) for q in CHAT_QUESTIONS[: args.prompts]]
     copy = [chat_prompt_ids(tok, q) for q in GROUNDED[: args.prompts]]
@@ -194,6 +197,7 @@ def measure(args) -> dict:
         "cpu": cpu_name(), "cpu_native_bf16": cpu_has_native_bf16(), "threads": args.threads,
         "torch": torch.__version__, "gguf": gguf.name,
         "helix_dtype": str(engine.pair.target.dtype), "helix_quantization": engine.pair.target.quantization,
+        "helix_lm_head": engine.pair.target.lm_head_format, "helix_proposers": engine.proposers,
         "llama_cpp_system_info": llama.system_info(), "rounds": args.rounds,
         "bandwidth_bytes_per_s": bandwidth, "gguf_bytes": weight_bytes,
         "batch1_limit_tokens_per_s": bandwidth / weight_bytes,
@@ -206,7 +210,8 @@ def measure(args) -> dict:
 def report(result: dict, out: Path) -> None:
     bf16 = "native bf16" if result["cpu_native_bf16"] else "no native bf16"
     print(f"\n{result['cpu']} ({bf16}), {result['threads']} threads; {result['gguf']}; Helix {result['helix_dtype']} "
-          f"quantization {result['helix_quantization']}; median of {result['rounds']} rounds")
+          f"quantization {result['helix_quantization']} (LM head {result['helix_lm_head']}), default's proposers "
+          f"{result['helix_proposers']}; median of {result['rounds']} rounds")
     print(f"batch-1 bandwidth limit: {result['gguf_bytes'] / 1e6:.0f} MB ÷ {result['bandwidth_bytes_per_s'] / 1e9:.1f}"
           f" GB/s = {result['batch1_limit_tokens_per_s']:.0f} tokens/s")
     header = f"{'row':<30} {'llama.cpp':>10} {'Helix K=0':>10} {'Helix default':>14} {'K=0 ÷ l.cpp':>12} " \
@@ -238,6 +243,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--proposer", choices=["eagle", "draft"], default="eagle",
+                        help="Helix default's model proposer: the shipped EAGLE head (served default) or the draft")
     parser.add_argument("--quantization", default="auto", help="Helix's; auto: int4 for this Q4_1 file on a CPU")
     parser.add_argument("--prompts", type=int, default=6, help="chat and copy-heavy prompts per batch-1 row")
     parser.add_argument("--max-tokens", type=int, default=96)

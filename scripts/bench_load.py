@@ -1,4 +1,5 @@
-"""Speculation under load: every method ÷ K=0 at 1, 4, 16 and 32 concurrent streams, fp32 and int4, side by side,
+"""Speculation under load: every method (draft model, prompt lookup, EAGLE head, hybrids) ÷ K=0 at 1, 4, 16 and 32
+concurrent streams, fp32 and int4, side by side,
 with how well the step-cost model predicted each step.
 
 The streams are chat and copy-heavy prompts mixed, all arriving together (one engine.generate call), greedy,
@@ -28,8 +29,14 @@ from helix_serve.distill.data import chat_prompt_ids
 from helix_serve.engine.llm_engine import LLMEngine
 from helix_serve.engine.sampling_params import SamplingParams
 
-METHODS = {"K=0": {"speculative": False}, "draft": {"speculative_method": "draft"},
-           "ngram": {"speculative_method": "ngram"}, "hybrid": {"speculative_method": "hybrid"}}
+# method → (engine, request overrides): one engine loads the draft model, the other the EAGLE head on the same
+# target (an engine holds one model-based proposer). Every ratio is to K=0 on the first, which never runs its
+# draft: plain decoding. "K=0 (head)" is the head's engine with speculation off: a head reuses one block fewer of
+# a cached prompt (block_manager.py: cached_prefix), which costs it even when it never drafts.
+METHODS = {"K=0": ("draft", {"speculative": False}), "draft": ("draft", {"speculative_method": "draft"}),
+           "ngram": ("draft", {"speculative_method": "ngram"}), "hybrid": ("draft", {"speculative_method": "hybrid"}),
+           "K=0 (head)": ("eagle", {"speculative": False}), "eagle": ("eagle", {"speculative_method": "eagle"}),
+           "hybrid+eagle": ("eagle", {"speculative_method": "hybrid"})}
 GOAL = 0.97
 
 
@@ -62,16 +69,18 @@ def merge(runs: list[dict]) -> dict:
             "by_proposer": {n: {"num_drafted": d, "num_accepted": a} for n, (d, a) in by.items()}}
 
 
-def measure(engine: LLMEngine, prompts: list[list[int]], streams: list[int], max_tokens: int,
+def measure(engines: dict[str, LLMEngine], prompts: list[list[int]], streams: list[int], max_tokens: int,
             rounds: int) -> dict[int, dict[str, dict]]:
-    names = list(METHODS)
+    names = [m for m, (engine, _) in METHODS.items() if engine in engines]
     runs = {n: {name: [] for name in names} for n in streams}
-    run(engine, prompts[:2], 8, {})  # warm-up
+    for engine in engines.values():
+        run(engine, prompts[:2], 8, {})  # warm-up
     for r in tqdm(range(rounds), desc="rounds"):
         for n in streams:
             batch = [prompts[(i + r) % len(prompts)] for i in range(n)]
             for name in names[r % len(names):] + names[: r % len(names)]:
-                runs[n][name].append(run(engine, batch, max_tokens, METHODS[name]))
+                engine, overrides = METHODS[name]
+                runs[n][name].append(run(engines[engine], batch, max_tokens, overrides))
     return {n: {name: merge(rs) for name, rs in by.items()} for n, by in runs.items()}
 
 
@@ -79,21 +88,22 @@ def report(results: dict[str, dict[int, dict[str, dict]]]) -> list[dict]:
     checks = []
     for quant, table in results.items():
         print(f"\n{quant}: tokens/s (× K=0), step-cost prediction |error| median / p90")
-        print(f"{'streams':>7} " + " ".join(f"{m:>24}" for m in METHODS))
+        methods = list(next(iter(table.values())))
+        print(f"{'streams':>7} " + " ".join(f"{m:>24}" for m in methods))
         for n, rows in table.items():
             base = rows["K=0"]["tokens_per_s"]
             cells = []
-            for m in METHODS:
+            for m in methods:
                 r = rows[m]
                 ratio = r["tokens_per_s"] / base
                 err = "" if r["cost_error_median"] is None else f"{r['cost_error_median']:.2f}/{r['cost_error_p90']:.2f}"
                 cells.append(f"{r['tokens_per_s']:6.1f} ({ratio:4.2f}x) {err:>9}")
-                if m != "K=0":
+                if METHODS[m][1].get("speculative", True):
                     checks.append({"goal": f"{m} >= {GOAL}x K=0 at {n} streams ({quant})", "value": ratio,
                                    "target": GOAL, "met": ratio >= GOAL})
             print(f"{n:7d} " + " ".join(cells))
         for n, rows in table.items():
-            by = {m: rows[m]["by_proposer"] for m in METHODS if rows[m]["by_proposer"]}
+            by = {m: r["by_proposer"] for m, r in rows.items() if r["by_proposer"]}
             print(f"  {n} streams accepted/drafted: " + "; ".join(
                 f"{m}: " + ", ".join(f"{p} {c['num_accepted']}/{c['num_drafted']}" for p, c in b.items())
                 for m, b in by.items()))
@@ -111,7 +121,7 @@ def plot(results: dict[str, dict[int, dict[str, dict]]], path: Path) -> None:
     fig, axes = subplots(1, len(results), figsize=(6.5 * len(results), 4.5), squeeze=False)
     for ax, (quant, table) in zip(axes[0], results.items()):
         streams = list(table)
-        for m in list(METHODS)[1:]:
+        for m in list(next(iter(table.values())))[1:]:
             ax.plot(streams, [table[n][m]["tokens_per_s"] / table[n]["K=0"]["tokens_per_s"] for n in streams],
                     marker="o", label=m)
         ax.axhline(1.0, color="k", lw=0.8)
@@ -128,6 +138,7 @@ def plot(results: dict[str, dict[int, dict[str, dict]]], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_pair_args(parser, quantization=False)
+    parser.add_argument("--eagle-head", default="smollm2-eagle", help="'' to leave the head's methods out")
     parser.add_argument("--quantizations", nargs="+", default=["none", "int4"])
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 4, 16, 32])
     parser.add_argument("--max-tokens", type=int, default=48)
@@ -143,13 +154,18 @@ def main() -> None:
     for quant in args.quantizations:
         engine = LLMEngine(EngineConfig(target_model=args.target, draft_model=args.draft, device=args.device,
                                         dtype=args.dtype, quantization=quant))
+        engines = {"draft": engine}
+        if args.eagle_head:  # the same target weights, with the head as the model-based proposer
+            engines["eagle"] = LLMEngine(EngineConfig(target_model=args.target, draft_model=None,
+                                                      eagle_head=args.eagle_head, device=args.device,
+                                                      dtype=args.dtype, quantization=quant), engine.pair)
         tokenizer = engine.tokenizer
         encode = (lambda p: chat_prompt_ids(tokenizer, p)) if tokenizer.chat_template else (
             lambda p: tokenizer(p).input_ids)
         prompts = [encode(p) for pair in zip(CHAT, GROUNDED) for p in pair]  # chat and copy-heavy, alternating
-        results[quant] = measure(engine, prompts, args.streams, args.max_tokens, args.rounds)
+        results[quant] = measure(engines, prompts, args.streams, args.max_tokens, args.rounds)
         dtypes[quant] = str(engine.pair.target.dtype)
-        del engine
+        del engine, engines
     checks = report(results)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
