@@ -106,8 +106,9 @@ def _head_keys(engine, prompt: list[int], params: SamplingParams):
 def test_prefix_cache_hits_reuse_only_the_heads_own_kv(llama_pair, eagle_dir):
     """A prompt served from another one's cached blocks has the head K/V it would have computed on an empty
     cache: reused only where the head wrote it and where it is this prompt's own (the head's entry at a block's
-    last position read the next block's first token, so a block is reused only when the next one matched too).
-    Its drafts and greedy output are then those of an empty cache, and the target's."""
+    last position read the next token: the last matched block is copied and that position recomputed, leaving
+    the cached original as it was). Its drafts and greedy output are then those of an empty cache, and the
+    target's."""
     engine = eagle_engine(llama_pair, eagle_dir)
     ids = engine.tokenizer("paged attention reads keys and values through a block table and the quick brown fox "
                            "jumps over").input_ids
@@ -117,9 +118,16 @@ def test_prefix_cache_hits_reuse_only_the_heads_own_kv(llama_pair, eagle_dir):
     params = SamplingParams(max_tokens=16, ignore_eos=True, num_speculative_tokens=3)
     fresh_keys, fresh = _head_keys(eagle_engine(llama_pair, eagle_dir), second, params)  # an empty cache
     engine.generate([first], params)
+    allocator = engine.block_manager.allocator
+    cached = {b.block_id: b.block_hash for b in allocator.blocks if b.block_hash is not None}
+    pools = [p for kv in (engine.decoder.target.kv_cache, engine.decoder.draft.kv_cache) for p in (kv.k, kv.v)]
+    before = [pool[:, list(cached)].clone() for pool in pools]
     hit_keys, hit = _head_keys(engine, second, params)
-    assert hit.stats["num_cached_tokens"] == len(common) - 4  # every matched block but the last
+    assert hit.stats["num_cached_tokens"] == len(common) - 1  # every matched token but the last block's last
     torch.testing.assert_close(hit_keys, fresh_keys)
+    for pool, was in zip(pools, before):  # a cached block's K/V never changes: the recomputed position went to a copy
+        assert torch.equal(pool[:, list(cached)], was)
+    assert all(allocator.blocks[b].block_hash == h for b, h in cached.items())
     counts = [o.stats["by_proposer"]["eagle"] for o in (hit, fresh)]
     assert counts[0] == counts[1] and counts[0]["num_drafted"] > 0
     [plain] = engine.generate([second], SamplingParams(max_tokens=16, ignore_eos=True, speculative=False))

@@ -408,3 +408,27 @@ def test_metrics_count_queried_and_hit_prompt_tokens():
     assert "helix_prefix_cache_hit_tokens_total 96.0" in text
     assert "helix_prefix_cache_hit_rate 0.48" in text
     assert 'helix_kv_blocks{state="cached"} 6.0' in text
+
+
+def test_an_eagle_heads_last_matched_block_is_copied_and_its_last_position_recomputed():
+    """With an EAGLE head, the head's entry at the last matched position read the writer's next token: the block
+    is copied (even when free and cached, before anything can evict it) and its last token recomputed there."""
+    bm = BlockManager(6, BS, enable_prefix_caching=True, draft_needs_features=True)
+    copies = []
+    bm.copy_block = lambda source, dest: copies.append((source, dest))
+    a = run(bm, range(13), verified=12, drafted=12)  # target and head wrote 3 blocks
+    bm.release(a.block_table)  # all free, still cached: the copy must not evict its source first
+    b = seq([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 99, 98])  # matches 3 blocks, then other tokens
+    prefix = bm.cached_prefix(b)
+    assert prefix.copy_last and prefix.block_ids == [0, 1, 2] and prefix.num_tokens == prefix.num_draft_tokens == 11
+    assert bm.admit(b, prefix)
+    assert copies == [(2, b.block_table[2])] and b.block_table[:2] == [0, 1] and b.block_table[2] != 2
+    assert (b.num_target_cached, b.num_draft_cached) == (11, 11)
+    assert bm.allocator.blocks[2].ref_count == 0 and bm.allocator.blocks[2].block_hash is not None  # kept, cached
+    assert refs(bm)[:2] == [1, 1]
+    bm.release(b.block_table)
+    bm2 = BlockManager(6, BS, enable_prefix_caching=True, draft_needs_features=True)
+    run(bm2, range(13), verified=12, drafted=8)  # the head wrote 2 of the 3 blocks
+    c = seq(range(14))
+    prefix = bm2.cached_prefix(c)  # block 2 matched too, so the head's entries in blocks 0-1 are c's own: shared
+    assert not prefix.copy_last and prefix.block_ids == [0, 1] and prefix.num_tokens == prefix.num_draft_tokens == 8

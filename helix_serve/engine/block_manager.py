@@ -11,6 +11,7 @@ first, so its last blocks (the least likely to be shared) are evicted before its
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -117,6 +118,8 @@ class BlockManager:
         target's feature there (cached_prefix)."""
         self.block_size = block_size
         self.draft_needs_features = draft_needs_features
+        # copies one block's K/V (every pool, every layer) into another: set by the engine, which owns the pools
+        self.copy_block: Callable[[int, int], None] | None = None
         self.allocator = BlockAllocator(num_blocks)
         self.prefix_cache = PrefixCache(self.allocator, block_size, cache_key) if enable_prefix_caching else None
 
@@ -144,10 +147,14 @@ class BlockManager:
         prefix = self.prefix_cache.lookup(seq) if self.prefix_cache else NO_PREFIX
         if self.draft_needs_features and prefix.block_ids:
             # An EAGLE head cannot catch up on a reused prefix (the target never computes its features there),
-            # so only blocks with the head's K/V written count; and the head's entry at a block's last position
-            # also read the next block's first token, so a block counts only if the next one matched too.
-            keep = min(prefix.num_draft_tokens // self.block_size, len(prefix.block_ids) - 1)
-            prefix = CachedPrefix(prefix.block_ids[:keep], keep * self.block_size, keep * self.block_size)
+            # so only blocks with the head's K/V written count. The head's entry at a block's last position also
+            # read the next token, which is this sequence's own only if the next block matched too: past the
+            # last matched block, that block is copied and its last position recomputed (target and head) in
+            # the copy, which costs one token where dropping the block (vLLM's choice) costs a block of them.
+            keep = min(prefix.num_draft_tokens // self.block_size, len(prefix.block_ids))
+            copy_last = keep == len(prefix.block_ids)
+            reused = keep * self.block_size - copy_last
+            prefix = CachedPrefix(prefix.block_ids[:keep], reused, reused, copy_last) if keep else NO_PREFIX
         return prefix
 
     def first_missing_block(self, seq: Sequence, prefix: CachedPrefix) -> bytes | None:
@@ -161,16 +168,22 @@ class BlockManager:
         for the draft as far as the draft has written it."""
         # NOTE: a cached block nobody uses sits in the free queue, so reusing it costs a free block too.
         reused_free = sum(self.allocator.blocks[b].ref_count == 0 for b in prefix.block_ids)
-        missing = self.blocks_for(seq.num_tokens) - len(prefix.block_ids)
+        missing = self.blocks_for(seq.num_tokens) - len(prefix.block_ids) + prefix.copy_last
         if missing + reused_free > self.allocator.num_free:
             return False
-        for block_id in prefix.block_ids:
-            self.allocator.share(block_id)
-        seq.block_table.extend(prefix.block_ids)
+        blocks = list(prefix.block_ids)
+        for block_id in blocks:
+            self.allocator.share(block_id)  # the block to copy too: no allocation below may evict it first
+        if prefix.copy_last:
+            source, blocks[-1] = blocks[-1], self.allocator.allocate()
+            self.copy_block(source, blocks[-1])
+            self.allocator.free(source)
+        seq.block_table.extend(blocks)
         self.ensure_slots(seq.block_table, seq.num_tokens)
         seq.num_target_cached, seq.num_draft_cached = prefix.num_tokens, prefix.num_draft_tokens
-        # the reused blocks are registered, and draft-written as far as the prefix says (prefix_cache.py)
-        seq.num_registered_blocks = len(prefix.block_ids)
+        # the reused blocks are registered, and draft-written as far as the prefix says (prefix_cache.py); a
+        # copy is offered again once full (its hash is the original's, so it stays private)
+        seq.num_registered_blocks = prefix.num_tokens // self.block_size
         seq.num_draft_written_blocks = prefix.num_draft_tokens // self.block_size
         if self.prefix_cache:
             self.prefix_cache.stats.record(seq.num_tokens, prefix.num_tokens)

@@ -107,6 +107,7 @@ class LLMEngine:
         # The model-based proposer: a draft model or an EAGLE head, never both (EngineConfig).
         self.model_proposer = Proposer.EAGLE if config.eagle_head is not None else Proposer.DRAFT
         self.decoder = SpeculativeDecoder(target_runner, draft_runner)
+        self.block_manager.copy_block = self.decoder.copy_block
         self.method = config.speculative_method or ("hybrid" if draft_runner is not None else "ngram")
         if self.method in ("draft", "eagle") and self.method != self._loaded_proposer:
             raise ValueError(f"speculative_method {self.method!r} needs " +

@@ -46,8 +46,9 @@ class CachedPrefix:
     """A lookup's result: the cached blocks a sequence can start from."""
 
     block_ids: list[int]
-    num_tokens: int  # tokens they hold (the target's K/V)
-    num_draft_tokens: int  # leading tokens whose draft K/V is written too
+    num_tokens: int  # tokens the target reuses from them (all they hold, less one when copy_last)
+    num_draft_tokens: int  # leading tokens whose draft K/V is reused too
+    copy_last: bool = False  # the last block is copied, not shared: its last position is recomputed (EAGLE)
 
 
 @dataclass(slots=True)

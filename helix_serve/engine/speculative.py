@@ -158,6 +158,13 @@ class SpeculativeDecoder:
         self.eagle = isinstance(draft, EagleRunner)
         self.device = target.device
 
+    def copy_block(self, source: int, dest: int) -> None:
+        """Copy one block's K/V, every layer, in the target's pool and the proposer's (a prefix-cache copy)."""
+        for runner in (self.target, self.draft):
+            if runner is not None:
+                for pool in (runner.kv_cache.k, runner.kv_cache.v):
+                    pool[:, dest].copy_(pool[:, source])
+
     def judges_last(self, seq: Sequence) -> bool:
         """Seeded sampled requests with speculation on get K-independent tokens (see the module docstring)."""
         params = seq.params
