@@ -94,19 +94,25 @@ def test_int4_keeps_the_ggufs_4bit_codes_and_speculation_follows_the_int4_target
         scale = (high - low) / 15
         codes = torch.round((groups - low) / torch.where(scale == 0, 1, scale))
         assert torch.equal(low + scale * codes, groups)
-    # The fixture's loaded weights wrapped again with int4 projections (loading the GGUF takes ~20 s here).
-    pair = dataclasses.replace(engine.pair, target=PagedCausalLM(engine.pair.target.hf_model, "int4"))
-    int4 = LLMEngine(EngineConfig(device="cpu", dtype="float32", quantization="int4", num_kv_blocks=256,
-                                  draft_cost_ratio=0.3, verify_cost_ratio=0.05), pair)  # K is fixed: no calibration
-    prompts = [_chat_ids(int4, q) for q in QUESTIONS]
-    plain = int4.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS, speculative=False, logprobs=2))
-    spec = int4.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS, num_speculative_tokens=3))
-    assert sum(o.stats["num_accepted"] for o in spec) > 0
-    assert "Paris" in plain[0].text and spec[0].token_ids == plain[0].token_ids
-    for a, b in zip(plain, spec):
-        # Activations enter the int4 kernel in bf16, so a last-bit difference from the batch's shape (a verify
-        # pass of 4 tokens vs a decode of 1) can flip a near-tie, as in any bf16 serving; never a clear choice.
-        diverged = next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y), None)
-        if diverged is not None:
-            (_, best), (_, second) = a.logprobs[diverged].top
-            assert best - second < 0.1, (diverged, a.logprobs[diverged])
+    # int4 rounds the loaded LM head (tied: the embedding) to MXINT8 in place: restored for the fixture's engine.
+    loaded_head = engine.pair.target.lm_head.weight.detach().clone()
+    try:
+        # The fixture's loaded weights wrapped again with int4 projections (loading the GGUF takes ~20 s here).
+        pair = dataclasses.replace(engine.pair, target=PagedCausalLM(engine.pair.target.hf_model, "int4"))
+        int4 = LLMEngine(EngineConfig(device="cpu", dtype="float32", quantization="int4", num_kv_blocks=256,
+                                      draft_cost_ratio=0.3, verify_cost_ratio=0.05), pair)  # K is fixed: no calibration
+        prompts = [_chat_ids(int4, q) for q in QUESTIONS]
+        plain = int4.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS, speculative=False, logprobs=2))
+        spec = int4.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS, num_speculative_tokens=3))
+        assert sum(o.stats["num_accepted"] for o in spec) > 0
+        assert "Paris" in plain[0].text and spec[0].token_ids == plain[0].token_ids
+        for a, b in zip(plain, spec):
+            # Activations enter the int4 kernel in bf16, so a last-bit difference from the batch's shape (a verify
+            # pass of 4 tokens vs a decode of 1) can flip a near-tie, as in any bf16 serving; never a clear choice.
+            diverged = next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y), None)
+            if diverged is not None:
+                (_, best), (_, second) = a.logprobs[diverged].top
+                assert best - second < 0.1, (diverged, a.logprobs[diverged])
+    finally:
+        with torch.no_grad():
+            engine.pair.target.lm_head.weight.copy_(loaded_head)
