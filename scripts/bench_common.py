@@ -108,7 +108,7 @@ def bandwidth_limit(engine: LLMEngine) -> dict:
 def step_costs(engine: LLMEngine) -> dict:
     """Step costs measured afresh after the runs (the engine's calibration, 15 repeats per point, 1–8 tokens)."""
     costs = calibrate(engine.decoder.target, engine.decoder.draft, engine.block_manager, max_tokens=8, max_rows=1,
-                      long_context=64, max_draft_tokens=8, repeats=15)
+                      long_context=64, repeats=15)
     c, v = costs.ratios
     return {"draft_step_s": costs.draft(1) if costs.draft else None, "target_step_s": costs.target(1),
             "target_verify5_s": costs.target(5), "cost_ratio": c, "verify_ratio": v}

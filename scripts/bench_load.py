@@ -2,18 +2,24 @@
 concurrent streams, fp32 and int4, side by side,
 with how well the step-cost model predicted each step.
 
-The streams are chat and copy-heavy prompts mixed, all arriving together (one engine.generate call), greedy,
-`ignore_eos` so every run decodes the same number of tokens. Methods run one after another at each load, in an
+Streams are clients that send chat and copy-heavy prompts (mixed), each its next request as soon as its last
+one finished, greedy, `ignore_eos`. A run stops once the streams have decoded `--requests` requests' worth of
+tokens each and aborts what is still running: the rate is steady-state throughput at that many concurrent
+requests, which is what a server under that load delivers. `--arrival wave` instead sends all requests at once
+and runs them to the end (one `engine.generate` call): there the batch ends with its slowest sequence, so a token
+that speculation gains for a sequence that is not the last to finish saves only its row's share of later steps
+(the tail runs fewer rows), not a whole token's — a wave undervalues speculation under load. Methods run one after another at each load, in an
 order that rotates every round, so machine noise hits all of them alike. The prediction error is the engine's own
 (`LLMEngine.step_cost_log`: the model's cost for each step's measured shape, taken before it learns from the step).
 
-    python scripts/bench_load.py --dtype float32 --threads 2     # real pair, ~25 min on 2 cores
+    python scripts/bench_load.py --dtype float32 --threads 2     # real pair, ~60 min on 2 cores
     python scripts/bench_load.py --quick                         # smoke
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 from pathlib import Path
@@ -40,18 +46,32 @@ METHODS = {"K=0": ("draft", {"speculative": False}), "draft": ("draft", {"specul
 GOAL = 0.97
 
 
-def run(engine: LLMEngine, prompts: list[list[int]], max_tokens: int, overrides: dict) -> dict:
+def run(engine: LLMEngine, prompts: list[list[int]], streams: int, requests: int, max_tokens: int,
+        overrides: dict, wave: bool = False) -> dict:
+    """`streams` clients sending `prompts` in turn, each a new request when its last one finished, until they
+    decoded `requests` requests' worth of tokens each (module docstring); with `wave`, `streams` requests at
+    once, run to the end."""
     engine.step_cost_log.clear()
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, **overrides)
+    queue = (prompts[i % len(prompts)] for i in itertools.count())
     start = time.perf_counter()
-    outs = engine.generate(prompts, params)
-    seconds = time.perf_counter() - start
+    live = {engine.add_request(next(queue), params) for _ in range(streams)}
+    budget, tokens = streams * requests * max_tokens, 0
     by: dict[str, list[int]] = {}
-    for o in outs:
-        for name, c in o.stats["by_proposer"].items():
-            slot = by.setdefault(name, [0, 0])
-            slot[0], slot[1] = slot[0] + c["num_drafted"], slot[1] + c["num_accepted"]
-    return {"seconds": seconds, "tokens": sum(o.stats["tokens_generated"] for o in outs),
+    while live and (wave or tokens < budget):
+        for out in engine.step():
+            tokens += len(out.new_token_ids)
+            if out.proposer is not None:
+                slot = by.setdefault(out.proposer, [0, 0])
+                slot[0], slot[1] = slot[0] + out.num_drafted, slot[1] + out.num_accepted
+            if out.finished:
+                live.remove(out.request_id)
+                if not wave:
+                    live.add(engine.add_request(next(queue), params))
+    seconds = time.perf_counter() - start
+    for request_id in live:
+        engine.abort_request(request_id)
+    return {"seconds": seconds, "tokens": tokens,
             "errors": [predicted / measured - 1 for predicted, measured in engine.step_cost_log], "by_proposer": by}
 
 
@@ -71,17 +91,17 @@ def merge(runs: list[dict]) -> dict:
 
 
 def measure(engines: dict[str, LLMEngine], prompts: list[list[int]], streams: list[int], max_tokens: int,
-            rounds: int) -> dict[int, dict[str, dict]]:
+            rounds: int, requests: int, wave: bool) -> dict[int, dict[str, dict]]:
     names = [m for m, (engine, _) in METHODS.items() if engine in engines]
     runs = {n: {name: [] for name in names} for n in streams}
     for engine in engines.values():
-        run(engine, prompts[:2], 8, {})  # warm-up
+        run(engine, prompts[:2], 2, 1, 8, {})  # warm-up
     for r in tqdm(range(rounds), desc="rounds"):
         for n in streams:
-            batch = [prompts[(i + r) % len(prompts)] for i in range(n)]
+            turn = prompts[r % len(prompts):] + prompts[: r % len(prompts)]
             for name in names[r % len(names):] + names[: r % len(names)]:
                 engine, overrides = METHODS[name]
-                runs[n][name].append(run(engines[engine], batch, max_tokens, overrides))
+                runs[n][name].append(run(engines[engine], turn, n, requests, max_tokens, overrides, wave))
     table = {n: {name: merge(rs) for name, rs in by.items()} for n, by in runs.items()}
     for rows in table.values():  # each round's method ÷ that round's K=0: a noisy round moves one sample
         base = rows["K=0"]["round_tokens_per_s"]
@@ -122,7 +142,7 @@ def report(results: dict[str, dict[int, dict[str, dict]]]) -> list[dict]:
     return checks
 
 
-def plot(results: dict[str, dict[int, dict[str, dict]]], path: Path) -> None:
+def plot(results: dict[str, dict[int, dict[str, dict]]], path: Path, arrival: str) -> None:
     fig, axes = subplots(1, len(results), figsize=(6.5 * len(results), 4.5), squeeze=False)
     for ax, (quant, table) in zip(axes[0], results.items()):
         streams = list(table)
@@ -133,7 +153,7 @@ def plot(results: dict[str, dict[int, dict[str, dict]]], path: Path) -> None:
         ax.axhline(GOAL, color="r", lw=0.8, ls="--", label=f"{GOAL} (goal)")
         ax.set_xscale("log", base=2)
         ax.set_xticks(streams, [str(n) for n in streams])
-        ax.set_xlabel("concurrent streams (chat + copy-heavy prompts)")
+        ax.set_xlabel(f"{arrival} (chat + copy-heavy prompts)")
         ax.set_ylabel("throughput ÷ K=0 (median over rounds)")
         ax.set_title(f"quantization {quant}")
         ax.legend()
@@ -148,12 +168,14 @@ def main() -> None:
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 4, 16, 32])
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--requests", type=int, default=3, help="requests' worth of tokens per stream and run")
+    parser.add_argument("--arrival", choices=["streams", "wave"], default="streams", help="module docstring")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--quick", action="store_true", help="streams 1 and 4, 12 tokens, one round")
     parser.add_argument("--out", default="bench_results")
     args = parser.parse_args()
     if args.quick:
-        args.streams, args.max_tokens, args.rounds = [1, 4], 12, 1
+        args.streams, args.max_tokens, args.rounds, args.requests = [1, 4], 12, 1, 1
     torch.set_num_threads(args.threads)
     results, dtypes = {}, {}
     for quant in args.quantizations:
@@ -168,7 +190,8 @@ def main() -> None:
         encode = (lambda p: chat_prompt_ids(tokenizer, p)) if tokenizer.chat_template else (
             lambda p: tokenizer(p).input_ids)
         prompts = [encode(p) for pair in zip(CHAT, GROUNDED) for p in pair]  # chat and copy-heavy, alternating
-        results[quant] = measure(engines, prompts, args.streams, args.max_tokens, args.rounds)
+        results[quant] = measure(engines, prompts, args.streams, args.max_tokens, args.rounds, args.requests,
+                                 args.arrival == "wave")
         dtypes[quant] = str(engine.pair.target.dtype)
         del engine, engines
     checks = report(results)
@@ -176,7 +199,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     meta = {"args": vars(args), "cpu": cpu_name(), "threads": args.threads, "dtypes": dtypes}
     (out / "bench_load.json").write_text(json.dumps({**meta, "results": results, "goals": checks}, indent=2))
-    plot(results, out / "bench_load.png")
+    plot(results, out / "bench_load.png", "requests in one wave" if args.arrival == "wave" else "streams")
     print(f"CPU: {meta['cpu']}, {args.threads} threads; wrote {out / 'bench_load.json'} and {out / 'bench_load.png'}")
 
 

@@ -58,6 +58,17 @@ def test_low_acceptance_turns_speculation_off():
     assert choice == Choice(None, 0)
 
 
+@pytest.mark.parametrize("gain, margin, drafts", [(1.06, 0.03, True), (1.02, 0.03, False), (1.02, 0.0, True)])
+def test_drafting_must_beat_k0_by_the_margin(gain, margin, drafts):
+    """Near break-even a few percent of cost-model error decide the sign: prompt lookup (free to propose, α 0.3)
+    drafts one token only where the predicted rate beats K = 0 by the margin."""
+    extra = 1.3 / gain - 1  # one verify token's cost that makes (1 + α) / (1 + extra) = gain
+    curve = [(1, 1.0), (2, 1.0 + extra), (MAX_TOKENS, 1.0 + extra * (MAX_TOKENS - 1))]
+    [choice] = Planner(k_max=1, margin=margin).plan([options(seq(ngram_alpha=0.3), draft=False, ngram=[7])],
+                                                    costs(curve))
+    assert choice == (Choice(Proposer.NGRAM, 1) if drafts else Choice(None, 0))
+
+
 def test_k_shrinks_under_load_as_the_verify_pass_turns_compute_bound():
     planner, curve = Planner(k_max=8), costs(MEMORY_BOUND, 0.02)
     [alone] = planner.plan([options(seq(0.8))], curve)

@@ -134,9 +134,9 @@ class LLMEngine:
         long_context = min(512, limit // 2)
         try:
             costs = calibrate(self.decoder.target, self.decoder.draft, self.block_manager,
-                              max_tokens=min(64, config.max_num_batched_tokens, limit - long_context - 1),
+                              max_tokens=min(256, config.max_num_batched_tokens, limit - long_context - 1),
                               max_rows=config.max_num_seqs, base_context=min(64, limit // 4),
-                              long_context=long_context, max_draft_tokens=min(256, limit - long_context - 1))
+                              long_context=long_context)
         except ValueError:  # a pool too small to calibrate in
             return StepCostModel.from_ratios(DEFAULT_DRAFT_COST_RATIO, 0.0, config.max_num_batched_tokens,
                                              self.decoder.eagle)

@@ -18,7 +18,10 @@ Choice. For each draft depth P (0 … k_max) every sequence takes the proposer t
 it (prompt lookup costs nothing to run but proposes only where the text repeats itself); all the possible
 extra draft tokens of the batch are ranked by gain, and the prefix of that ranking with the most expected
 tokens per second wins. K = 0 everywhere is a candidate like the others, so speculation switches itself off
-when it does not pay, per sequence and per step, whatever the load.
+when it does not pay, per sequence and per step, whatever the load. Drafting must beat it by `margin`: near
+break-even (under load, where a verify token costs nearly what a row does) the step-cost model's few percent of
+shape error decide the sign, and a step that drafts on a wrong sign loses for sure while one that does not only
+misses a small gain.
 Acceptance. α is a decayed ratio of accepted to judged draft positions, per sequence and per proposer, pulled
 towards the engine-wide rate of that proposer while the sequence's own evidence is thin (a new request starts
 from what the proposer has been doing lately, not from a fixed guess). Before any evidence the engine-wide rate
@@ -115,6 +118,7 @@ class Planner:
     decay: float = 0.9
     probe_interval: int = 16
     probe_share: float = 0.01  # of predicted step time, spent on probing the model proposer at most
+    margin: float = 0.03  # the predicted rate drafting must beat K = 0 by (module docstring)
     model: Proposer = Proposer.DRAFT  # the engine's model-based proposer: the draft model or the EAGLE head
     model_prior: float | None = None  # its measured α (measured_alpha), the engine-wide rate's starting point
     population: dict[Proposer, Acceptance] = field(default_factory=_population)
@@ -303,6 +307,7 @@ class _StepShape:
         seconds = self.step_seconds(np.arange(len(order) + 1), runs_draft.sum(axis=1),
                                     (runs_draft * table.catch_up[None, :]).sum(axis=1), passes)
         rate = expected / seconds
+        rate[1:] /= 1 + self.planner.margin  # prefix 0 drafts nothing: K = 0 for every free sequence
         m = int(np.argmax(rate))
         named = {_NONE: None, _MODEL: self.planner.model, _NGRAM: Proposer.NGRAM}
         return float(rate[m]), [Choice(named[p] if k or j else None, int(k))

@@ -9,6 +9,9 @@ costs real compute once it is not. A forward pass of either model costs, to a go
 
 - tokens(T): T batched tokens of one sequence (projections and LM head). Sampled at every T up to 8 and more
   sparsely after: CPU GEMM kernels change at small widths (on the 2-core EPYC, 5 rows cost ~1.4× 4 rows).
+  Up to 256 tokens for both models: verify passes under load reach rows × (K + 1) (32 × 9), and a curve extended
+  past its last point misses how kernels steepen (int4 on a 2-core Xeon: 1.4 ms per token from 48 to 64, 2.8 from
+  192 to 256; calibrated to 64 only, a 16-row pass of 112 tokens was under-predicted by 15 %).
 - rows(R): what R sequences of one token each cost over R tokens of one sequence (per-sequence attention work).
 - per_context: each token of K/V the paged attention gathers (R × the longest context, with padding) beyond the
   C₀ per row that calibration used.
@@ -279,15 +282,15 @@ def calibrate_forward(runner: ModelRunner | HeadPasses, table: list[int], max_to
 
 
 def calibrate(target: ModelRunner, draft: ModelRunner | EagleRunner | None, block_manager: BlockManager,
-              max_tokens: int = 64, max_rows: int = 32, base_context: int = 64, long_context: int = 512,
-              repeats: int = 2, max_draft_tokens: int = 256) -> StepCostModel:
+              max_tokens: int = 256, max_rows: int = 32, base_context: int = 64, long_context: int = 512,
+              repeats: int = 2) -> StepCostModel:
     """Measure the target's and the proposer's (a draft model or an EAGLE head) forward costs on a scratch
     sequence. Raises ValueError when the pool is too small."""
     table: list[int] = []
-    slots = long_context + max(max_tokens, max_draft_tokens)
+    slots = long_context + max_tokens
     if not block_manager.ensure_slots(table, slots):
         long_context = base_context
-        slots = base_context + max(max_tokens, max_draft_tokens)
+        slots = base_context + max_tokens
         if not block_manager.ensure_slots(table, slots):
             raise ValueError("the KV pool is too small to calibrate")
     try:
@@ -295,7 +298,7 @@ def calibrate(target: ModelRunner, draft: ModelRunner | EagleRunner | None, bloc
         if draft is None:
             return StepCostModel(target_cost, None)
         head = isinstance(draft, EagleRunner)
-        draft_cost = calibrate_forward(HeadPasses(draft) if head else draft, table, max_draft_tokens, max_rows,
+        draft_cost = calibrate_forward(HeadPasses(draft) if head else draft, table, max_tokens, max_rows,
                                        base_context, long_context, repeats)
         return StepCostModel(target_cost, None, eagle=draft_cost) if head else StepCostModel(target_cost, draft_cost)
     finally:
