@@ -20,7 +20,12 @@ The engine calibrates these at start, for the target and its model-based propose
 head (one decoder layer over the target's features, engine/eagle_runner.py; at most one of the two per engine).
 Live steps then refresh one scale per model (an exponential moving average of measured ÷ predicted), so the
 curves keep their measured shape while following threads, contention and clock speed; a per-point refresh would
-let one noisy step reshape a curve for good.
+let one noisy step reshape a curve for good. One shape error is learnt apart: passes of one token per row (plain
+decoding) against the rest (verify, prefill). The planner's choice under load is exactly that comparison, and
+the additive curves get it wrong by several percent — measured on a 2-core Xeon, int4, 32 rows: the scale fitted
+to the verify steps that ran predicted the plain step 10 % too slow, so drafting looked 10 % better than it was
+(the context term, timed on one row at a long context, is too steep for many one-token rows). So decode passes
+keep a slow `decode_bias`, measured ÷ what the scale predicts, and the scale learns from them net of it.
 The draft's first pass in a step catches it up on every token it has not seen yet (after the target's prefill,
 after steps where prompt lookup or nothing drafted, after preemption): a pass of that many tokens, not a one-row
 pass. The head's catch-up pass is shaped the same way but one token shorter: its entry t pairs the target's
@@ -42,6 +47,11 @@ from helix_serve.engine.model_runner import ModelRunner
 
 LIVE_WEIGHT = 0.1  # weight of one live step in the moving averages
 SCALE_RANGE = (0.25, 4.0)  # one step moves a scale at most this far (a stall or a paused process is not a trend)
+BIAS_WEIGHT = 0.02  # the decode bias learns 5× slower than the scale: contention moves the scale, shape errors the bias
+
+
+def _clamp(ratio: float, current: float) -> float:
+    return min(max(ratio, current * SCALE_RANGE[0]), current * SCALE_RANGE[1])
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +118,8 @@ class ForwardCost:
     row_seconds: list[float] = field(default_factory=lambda: [0.0])  # R one-token rows over one R-token row
     per_context_s: float = 0.0
     base_context: int = 0  # C₀
-    scale: float = 1.0  # live: measured ÷ predicted, averaged
+    scale: float = 1.0  # live: measured ÷ predicted, averaged over every pass
+    decode_bias: float = 1.0  # live: passes of one token per row, measured ÷ predicted by `scale` (docstring)
 
     _by_tokens: np.ndarray | None = field(default=None, init=False, repr=False)  # dense tables, built once:
     _by_rows: np.ndarray | None = field(default=None, init=False, repr=False)  # the planner asks every step
@@ -125,7 +136,8 @@ class ForwardCost:
         return np.maximum(by_tokens + extra, 0.5 * by_tokens)  # noisy corrections never make a pass nearly free
 
     def __call__(self, tokens: float | np.ndarray, rows: int = 1, context: int | None = None) -> float | np.ndarray:
-        return self.scale * self.unscaled(tokens, rows, context)
+        value = self.scale * np.where(np.asarray(tokens) <= rows, self.decode_bias, 1.0) * self.unscaled(tokens, rows, context)
+        return value if np.ndim(value) else float(value)
 
     def of(self, shape: PassShape) -> float:
         return float(self(shape.tokens, shape.rows, shape.context))
@@ -133,8 +145,11 @@ class ForwardCost:
     def observe(self, timing: PassTiming) -> None:
         shape = timing.shape
         ratio = timing.seconds / float(self.unscaled(shape.tokens, shape.rows, shape.context))
-        ratio = min(max(ratio, self.scale * SCALE_RANGE[0]), self.scale * SCALE_RANGE[1])
-        self.scale = (1 - LIVE_WEIGHT) * self.scale + LIVE_WEIGHT * ratio
+        if shape.tokens <= shape.rows:  # a decode pass: it teaches the bias (slowly) and, net of it, the scale
+            bias = _clamp(ratio / self.scale, self.decode_bias)
+            self.decode_bias = (1 - BIAS_WEIGHT) * self.decode_bias + BIAS_WEIGHT * bias
+            ratio /= self.decode_bias
+        self.scale = (1 - LIVE_WEIGHT) * self.scale + LIVE_WEIGHT * _clamp(ratio, self.scale)
 
 
 @dataclass(frozen=True, slots=True)
