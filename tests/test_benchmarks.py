@@ -90,15 +90,21 @@ def test_soak_serves_the_toy_pair_unless_asked_for_the_real_one(tmp_path):
     assert soak.model_args(tmp_path, real_pair=True) == {"target_model": DEFAULT_TARGET, "draft_model": DEFAULT_DRAFT}
 
 
-def test_load_benchmark_quick_reports_each_method_against_k0_and_the_cost_error(llama_pair, eagle_dir, tmp_path):
+@pytest.mark.parametrize("arrival", ["streams", "wave"])
+def test_load_benchmark_quick_reports_each_method_against_k0_and_the_cost_error(llama_pair, eagle_dir, tmp_path,
+                                                                               arrival):
     target, draft = llama_pair
     result = _run("bench_load.py", tmp_path, "--target", str(target), "--draft", str(draft), "--dtype", "float32",
-                  "--eagle-head", str(eagle_dir), "--quantizations", "none")
+                  "--eagle-head", str(eagle_dir), "--quantizations", "none", "--arrival", arrival)
     table = result["results"]["none"]
     assert list(table) == ["1", "4"]  # JSON keys: the quick run's stream counts
-    for rows in table.values():
+    for streams, rows in table.items():
         assert set(rows) == {"K=0", "draft", "ngram", "hybrid", "K=0 (head)", "eagle", "hybrid+eagle"}
-        assert all(r["tokens"] > 0 and r["steps"] > 0 and r["cost_error_median"] >= 0 for r in rows.values())
+        assert all(r["steps"] > 0 and r["cost_error_median"] >= 0 for r in rows.values())
+        # 12 tokens per request, EOS ignored: a wave decodes exactly that; streams stop once they have, or just past
+        budget = int(streams) * 12
+        assert all(r["tokens"] == budget if arrival == "wave" else budget <= r["tokens"] < budget + int(streams) * 9
+                   for r in rows.values())
         assert rows["eagle"]["by_proposer"].keys() <= {"eagle"} and not rows["K=0 (head)"]["by_proposer"]
     goals = [g["goal"] for g in result["goals"]]
     assert sum(g.startswith("draft >= ") for g in goals) == 2 and sum(g.startswith("eagle >= ") for g in goals) == 2
