@@ -8,9 +8,10 @@ tokens each and aborts what is still running: the rate is steady-state throughpu
 requests, which is what a server under that load delivers. `--arrival wave` instead sends all requests at once
 and runs them to the end (one `engine.generate` call): there the batch ends with its slowest sequence, so a token
 that speculation gains for a sequence that is not the last to finish saves only its row's share of later steps
-(the tail runs fewer rows), not a whole token's — a wave undervalues speculation under load. Methods run one after another at each load, in an
-order that rotates every round, so machine noise hits all of them alike. The prediction error is the engine's own
-(`LLMEngine.step_cost_log`: the model's cost for each step's measured shape, taken before it learns from the step).
+(the tail runs fewer rows), not a whole token's — a wave undervalues speculation under load. Methods run one
+after another at each load, in an order that rotates every round, so machine noise hits all of them alike. The
+prediction error is the engine's own (`LLMEngine.step_cost_log`: the model's cost for each step's measured shape,
+taken before it learns from the step).
 
     python scripts/bench_load.py --dtype float32 --threads 2     # real pair, ~60 min on 2 cores
     python scripts/bench_load.py --quick                         # smoke

@@ -47,7 +47,7 @@ from helix_serve.engine.model_runner import ModelRunner
 
 LIVE_WEIGHT = 0.1  # weight of one live step in the moving averages
 SCALE_RANGE = (0.25, 4.0)  # one step moves a scale at most this far (a stall or a paused process is not a trend)
-BIAS_WEIGHT = 0.02  # the decode bias learns 5× slower than the scale: contention moves the scale, shape errors the bias
+BIAS_WEIGHT = 0.02  # the decode bias learns 5× slower than the scale: contention moves the scale, shape the bias
 
 
 def _clamp(ratio: float, current: float) -> float:
@@ -136,7 +136,8 @@ class ForwardCost:
         return np.maximum(by_tokens + extra, 0.5 * by_tokens)  # noisy corrections never make a pass nearly free
 
     def __call__(self, tokens: float | np.ndarray, rows: int = 1, context: int | None = None) -> float | np.ndarray:
-        value = self.scale * np.where(np.asarray(tokens) <= rows, self.decode_bias, 1.0) * self.unscaled(tokens, rows, context)
+        bias = np.where(np.asarray(tokens) <= rows, self.decode_bias, 1.0)  # one token per row: a decode pass
+        value = self.scale * bias * self.unscaled(tokens, rows, context)
         return value if np.ndim(value) else float(value)
 
     def of(self, shape: PassShape) -> float:
