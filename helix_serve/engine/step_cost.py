@@ -10,8 +10,8 @@ costs real compute once it is not. A forward pass of either model costs, to a go
 - tokens(T): T batched tokens of one sequence (projections and LM head). Sampled at every T up to 8 and more
   sparsely after: CPU GEMM kernels change at small widths (on the 2-core EPYC, 5 rows cost ~1.4× 4 rows).
   Up to 256 tokens for both models: verify passes under load reach rows × (K + 1) (32 × 9), and a curve extended
-  past its last point misses how kernels steepen (int4 on a 2-core Xeon: 1.4 ms per token from 48 to 64, 2.8 from
-  192 to 256; calibrated to 64 only, a 16-row pass of 112 tokens was under-predicted by 15 %).
+  past its last point misses how kernels steepen (int4 on a 2-core Xeon: 1.6–1.7 ms per token from 48 to 64,
+  2.2–2.8 from 192 to 256; calibrated to 64 only, a 16-row pass of 112 tokens was under-predicted by 15 %).
 - rows(R): what R sequences of one token each cost over R tokens of one sequence (per-sequence attention work).
 - per_context: each token of K/V the paged attention gathers (R × the longest context, with padding) beyond the
   C₀ per row that calibration used.
