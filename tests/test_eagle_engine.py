@@ -164,7 +164,7 @@ def test_the_head_catches_up_on_the_prompt_in_the_prefill_step(llama_pair, eagle
     engine = eagle_engine(llama_pair, eagle_dir, num_kv_blocks=128)
     prompt = engine.tokenizer(PROMPTS[3] + " " + PROMPTS[7]).input_ids
     request_id = engine.add_request(prompt, SamplingParams(max_tokens=2 * HEAD_BACKLOG + 8, ignore_eos=True,
-                                                           speculative=False))
+                                                           num_speculative_tokens=0))
     seq = engine.seqs[request_id]
     engine.step()  # the prefill
     assert seq.num_draft_cached == len(prompt) - 1 and len(seq.eagle_features) == 1
@@ -175,4 +175,18 @@ def test_the_head_catches_up_on_the_prompt_in_the_prefill_step(llama_pair, eagle
         engine.step()
         kept.append(len(seq.eagle_features))
     assert max(kept) <= HEAD_BACKLOG + 1 and seq.num_draft_cached > len(prompt) + HEAD_BACKLOG
+    assert engine.kv_usage()["used_blocks"] == 0
+
+
+def test_the_head_does_not_follow_a_request_without_speculation(llama_pair, eagle_dir):
+    """Its features are neither kept nor fed to the head: such a request never drafts."""
+    engine = eagle_engine(llama_pair, eagle_dir, num_kv_blocks=128)
+    plain = engine.add_request(engine.tokenizer(PROMPTS[3]).input_ids, SamplingParams(
+        max_tokens=8, ignore_eos=True, speculative=False))
+    lookup = engine.add_request(engine.tokenizer(PROMPTS[4]).input_ids, SamplingParams(
+        max_tokens=8, ignore_eos=True, speculative_method="ngram"))
+    seqs = [engine.seqs[plain], engine.seqs[lookup]]
+    while engine.has_unfinished_requests():
+        engine.step()
+        assert all(s.num_draft_cached == 0 and s.eagle_features is None for s in seqs)
     assert engine.kv_usage()["used_blocks"] == 0

@@ -373,10 +373,11 @@ class LLMEngine:
 
     def _draft(self, seq: Sequence, k: int, planned: _Planned | None) -> Draft:
         """The decoder's instructions; k is the scheduler's (it drops to 0 when the KV pool is short)."""
+        follow = seq.params.speculative and self._may_use(seq, self.model_proposer)
         if planned is None:  # admitted this step
-            return Draft(0, None, self._judged(seq))
+            return Draft(0, None, self._judged(seq), follow)
         given = {Proposer.NGRAM: planned.options.ngram_tokens, Proposer.GRAMMAR: planned.options.forced_tokens}
-        return Draft(k, given.get(planned.choice.proposer), planned.options.judged)
+        return Draft(k, given.get(planned.choice.proposer), planned.options.judged, follow)
 
     def _advance(self, seq: Sequence, draft: Draft, planned: _Planned | None, new_ids: list[int], num_accepted: int,
                  logprobs: list[TokenLogprob] | None) -> RequestOutput:

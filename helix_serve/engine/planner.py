@@ -175,26 +175,18 @@ class Planner:
 
     def _probe(self, options: list[Options], choices: list[Choice], shape: _StepShape) -> None:
         """Give the stalest sequences a K = 1 model-proposer probe, as many as the probe budget covers."""
-        seconds = shape.seconds(options, choices)
-        self.probe_budget_s = min(self.probe_budget_s + self.probe_share * seconds, seconds)
         stale = sorted((i for i, (o, c) in enumerate(zip(options, choices))
                         if o.draft and o.room > 0 and o.fixed_k is None and c.proposer is None  # not in place of lookup
                         and o.seq.acceptance[self.model.value].steps_since >= self.probe_interval),
                        key=lambda i: -options[i].seq.acceptance[self.model.value].steps_since)
-
-        def probed(n: int) -> list[Choice]:
-            return [Choice(self.model, 1) if i in stale[:n] else c for i, c in enumerate(choices)]
-
-        low, high = 0, len(stale)  # the most probes whose predicted extra time fits the budget (it grows with n)
-        while low < high:
-            mid = (low + high + 1) // 2
-            if shape.seconds(options, probed(mid)) - seconds <= self.probe_budget_s:
-                low = mid
-            else:
-                high = mid - 1
-        if low:
-            self.probe_budget_s -= shape.seconds(options, probed(low)) - seconds
-            choices[:] = probed(low)
+        seconds = shape.with_probes(options, choices, stale)  # [n + 1]: the step with the n stalest probed
+        self.probe_budget_s = min(self.probe_budget_s + self.probe_share * seconds[0], seconds[0])
+        # the most probes whose predicted extra time fits the budget (the extra time never falls with n)
+        n = int(np.count_nonzero(np.maximum.accumulate(seconds - seconds[0]) <= self.probe_budget_s)) - 1
+        if n:
+            self.probe_budget_s -= seconds[n] - seconds[0]
+            for i in stale[:n]:
+                choices[i] = Choice(self.model, 1)
 
     def _better(self, o: Options, draft_depth: int) -> Proposer:
         """The proposer that expects more tokens from this sequence (prompt lookup on a tie: it is free)."""
@@ -275,16 +267,21 @@ class _StepShape:
         return self.costs.step_seconds(self.base_tokens + drafted, self.rows, self.context, work,
                                        self.fixed_k + drafted)
 
-    def seconds(self, options: list[Options], choices: list[Choice]) -> float:
-        """The predicted time of a step with these choices (the fixed ones included)."""
+    def with_probes(self, options: list[Options], choices: list[Choice], stale: list[int]) -> np.ndarray:
+        """The predicted time of a step with these choices (the fixed ones included), and with a K = 1 probe of
+        the model proposer added for the first n of `stale` (sequences that draft nothing), n = 0 … len(stale)."""
         model = self.planner.model
         drafting = [(o, c) for o, c in zip(options, choices) if c.proposer is model and c.k + o.judged > 0]
-        total_k = sum(c.k for c in choices)
-        base = self.base_tokens - self.fixed_k
+        probes = np.arange(len(stale) + 1)
+        total_k = sum(c.k for c in choices) + probes
+        catch_up = sum(o.catch_up(model) for o, _ in drafting) + np.cumsum([0] + [options[i].catch_up(model)
+                                                                            for i in stale])
+        rows = len(drafting) + probes
+        passes = np.maximum(max((c.k + o.judged for o, c in drafting), default=0), np.minimum(probes, 1))
         longest = self.context // max(self.rows, 1)
-        work = DraftWork(max((c.k + o.judged for o, c in drafting), default=0), len(drafting),
-                         sum(o.catch_up(model) for o, _ in drafting), len(drafting) * longest, model is Proposer.EAGLE)
-        return float(self.costs.step_seconds(base + total_k, self.rows, self.context, work, total_k))
+        work = DraftWork(passes, rows, catch_up, rows * longest, model is Proposer.EAGLE)
+        base = self.base_tokens - self.fixed_k
+        return np.asarray(self.costs.step_seconds(base + total_k, self.rows, self.context, work, total_k), float)
 
     def best_prefix(self, table: _FreeTable, depth: int) -> tuple[float, list[Choice]]:
         """At this draft depth: the free sequences' extra tokens ranked by gain, and the prefix of that ranking

@@ -40,7 +40,7 @@ from helix_serve.engine.model_runner import ModelRunner
 from helix_serve.engine.rejection import RejectionResult, greedy_verify, rejection_sample
 from helix_serve.engine.sampler import (Purpose, SamplingTensors, argmax, logits_to_probs, position_uniform,
                                         sample_from_probs, sampling_row)
-from helix_serve.engine.sequence import Sequence
+from helix_serve.engine.sequence import KeptFeatures, Sequence
 from helix_serve.engine.step_cost import PassShape, PassTiming, StepTiming
 from helix_serve.engine.structured.masks import StepMasks
 
@@ -63,6 +63,7 @@ class Draft:
     k: int = 0  # draft tokens the target verifies
     tokens: list[int] | None = None  # given proposals (prompt lookup, grammar-forced), at least k; None: the model samples
     judged: bool = False  # the draft model proposes k + 1 and the last position is judged (module docstring)
+    follow: bool = True  # the model proposer may draft for it later (an EAGLE head keeps its features, catches up)
 
     @property
     def num_proposals(self) -> int:
@@ -284,7 +285,7 @@ class SpeculativeDecoder:
         fed the row's own output feature and the token it drafted. Also returns the chunks and starts."""
         picked = [seqs[i] for i in rows]
         if j == 0:
-            features = torch.cat([s.eagle_features[: s.num_tokens - 1 - s.num_draft_cached] for s in picked])
+            features = torch.cat([s.eagle_features.first(s.num_tokens - 1 - s.num_draft_cached) for s in picked])
             features = self.draft.head.fuse(features)
             chunks = [s.token_ids[s.num_draft_cached + 1 :] for s in picked]
             starts = [s.num_draft_cached for s in picked]
@@ -306,14 +307,15 @@ class SpeculativeDecoder:
             uncached = seq.num_tokens - seq.num_target_cached
             fresh = features[offset : offset + uncached + a]  # the target's pass: verified positions only
             offset += uncached + k
+            if not draft.follow:
+                continue
             kept = seq.eagle_features
             if kept is None or seq.num_draft_cached + len(kept) != seq.num_target_cached:  # (re)admitted
-                kept = fresh[:0]
-            kept = torch.cat((kept, fresh))
+                kept = seq.eagle_features = KeptFeatures()
+            kept.append(fresh)
             if draft.by_model:  # the head caught up to entry n - 2 while drafting
-                kept = kept[seq.num_tokens - 1 - seq.num_draft_cached :]
+                kept.drop(seq.num_tokens - 1 - seq.num_draft_cached)
                 seq.num_draft_cached = seq.num_tokens - 1
-            seq.eagle_features = kept
 
     def _catch_up_head(self, seqs: list[Sequence], drafts: list[Draft], timing: StepTiming) -> None:
         """The head runs over a prompt's features right after its prefill (EAGLE's own order), so drafting later
@@ -322,19 +324,20 @@ class SpeculativeDecoder:
         drafted for HEAD_BACKLOG steps catches up too, which bounds the features it keeps (one pass per
         HEAD_BACKLOG tokens: a fraction of a percent of those steps)."""
         # A prefill step: more than the newest token was uncached (num_target_cached is not yet updated here).
-        picked = [s for s, d in zip(seqs, drafts) if d.k == 0 and s.num_tokens - 1 > s.num_draft_cached and (
+        picked = [s for s, d in zip(seqs, drafts) if d.k == 0 and d.follow
+                  and s.num_tokens - 1 > s.num_draft_cached and (
             s.num_tokens - s.num_target_cached > 1 or s.num_tokens - 1 - s.num_draft_cached >= HEAD_BACKLOG)]
         if not picked:
             return
         start = time.perf_counter()
-        features = torch.cat([s.eagle_features[: s.num_tokens - 1 - s.num_draft_cached] for s in picked])
+        features = torch.cat([s.eagle_features.first(s.num_tokens - 1 - s.num_draft_cached) for s in picked])
         chunks = [s.token_ids[s.num_draft_cached + 1 : s.num_tokens] for s in picked]
         starts = [s.num_draft_cached for s in picked]
         self.draft.logits([s.block_table for s in picked], self.draft.head.fuse(features), chunks, starts)
         self._synchronize()
         timing.heads.append(PassTiming(_shape(chunks, starts), time.perf_counter() - start))
         for s in picked:
-            s.eagle_features = s.eagle_features[s.num_tokens - 1 - s.num_draft_cached :]
+            s.eagle_features.drop(s.num_tokens - 1 - s.num_draft_cached)
             s.num_draft_cached = s.num_tokens - 1
 
     def _score(self, seqs: list[Sequence], ks: list[int], draft_ids: torch.Tensor, draft_lists: list[list[int]],

@@ -7,8 +7,12 @@ costs real compute once it is not. A forward pass of either model costs, to a go
 
     forward(T, R, C) = tokens(T) + rows(R) + per_context · (C − R · C₀)
 
-- tokens(T): T batched tokens of one sequence (projections and LM head). Sampled at every T up to 8 and more
-  sparsely after: CPU GEMM kernels change at small widths (on the 2-core EPYC, 5 rows cost ~1.4× 4 rows).
+- tokens(T): T batched tokens of one sequence (projections and LM head). Sampled at every T up to 6 and more
+  sparsely after, on both sides of every multiple of 16: CPU GEMM kernels change at small widths (on the 2-core
+  EPYC, 5 rows cost ~1.4× 4 rows) and tile the tokens by 16 (on the 2-core Xeon, one sequence: 32 → 33 tokens
+  78 → 92 ms in int4, 79 → 96 ms in fp32; 33 → 48 tokens +20 ms and +1 ms). A curve through 32 and 48 alone
+  put the 33rd token at 2 ms: under load, where K = 0 is one token per row, each one-token probe or draft beside
+  16 or 32 rows cost several times its prediction (int4 Xeon, EAGLE, 32 streams: 0.93× K=0).
   Up to 256 tokens for both models: verify passes under load reach rows × (K + 1) (32 × 9), and a curve extended
   past its last point misses how kernels steepen (int4 on a 2-core Xeon: 1.6–1.7 ms per token from 48 to 64,
   2.2–2.8 from 192 to 256; calibrated to 64 only, a 16-row pass of 112 tokens was under-predicted by 15 %).
@@ -262,7 +266,7 @@ def least_time(fn, repeats: int, min_seconds: float = 0.02) -> float:
     return min(samples)
 
 
-TOKEN_SIZES = (1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+TOKEN_SIZES = (1, 2, 3, 4, 5, 6, 8, 12, 16, 17, 24, 32, 33, 48, 49, 64, 65, 96, 97, 128, 129, 192, 193, 256)
 ROW_SIZES = (1, 2, 4, 8, 16, 32, 64)
 SWEEPS = 2  # every point is timed in each sweep; a stall must hit all of them to show
 
