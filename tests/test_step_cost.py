@@ -1,9 +1,12 @@
 """The step-cost model: prediction from a step's shape, live refresh, and the defects it replaced."""
 
+import time
+
 import numpy as np
 import pytest
 
-from helix_serve.engine.step_cost import DraftWork, ForwardCost, PassShape, PassTiming, StepCostModel, StepTiming
+from helix_serve.engine.step_cost import (DraftWork, ForwardCost, PassShape, PassTiming, StepCostModel, StepTiming,
+                                          calibrate_forward)
 
 
 def true_forward(tokens: int, rows: int, context: int) -> float:
@@ -95,3 +98,21 @@ def test_the_rest_of_a_step_is_learned_per_step_and_per_drafted_token():
         model.observe(StepTiming(PassTiming(PassShape(5, 1, 64), 0.01), drafted_tokens=4, total_s=0.01 + 0.002 + 4e-4))
     assert model.per_step_s == pytest.approx(0.002, rel=0.05)
     assert model.per_draft_token_s == pytest.approx(1e-4, rel=0.1)
+
+
+def test_calibration_finds_where_a_kernel_starts_a_new_tile_of_tokens():
+    """GEMM kernels tile the tokens by 16 (2-core Xeon, one sequence: 32 → 33 tokens 78 → 92 ms in int4, then +20 ms
+    up to 48). Under load K = 0 is one token per row, so the 33rd token of a 32-row step is what a one-token draft
+    or probe costs: calibration samples both sides of each multiple of 16 and predicts that edge."""
+    tile_s = 2e-3
+
+    class TiledKernel:  # a pass costs one tile per 16 tokens
+        vocab_size = 100
+
+        def logits(self, tables, chunks, starts, num_logits):
+            time.sleep(tile_s * (1 + (sum(len(c) for c in chunks) - 1) // 16))
+
+    cost = calibrate_forward(TiledKernel(), [0], max_tokens=64, max_rows=4, base_context=8, long_context=8, repeats=1)
+    for edge in (16, 32, 48):
+        assert cost(edge + 1) - cost(edge) == pytest.approx(tile_s, rel=0.25)
+    assert cost(40) == pytest.approx(3 * tile_s, rel=0.1)
