@@ -21,8 +21,8 @@ later step (one at K = 0). Unseeded requests, whose tokens nobody can reproduce 
 Proposers. A sequence's drafts come from the engine's model proposer — the draft model, or an EAGLE head
 drafting from the target's features (eagle_runner.py); either way sampled from its q after the request's
 penalties, logit_bias and sampling settings — or are given (prompt lookup, ngram_proposer.py; the tokens a
-grammar forces, structured/grammar.py): given proposals are deterministic, so q is one-hot on them and rejection sampling
-accepts x with probability p(x) — exact under any sampling settings. Seeded sampled requests use the draft
+grammar forces, structured/grammar.py): given proposals are deterministic, so q is one-hot on them and rejection
+sampling accepts x with probability p(x) — exact under any sampling settings. Seeded sampled requests use the draft
 model only: given proposals would make their tokens depend on which proposer ran (planner.py).
 """
 
@@ -61,7 +61,7 @@ class Draft:
     """How one sequence drafts in a step."""
 
     k: int = 0  # draft tokens the target verifies
-    tokens: list[int] | None = None  # given proposals (prompt lookup, grammar-forced), at least k; None: the model samples
+    tokens: list[int] | None = None  # given proposals (lookup, grammar-forced), at least k; None: the model samples
     judged: bool = False  # the draft model proposes k + 1 and the last position is judged (module docstring)
     follow: bool = True  # the model proposer may draft for it later (an EAGLE head keeps its features, catches up)
 

@@ -209,7 +209,8 @@ class StepCostModel:
         processing of every row of logits, and the rest."""
         logit_rows = rows + np.asarray(num_drafted) + (np.asarray(draft.passes) * draft.rows if draft else 0)
         return (self.target(num_tokens, rows, context) + self.draft_seconds(draft)
-                + self.per_row_processing_s * logit_rows + self.per_step_s + self.per_draft_token_s * np.asarray(num_drafted))
+                + self.per_row_processing_s * logit_rows + self.per_step_s
+                + self.per_draft_token_s * np.asarray(num_drafted))
 
     def predict(self, timing: StepTiming) -> float:
         """What the model expects a step of this measured shape to cost (before it observes the step)."""
