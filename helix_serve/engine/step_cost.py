@@ -29,7 +29,12 @@ decoding) against the rest (verify, prefill). The planner's choice under load is
 the additive curves get it wrong by several percent — measured on a 2-core Xeon, int4, 32 rows: the scale fitted
 to the verify steps that ran predicted the plain step 10 % too slow, so drafting looked 10 % better than it was
 (the context term, timed on one row at a long context, is too steep for many one-token rows). So decode passes
-keep a slow `decode_bias`, measured ÷ what the scale predicts, and the scale learns from them net of it.
+keep a `decode_bias` and the scale learns from them net of it. The bias is learnt from contrasts only: where the
+kind of pass switches, the new pass against the other kind's recent passes just before it (each kind's measured ÷
+unscaled, a fast moving average). Contention moves both kinds alike, so a stretch of decode passes alone (K = 0
+chosen for a while) moves the scale and leaves the bias; the old rule (the bias learnt 5× slower than
+the scale from every decode pass) let such a stretch shift both, and learnt a bias so slowly that at 16 streams
+drafting steps were still predicted 5 % too cheap and decode steps 3 % too dear after a hundred steps of each.
 The draft's first pass in a step catches it up on every token it has not seen yet (after the target's prefill,
 after steps where prompt lookup or nothing drafted, after preemption): a pass of that many tokens, not a one-row
 pass. The head's catch-up pass is shaped the same way but one token shorter: its entry t pairs the target's
@@ -51,7 +56,8 @@ from helix_serve.engine.model_runner import ModelRunner
 
 LIVE_WEIGHT = 0.1  # weight of one live step in the moving averages
 SCALE_RANGE = (0.25, 4.0)  # one step moves a scale at most this far (a stall or a paused process is not a trend)
-BIAS_WEIGHT = 0.02  # the decode bias learns 5× slower than the scale: contention moves the scale, shape the bias
+BIAS_WEIGHT = 0.1  # of one contrast in the decode bias (module docstring)
+KIND_WEIGHT = 0.3  # of one pass in its kind's recent measured ÷ unscaled
 
 
 def _clamp(ratio: float, current: float) -> float:
@@ -124,6 +130,8 @@ class ForwardCost:
     base_context: int = 0  # C₀
     scale: float = 1.0  # live: measured ÷ predicted, averaged over every pass
     decode_bias: float = 1.0  # live: passes of one token per row, measured ÷ predicted by `scale` (docstring)
+    recent: dict[bool, float] = field(default_factory=dict)  # decode pass or not → recent measured ÷ unscaled
+    last_kind: bool | None = None  # whether the last pass observed was a decode pass
 
     _by_tokens: np.ndarray | None = field(default=None, init=False, repr=False)  # dense tables, built once:
     _by_rows: np.ndarray | None = field(default=None, init=False, repr=False)  # the planner asks every step
@@ -150,9 +158,15 @@ class ForwardCost:
     def observe(self, timing: PassTiming) -> None:
         shape = timing.shape
         ratio = timing.seconds / float(self.unscaled(shape.tokens, shape.rows, shape.context))
-        if shape.tokens <= shape.rows:  # a decode pass: it teaches the bias (slowly) and, net of it, the scale
-            bias = _clamp(ratio / self.scale, self.decode_bias)
-            self.decode_bias = (1 - BIAS_WEIGHT) * self.decode_bias + BIAS_WEIGHT * bias
+        decode = shape.tokens <= shape.rows
+        last = self.recent.get(decode, ratio)
+        self.recent[decode] = (1 - KIND_WEIGHT) * last + KIND_WEIGHT * _clamp(ratio, last)
+        if self.last_kind is (not decode):  # the kind switched: this pass against the other kind's just before
+            this, other = _clamp(ratio, last), self.recent[not decode]
+            contrast = _clamp(this / other if decode else other / this, self.decode_bias)
+            self.decode_bias = (1 - BIAS_WEIGHT) * self.decode_bias + BIAS_WEIGHT * contrast
+        self.last_kind = decode
+        if decode:
             ratio /= self.decode_bias
         self.scale = (1 - LIVE_WEIGHT) * self.scale + LIVE_WEIGHT * _clamp(ratio, self.scale)
 

@@ -8,6 +8,7 @@ Only torch ops that exist in torch 2.4 are used (torch-directml pins it).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +26,9 @@ class AttentionMetadata:
     query_offset: torch.Tensor  # [T] index of each query token inside its sequence's chunk
     attn_mask: torch.Tensor  # [B, 1, max_query_len, max_context_len] True = may attend
     query_lens: list[int]
+    # Rows of one query token and rows of several, attended apart when both are present (`split`): padding every
+    # row to the longest query would cost the one-token rows that many query slots each.
+    parts: list[tuple[torch.Tensor, AttentionMetadata]] = field(default_factory=list)  # (token indices, rows)
     _grouped_masks: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def grouped_mask(self, group: int) -> torch.Tensor:
@@ -45,6 +49,32 @@ class AttentionMetadata:
         device: torch.device,
     ) -> AttentionMetadata:
         """Metadata for sequences whose last `query_lens[i]` of `context_lens[i]` tokens are new."""
+        meta = cls._build(block_tables, context_lens, query_lens, block_size, device)
+        if 1 < max(query_lens) and min(query_lens) == 1:
+            meta.parts = [cls._part(block_tables, context_lens, query_lens, block_size, device, one)
+                          for one in (True, False)]
+        return meta
+
+    @classmethod
+    def _part(cls, block_tables: list[list[int]], context_lens: list[int], query_lens: list[int], block_size: int,
+              device: torch.device, one_token: bool) -> tuple[torch.Tensor, AttentionMetadata]:
+        """The rows of one query token (or of several) as a batch of their own, and their tokens' indices."""
+        rows = [i for i, n in enumerate(query_lens) if (n == 1) == one_token]
+        starts = [0, *itertools.accumulate(query_lens)]
+        tokens = torch.tensor([t for i in rows for t in range(starts[i], starts[i + 1])], dtype=torch.long)
+        part = cls._build([block_tables[i] for i in rows], [context_lens[i] for i in rows],
+                          [query_lens[i] for i in rows], block_size, device)
+        return tokens.to(device), part
+
+    @classmethod
+    def _build(
+        cls,
+        block_tables: list[list[int]],
+        context_lens: list[int],
+        query_lens: list[int],
+        block_size: int,
+        device: torch.device,
+    ) -> AttentionMetadata:
         q_lens = torch.tensor(query_lens, dtype=torch.long)
         num_seqs, num_tokens, max_ctx = len(query_lens), sum(query_lens), max(context_lens)
         batch_idx = torch.repeat_interleave(torch.arange(num_seqs), q_lens)  # [T]
@@ -98,6 +128,17 @@ def paged_attention(
         [T, heads, head_dim]
     """
     write_kv(key, value, k_cache, v_cache, meta.slot_mapping)
+    if meta.parts:
+        out = torch.empty_like(query)
+        for tokens, part in meta.parts:
+            out.index_copy_(0, tokens, _attend(query.index_select(0, tokens), k_cache, v_cache, part, scale))
+        return out
+    return _attend(query, k_cache, v_cache, meta, scale)
+
+
+def _attend(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+            scale: float) -> torch.Tensor:
+    """`paged_attention` after the K/V write, for one batch of rows."""
     num_seqs, _, max_q, max_ctx = meta.attn_mask.shape
     num_heads, head_dim = query.shape[1], query.shape[2]
     num_kv_heads = k_cache.shape[-2]
