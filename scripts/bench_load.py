@@ -38,8 +38,8 @@ from helix_serve.engine.sampling_params import SamplingParams
 
 # method → (engine, request overrides): one engine loads the draft model, the other the EAGLE head on the same
 # target (an engine holds one model-based proposer). Every ratio is to K=0 on the first, which never runs its
-# draft: plain decoding. "K=0 (head)" is the head's engine with speculation off: a head reuses one block fewer of
-# a cached prompt (block_manager.py: cached_prefix), which costs it even when it never drafts.
+# draft: plain decoding. "K=0 (head)" is the head's engine with speculation off, which should read 1.00x (until the
+# sixth session its prefix cache reused no prompt cached without the head's K/V: block_manager.py, cached_prefix).
 METHODS = {"K=0": ("draft", {"speculative": False}), "draft": ("draft", {"speculative_method": "draft"}),
            "ngram": ("draft", {"speculative_method": "ngram"}), "hybrid": ("draft", {"speculative_method": "hybrid"}),
            "K=0 (head)": ("eagle", {"speculative": False}), "eagle": ("eagle", {"speculative_method": "eagle"}),

@@ -156,7 +156,8 @@ def test_with_an_int4_target_the_head_drafts_in_int4_too(llama_pair, eagle_dir):
 
 
 def test_the_head_catches_up_on_the_prompt_in_the_prefill_step(llama_pair, eagle_dir):
-    """So a long prompt's catch-up is never charged to a drafting step (which would make drafting look too
+    """While the head drafts at this load (here for another request), it runs over each prompt right after its
+    prefill, so a long prompt's catch-up is never charged to a drafting step (which would make drafting look too
     expensive to the planner for good); without drafts the head waits, but at most HEAD_BACKLOG tokens, so the
     target features a sequence keeps stay bounded however long it decodes."""
     from helix_serve.engine.speculative import HEAD_BACKLOG
@@ -165,16 +166,47 @@ def test_the_head_catches_up_on_the_prompt_in_the_prefill_step(llama_pair, eagle
     prompt = engine.tokenizer(PROMPTS[3] + " " + PROMPTS[7]).input_ids
     request_id = engine.add_request(prompt, SamplingParams(max_tokens=2 * HEAD_BACKLOG + 8, ignore_eos=True,
                                                            num_speculative_tokens=0))
+    engine.add_request(engine.tokenizer(PROMPTS[1]).input_ids, SamplingParams(
+        max_tokens=4 * HEAD_BACKLOG, ignore_eos=True, num_speculative_tokens=2))  # the head in use
     seq = engine.seqs[request_id]
     engine.step()  # the prefill
     assert seq.num_draft_cached == len(prompt) - 1 and len(seq.eagle_features) == 1
     engine.step()  # K = 0: no head pass
     assert seq.num_draft_cached == len(prompt) - 1
     kept = []
-    while engine.has_unfinished_requests():
+    while request_id in engine.seqs:
         engine.step()
         kept.append(len(seq.eagle_features))
     assert max(kept) <= HEAD_BACKLOG + 1 and seq.num_draft_cached > len(prompt) + HEAD_BACKLOG
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.kv_usage()["used_blocks"] == 0
+
+
+def test_an_idle_head_waits_longer_to_catch_up_and_stays_exact_when_it_drafts_again(llama_pair, eagle_dir):
+    """Under a load where the head does not pay (here: K = 0 for a while), catching it up every HEAD_BACKLOG tokens
+    of every sequence buys nothing. Idle, it catches up on prompts only (their blocks' head K/V make the prefix
+    cache work for it) and keeps the features after; a request it drafts for later catches it up in its first
+    drafting pass, and greedy output stays the target's."""
+    from helix_serve.engine.speculative import HEAD_BACKLOG
+
+    engine = eagle_engine(llama_pair, eagle_dir, num_kv_blocks=256)
+    engine.generate([PROMPTS[0]], SamplingParams(max_tokens=48, ignore_eos=True, num_speculative_tokens=0))
+    assert engine.head_use < 0.2
+    prompt = engine.tokenizer(PROMPTS[3] + " " + PROMPTS[7]).input_ids
+    request_id = engine.add_request(prompt, SamplingParams(max_tokens=HEAD_BACKLOG + 16, ignore_eos=True,
+                                                           num_speculative_tokens=0))
+    seq = engine.seqs[request_id]
+    engine.step()  # the prefill, and the head over the prompt
+    assert seq.num_draft_cached == len(prompt) - 1
+    while engine.has_unfinished_requests():
+        engine.step()
+        assert seq.num_draft_cached == len(prompt) - 1
+    assert len(seq.eagle_features) > HEAD_BACKLOG
+    plain = engine.generate(PROMPTS[4:6], SamplingParams(max_tokens=24, ignore_eos=True, speculative=False))
+    drafted = engine.generate(PROMPTS[4:6], SamplingParams(max_tokens=24, ignore_eos=True, num_speculative_tokens=3))
+    assert [o.token_ids for o in drafted] == [o.token_ids for o in plain]
+    assert all(o.stats["by_proposer"]["eagle"]["num_drafted"] > 0 for o in drafted)
     assert engine.kv_usage()["used_blocks"] == 0
 
 

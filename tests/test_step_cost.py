@@ -135,6 +135,24 @@ def test_the_rest_of_a_step_is_learned_per_step_and_per_drafted_token():
     assert model.per_draft_token_s == pytest.approx(1e-4, rel=0.1)
 
 
+def test_a_verified_row_of_logits_costs_what_drafting_steps_show():
+    """Measured at 16 streams (int4, 2-core Xeon): a decode row's logits took 0.13 ms to process, a drafting
+    step's rows 0.19 ms each; one per-row average predicted drafting steps 1.5 ms too cheap. Rows are learnt from
+    steps without drafts, and what drafting adds per drafted token from the others."""
+    model = StepCostModel(calibrated(), calibrated(0.1))
+    for _ in range(100):
+        model.observe(StepTiming(PassTiming(PassShape(16, 16, 1024), 0.05), processing_s=16 * 1.3e-4,
+                                 processed_rows=16, total_s=0.05 + 16 * 1.3e-4 + 1e-3))
+        model.observe(StepTiming(PassTiming(PassShape(36, 16, 1024), 0.09), processing_s=36 * 1.9e-4,
+                                 processed_rows=36, drafted_tokens=20, total_s=0.09 + 36 * 1.9e-4 + 1e-3))
+    decode = StepTiming(PassTiming(PassShape(16, 16, 1024), 0.05), processed_rows=16)
+    drafting = StepTiming(PassTiming(PassShape(36, 16, 1024), 0.09), processed_rows=36, drafted_tokens=20)
+    shapes = ((decode, 0.05 + 16 * 1.3e-4 + 1e-3), (drafting, 0.09 + 36 * 1.9e-4 + 1e-3))
+    for timing, seconds in shapes:
+        assert model.predict(timing) - model.target.of(timing.target.shape) == pytest.approx(
+            seconds - timing.target.seconds, rel=0.05)
+
+
 def test_calibration_finds_where_a_kernel_starts_a_new_tile_of_tokens():
     """GEMM kernels tile the tokens by 16 (2-core Xeon, one sequence: 32 → 33 tokens 78 → 92 ms in int4, then +20 ms
     up to 48). Under load K = 0 is one token per row, so the 33rd token of a 32-row step is what a one-token draft

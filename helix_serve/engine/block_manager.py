@@ -107,6 +107,16 @@ class BlockAllocator:
     def lookup(self, block_hash: bytes) -> int | None:
         return self._cached.get(block_hash)
 
+    def prefer(self, block_id: int, block_hash: bytes) -> None:
+        """This block's draft K/V is written: let it hold its hash in place of a block without them, so that a
+        prefix first cached by a sequence the draft never followed becomes reusable by both models."""
+        holder = self._cached.get(block_hash)
+        block = self.blocks[block_id]
+        if holder is not None and holder != block_id and block.block_hash is None \
+                and not self.blocks[holder].draft_written:
+            self.blocks[holder].block_hash = None
+            block.block_hash, self._cached[block_hash] = block_hash, block_id
+
 
 class BlockManager:
     """Grows, truncates and releases the block tables of sequences; reuses cached prefix blocks when
@@ -145,9 +155,9 @@ class BlockManager:
     def cached_prefix(self, seq: Sequence) -> CachedPrefix:
         """The cached blocks a waiting sequence could start from (nothing is taken yet)."""
         prefix = self.prefix_cache.lookup(seq) if self.prefix_cache else NO_PREFIX
-        if self.draft_needs_features and prefix.block_ids:
+        if self.draft_needs_features and seq.drafts_by_model and prefix.block_ids:
             # An EAGLE head cannot catch up on a reused prefix (the target never computes its features there),
-            # so only blocks with the head's K/V written count. The head's entry at a block's last position also
+            # so only blocks with the head's K/V written count (for a sequence the head may draft for). The head's entry at a block's last position also
             # read the next token, which is this sequence's own only if the next block matched too: past the
             # last matched block, that block is copied and its last position recomputed (target and head) in
             # the copy, which costs one token where dropping the block (vLLM's choice) costs a block of them.

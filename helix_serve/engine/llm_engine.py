@@ -36,6 +36,8 @@ from helix_serve.model.paged_llm import KVCache
 
 logger = logging.getLogger(__name__)
 OOM_REGROW_STEPS = 16
+HEAD_USE_WEIGHT = 0.05  # of one step in `head_use`
+HEAD_IN_USE = 0.2  # `head_use` above which the head catches up outside drafting steps
 DEFAULT_DRAFT_COST_RATIO = 0.3  # only when calibration could not run
 
 
@@ -123,6 +125,10 @@ class LLMEngine:
         self.seqs: dict[str, Sequence] = {}
         self._steps_since_oom = 0
         self._seed_rng = torch.Generator().manual_seed(config.seed)
+        # The share of recent steps in which the plan drafted with the EAGLE head (probes aside): under a load
+        # where it does not pay, catching it up every HEAD_BACKLOG tokens of every sequence buys nothing, so an
+        # idle head waits longer (speculative.py: IDLE_HEAD_BACKLOG) and catches up when it drafts.
+        self.head_use = 1.0
 
     def _step_costs(self) -> StepCostModel:
         """The planner's step-cost curves: configured ratios, else measured now (and refreshed by each step)."""
@@ -200,6 +206,7 @@ class LLMEngine:
         # NOTE: the generator only carries the seed (mod 2**64); draws come from sampler.position_uniform.
         seq = Sequence(request_id, token_ids, params, torch.Generator().manual_seed(seed % 2**64))
         seq.grammar = self._grammar(params)
+        seq.drafts_by_model = params.speculative and self._may_use(seq, self.model_proposer)
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
         return request_id
@@ -264,6 +271,10 @@ class LLMEngine:
         """Advance every scheduled sequence by one speculative step."""
         expired = self._expire_deadlines()
         plan = self._plan()
+        if self.decoder.eagle:
+            drafting = any(p.choice.proposer is Proposer.EAGLE and p.choice.k and not p.choice.probe
+                           for p in plan.values())
+            self.head_use += HEAD_USE_WEIGHT * (drafting - self.head_use)
         seqs, ks = self.scheduler.schedule(lambda seq, _: plan[seq.request_id].choice.k)
         drafts = [self._draft(seq, k, plan.get(seq.request_id)) for seq, k in zip(seqs, ks)]
         refused: list[RequestOutput] = []
@@ -373,11 +384,12 @@ class LLMEngine:
 
     def _draft(self, seq: Sequence, k: int, planned: _Planned | None) -> Draft:
         """The decoder's instructions; k is the scheduler's (it drops to 0 when the KV pool is short)."""
-        follow = seq.params.speculative and self._may_use(seq, self.model_proposer)
+        follow = seq.drafts_by_model
+        catch_up = self.head_use >= HEAD_IN_USE
         if planned is None:  # admitted this step
-            return Draft(0, None, self._judged(seq), follow)
+            return Draft(0, None, self._judged(seq), follow, catch_up)
         given = {Proposer.NGRAM: planned.options.ngram_tokens, Proposer.GRAMMAR: planned.options.forced_tokens}
-        return Draft(k, given.get(planned.choice.proposer), planned.options.judged, follow)
+        return Draft(k, given.get(planned.choice.proposer), planned.options.judged, follow, catch_up)
 
     def _advance(self, seq: Sequence, draft: Draft, planned: _Planned | None, new_ids: list[int], num_accepted: int,
                  logprobs: list[TokenLogprob] | None) -> RequestOutput:

@@ -22,6 +22,12 @@ when it does not pay, per sequence and per step, whatever the load. Drafting mus
 break-even (under load, where a verify token costs nearly what a row does) the step-cost model's few percent of
 shape error decide the sign, and a step that drafts on a wrong sign loses for sure while one that does not only
 misses a small gain.
+Yield. The geometric gains overstate what drafts bring where acceptance is all-or-nothing: a prompt-lookup
+proposal is usually right for a whole stretch or wrong at its first token, so α (the ratio below) is high while
+the first position is a coin toss — measured at 16 streams (int4, 2-core Xeon): 14.0 tokens expected per drafting
+step, 11.6 accepted, and drafting lost 4 % where it was predicted to win 10 %. So each proposer's gains are scaled
+by its engine-wide yield: accepted ÷ expected over the drafts it actually ran (decayed), a correction of the
+model's shape at the depths the planner picks, with their selection bias in it.
 Acceptance. α is a decayed ratio of accepted to judged draft positions, per sequence and per proposer, pulled
 towards the engine-wide rate of that proposer while the sequence's own evidence is thin (a new request starts
 from what the proposer has been doing lately, not from a fixed guess). Before any evidence the engine-wide rate
@@ -45,6 +51,7 @@ from pathlib import Path
 import numpy as np
 
 from helix_serve.engine.sequence import Acceptance, Sequence
+from helix_serve.engine.speculative import HEAD_BACKLOG
 from helix_serve.engine.step_cost import DraftWork, StepCostModel
 
 
@@ -60,6 +67,8 @@ PRIORS = {Proposer.DRAFT: (0.5, 4.0), Proposer.EAGLE: (0.5, 4.0), Proposer.NGRAM
           Proposer.GRAMMAR: (1.0, 4.0)}
 SEQUENCE_PRIOR_WEIGHT = 4.0  # ...and a sequence's own α starts at the engine-wide rate, with this weight
 POPULATION_DECAY = 0.995  # per judged step of any sequence: the engine-wide rate follows the recent requests
+YIELD_PRIOR = 8.0  # expected tokens of evidence before a proposer's yield moves from 1 (module docstring)
+YIELD_RANGE = (0.25, 1.25)
 
 
 def measured_alpha(model_dir: str | None) -> float | None:
@@ -96,19 +105,34 @@ class Options:
 
     def catch_up(self, model: Proposer) -> int:
         """Tokens the model proposer's first pass would process for this sequence (the head's entries pair a
-        position's feature with the next token, so it has one fewer to see)."""
+        position's feature with the next token, so it has one fewer to see). An idle head's backlog (up to
+        IDLE_HEAD_BACKLOG tokens, speculative.py) is charged as HEAD_BACKLOG at most: catching up is an
+        investment every later drafting step draws on, and charged whole to one step it never looks worth it."""
         behind = self.seq.num_tokens - self.seq.num_draft_cached - (model is Proposer.EAGLE)
-        return max(behind, 1)
+        return max(min(behind, HEAD_BACKLOG) if model is Proposer.EAGLE else behind, 1)
 
 
 @dataclass(slots=True)
 class Choice:
     proposer: Proposer | None
     k: int
+    probe: bool = False  # a K = 1 probe of the model proposer, not a draft the plan expects to pay
 
 
 def _population() -> dict[Proposer, Acceptance]:
     return {p: Acceptance() for p in Proposer}
+
+
+@dataclass(slots=True)
+class Yield:
+    """What a proposer's drafts brought against what the geometric gains expected of them (decayed)."""
+
+    accepted: float = 0.0
+    expected: float = 0.0
+
+
+def _yields() -> dict[Proposer, Yield]:
+    return {p: Yield() for p in Proposer}
 
 
 @dataclass(slots=True)
@@ -122,6 +146,7 @@ class Planner:
     model: Proposer = Proposer.DRAFT  # the engine's model-based proposer: the draft model or the EAGLE head
     model_prior: float | None = None  # its measured α (measured_alpha), the engine-wide rate's starting point
     population: dict[Proposer, Acceptance] = field(default_factory=_population)
+    yields: dict[Proposer, Yield] = field(default_factory=_yields)
     probe_budget_s: float = 0.0
 
     def prior(self, proposer: Proposer) -> float:
@@ -135,6 +160,11 @@ class Planner:
     def alpha(self, seq: Sequence, proposer: Proposer) -> float:
         state = seq.acceptance[proposer.value]
         return (state.accepted + self.prior(proposer) * SEQUENCE_PRIOR_WEIGHT) / (state.judged + SEQUENCE_PRIOR_WEIGHT)
+
+    def yield_of(self, proposer: Proposer) -> float:
+        """Accepted ÷ expected tokens of this proposer's drafts lately (module docstring), 1 before evidence."""
+        y = self.yields[proposer]
+        return min(max((y.accepted + YIELD_PRIOR) / (y.expected + YIELD_PRIOR), YIELD_RANGE[0]), YIELD_RANGE[1])
 
     # ---- choosing ------------------------------------------------------------------------------
 
@@ -186,7 +216,7 @@ class Planner:
         if n:
             self.probe_budget_s -= seconds[n] - seconds[0]
             for i in stale[:n]:
-                choices[i] = Choice(self.model, 1)
+                choices[i] = Choice(self.model, 1, probe=True)
 
     def _better(self, o: Options, draft_depth: int) -> Proposer:
         """The proposer that expects more tokens from this sequence (prompt lookup on a tie: it is free)."""
@@ -199,10 +229,13 @@ class Planner:
         return Proposer.NGRAM if ngram >= model else self.model
 
     def gains(self, seq: Sequence, proposer: Proposer | None, k: int) -> np.ndarray:
-        """Expected extra tokens of draft positions 1..k: α, α², ..."""
-        if proposer is None or k <= 0:
+        """Expected extra tokens of draft positions 1..k: α, α², ... times the proposer's yield."""
+        if proposer is None:
             return np.zeros(0)
-        return self.alpha(seq, proposer) ** np.arange(1, k + 1)
+        return np.minimum(self.yield_of(proposer) * self._geometric(seq, proposer, k), 1.0)
+
+    def _geometric(self, seq: Sequence, proposer: Proposer, k: int) -> np.ndarray:
+        return self.alpha(seq, proposer) ** np.arange(1, k + 1) if k > 0 else np.zeros(0)
 
     # ---- learning ------------------------------------------------------------------------------
 
@@ -212,6 +245,9 @@ class Planner:
         for state in seq.acceptance.values():
             state.steps_since += 1
         if choice.proposer is not None and choice.k > 0:
+            y = self.yields[choice.proposer]  # before α learns from this step: what the plan expected
+            y.expected = POPULATION_DECAY * y.expected + self._geometric(seq, choice.proposer, choice.k).sum()
+            y.accepted = POPULATION_DECAY * y.accepted + num_accepted
             self._fold(choice.proposer, seq, choice.k, num_accepted)
         if ngram_tokens and choice.proposer is not Proposer.NGRAM:
             compared = min(len(ngram_tokens), len(emitted))
@@ -288,8 +324,9 @@ class _StepShape:
         with the most expected tokens per second (its rate, and each free sequence's choice)."""
         proposers, caps = table.picks(depth)
         alphas = np.where(proposers == _MODEL, table.alpha_model, table.alpha_ngram)  # [F]
+        yields = np.where(proposers == _MODEL, table.yield_model, table.yield_ngram)
         positions = np.arange(1, max(int(caps.max(initial=0)), 1) + 1)
-        gains = alphas[:, None] ** positions[None, :]  # [F, J]
+        gains = np.minimum(yields[:, None] * alphas[:, None] ** positions[None, :], 1.0)  # [F, J]
         taken = positions[None, :] <= caps[:, None]
         owner = np.nonzero(taken)[0]
         flat = gains[taken]
@@ -331,6 +368,8 @@ class _FreeTable:
     room: np.ndarray
     catch_up: np.ndarray
     k_max: int
+    yield_model: float
+    yield_ngram: float
 
     @classmethod
     def of(cls, free: list[Options], planner: Planner) -> _FreeTable:
@@ -339,13 +378,15 @@ class _FreeTable:
                    np.array([planner.alpha(o.seq, Proposer.NGRAM) for o in free]),
                    np.array([o.draft for o in free]), np.array([o.judged for o in free]),
                    np.minimum([len(o.ngram_tokens) for o in free], room), room,
-                   np.array([o.catch_up(planner.model) for o in free]), planner.k_max)
+                   np.array([o.catch_up(planner.model) for o in free]), planner.k_max,
+                   planner.yield_of(planner.model), planner.yield_of(Proposer.NGRAM))
 
     def picks(self, depth: int) -> tuple[np.ndarray, np.ndarray]:
         """Each sequence's proposer code and most draft tokens at this draft depth: the proposer that expects
         more tokens (prompt lookup on a tie: it is free); at depth 0 only prompt lookup (judged rows: the model)."""
         draft_k = np.minimum(depth, self.room)
-        ngram_wins = _gain_sum(self.alpha_ngram, self.ngram_k) >= _gain_sum(self.alpha_model, draft_k)
+        ngram_wins = (self.yield_ngram * _gain_sum(self.alpha_ngram, self.ngram_k)
+                      >= self.yield_model * _gain_sum(self.alpha_model, draft_k))
         has_ngram = self.ngram_k > 0
         use_ngram = ~self.judged & has_ngram & (~self.may_draft | ngram_wins | (depth == 0))
         use_draft = ~use_ngram & ((self.may_draft & (depth > 0)) | self.judged)

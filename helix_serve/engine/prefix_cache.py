@@ -11,7 +11,9 @@ blocks that became full since its last call: `Sequence.num_registered_blocks`, s
   (positions < num_target_cached). Never a draft token, and never a block a rollback may still drop:
   rollback truncates to num_target_cached, which never goes below a registered block's end.
 - Draft: its pool lags the target's, so a cached block's draft K/V may not exist yet.
-  `Block.draft_written` says it does (set once a sequence's num_draft_cached has passed the block). A
+  `Block.draft_written` says it does (set once a sequence's num_draft_cached has passed the block; a block
+  whose hash another block without draft K/V holds — cached by a request the draft never followed — takes the
+  hash over then, else an EAGLE engine, which reuses only blocks with the head's K/V, would never reuse it). A
   sequence that reuses a prefix starts its draft at the first reused block without draft K/V; the
   draft's catch-up pass writes that block, with the values any writer would write (same tokens, same
   positions, same prefix), so a sequence never reads draft K/V that nobody computed.
@@ -110,6 +112,7 @@ class PrefixCache:
             self.allocator.cache(seq.block_table[i], seq.block_hashes[i])
         seq.num_registered_blocks = max(seq.num_registered_blocks, num_verified)
         num_drafted = min(seq.num_draft_cached, seq.num_target_cached, seq.num_tokens) // self.block_size
-        for block_id in seq.block_table[seq.num_draft_written_blocks : num_drafted]:
-            self.allocator.blocks[block_id].draft_written = True
+        for i in range(seq.num_draft_written_blocks, num_drafted):
+            self.allocator.blocks[seq.block_table[i]].draft_written = True
+            self.allocator.prefer(seq.block_table[i], seq.block_hashes[i])
         seq.num_draft_written_blocks = max(seq.num_draft_written_blocks, num_drafted)

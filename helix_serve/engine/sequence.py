@@ -158,6 +158,7 @@ class Sequence:
     num_target_cached: int = 0
     num_draft_cached: int = 0  # with an EAGLE head: its entries fed the target's features (eagle_runner.py)
     eagle_features: KeptFeatures | None = None  # target features of positions num_draft_cached ..
+    drafts_by_model: bool = True  # the engine's model proposer may ever draft for it (set by the engine)
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     error: str | None = None

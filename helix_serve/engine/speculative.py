@@ -44,7 +44,8 @@ from helix_serve.engine.sequence import KeptFeatures, Sequence
 from helix_serve.engine.step_cost import PassShape, PassTiming, StepTiming
 from helix_serve.engine.structured.masks import StepMasks
 
-HEAD_BACKLOG = 64  # tokens an EAGLE head may trail its sequence by before it catches up without drafting
+HEAD_BACKLOG = 64  # tokens an EAGLE head in use may trail its sequence by before it catches up without drafting
+IDLE_HEAD_BACKLOG = 1024  # ...and an idle one (`Draft.catch_up`): bounds the features kept (~7 MB per sequence)
 GREEDY_UNIFORM = 0.5  # greedy rows use one-hot p and q: any uniform gives the same tokens
 
 
@@ -63,7 +64,8 @@ class Draft:
     k: int = 0  # draft tokens the target verifies
     tokens: list[int] | None = None  # given proposals (lookup, grammar-forced), at least k; None: the model samples
     judged: bool = False  # the draft model proposes k + 1 and the last position is judged (module docstring)
-    follow: bool = True  # the model proposer may draft for it later (an EAGLE head keeps its features, catches up)
+    follow: bool = True  # the model proposer may draft for it later (an EAGLE head keeps its features)
+    catch_up: bool = True  # the head catches up outside drafting steps: it is in use at this load (llm_engine.py)
 
     @property
     def num_proposals(self) -> int:
@@ -322,11 +324,17 @@ class SpeculativeDecoder:
         only catches up on the few tokens since: left for the first drafting step, a long prompt's catch-up makes
         drafting look too expensive to the planner for good, and the debt only grows. A sequence that has not
         drafted for HEAD_BACKLOG steps catches up too, which bounds the features it keeps (one pass per
-        HEAD_BACKLOG tokens: a fraction of a percent of those steps)."""
-        # A prefill step: more than the newest token was uncached (num_target_cached is not yet updated here).
-        picked = [s for s, d in zip(seqs, drafts) if d.k == 0 and d.follow
-                  and s.num_tokens - 1 > s.num_draft_cached and (
-            s.num_tokens - s.num_target_cached > 1 or s.num_tokens - 1 - s.num_draft_cached >= HEAD_BACKLOG)]
+        HEAD_BACKLOG tokens: a fraction of a percent of those steps). While the head is idle at this load
+        (`Draft.catch_up` off) that wait is IDLE_HEAD_BACKLOG tokens. The prompt's catch-up always runs: it
+        writes the head's K/V of the prompt's blocks, without which the prefix cache could not reuse them for
+        the head (block_manager.py), and it is a small part of a prefill step."""
+        def due(seq: Sequence, draft: Draft) -> bool:
+            behind = seq.num_tokens - 1 - seq.num_draft_cached
+            # A prefill step: more than the newest token was uncached (num_target_cached is not yet updated here).
+            prefill = seq.num_tokens - seq.num_target_cached > 1
+            return behind > 0 and (prefill or behind >= (HEAD_BACKLOG if draft.catch_up else IDLE_HEAD_BACKLOG))
+
+        picked = [s for s, d in zip(seqs, drafts) if d.k == 0 and d.follow and due(s, d)]
         if not picked:
             return
         start = time.perf_counter()

@@ -39,7 +39,8 @@ The draft's first pass in a step catches it up on every token it has not seen ye
 after steps where prompt lookup or nothing drafted, after preemption): a pass of that many tokens, not a one-row
 pass. The head's catch-up pass is shaped the same way but one token shorter: its entry t pairs the target's
 feature at t with token t + 1, so it trails the sequence by one. Processing and the rest are moving averages: per row
-of logits, and per step plus per drafted token.
+of logits (learnt from steps without drafts), and per step plus per drafted token (what a drafting step adds
+beyond its rows: measured at 16 streams, int4, a verified row's logits cost 0.19 ms against a decode row's 0.13).
 """
 
 from __future__ import annotations
@@ -192,7 +193,7 @@ class StepCostModel:
     draft: ForwardCost | None  # the draft model's passes
     per_row_processing_s: float = 0.0  # one row of logits to its distribution
     per_step_s: float = 0.0  # the rest of a step without drafts...
-    per_draft_token_s: float = 0.0  # ...and what each drafted token adds to it
+    per_draft_token_s: float = 0.0  # ...and what each drafted token adds to it and to the processing
     live: bool = True  # False for configured costs: they stay as given
     eagle: ForwardCost | None = None  # the EAGLE head's passes (an engine loads it or a draft model, not both)
 
@@ -243,13 +244,15 @@ class StepCostModel:
             self.draft.observe(pass_timing)
         for pass_timing in timing.heads:
             self.eagle.observe(pass_timing)
-        if timing.processed_rows:
-            self.per_row_processing_s = _ema(self.per_row_processing_s, timing.processing_s / timing.processed_rows)
-        if timing.drafted_tokens:
-            extra = (timing.rest_s - self.per_step_s) / timing.drafted_tokens
+        if timing.drafted_tokens:  # what drafting adds beyond its rows of logits: rejection, and costlier rows
+            rows_s = self.per_row_processing_s * timing.processed_rows
+            extra = (timing.rest_s + timing.processing_s - rows_s - self.per_step_s) / timing.drafted_tokens
             self.per_draft_token_s = max(_ema(self.per_draft_token_s, extra), 0.0)
         else:
             self.per_step_s = _ema(self.per_step_s, timing.rest_s)
+            if timing.processed_rows:
+                self.per_row_processing_s = _ema(self.per_row_processing_s,
+                                                 timing.processing_s / timing.processed_rows)
 
     @property
     def ratios(self) -> tuple[float, float]:
