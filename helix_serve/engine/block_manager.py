@@ -157,10 +157,11 @@ class BlockManager:
         prefix = self.prefix_cache.lookup(seq) if self.prefix_cache else NO_PREFIX
         if self.draft_needs_features and seq.drafts_by_model and prefix.block_ids:
             # An EAGLE head cannot catch up on a reused prefix (the target never computes its features there),
-            # so only blocks with the head's K/V written count (for a sequence the head may draft for). The head's entry at a block's last position also
-            # read the next token, which is this sequence's own only if the next block matched too: past the
-            # last matched block, that block is copied and its last position recomputed (target and head) in
-            # the copy, which costs one token where dropping the block (vLLM's choice) costs a block of them.
+            # so for a sequence it may draft for only blocks with the head's K/V written count. The head's entry
+            # at a block's last position also read the next token, which is this sequence's own only if the next
+            # block matched too: past the last matched block, that block is copied and its last position
+            # recomputed (target and head) in the copy, which costs one token where dropping the block (vLLM's
+            # choice) costs a block of them.
             keep = min(prefix.num_draft_tokens // self.block_size, len(prefix.block_ids))
             copy_last = keep == len(prefix.block_ids)
             reused = keep * self.block_size - copy_last
