@@ -60,7 +60,7 @@ def test_decode_passes_learn_their_bias_against_verify_passes():
 def test_interleaved_decode_and_verify_passes_learn_the_bias_within_a_few_dozen_steps():
     """Measured at 16 streams (int4, 2-core Xeon, prompt lookup): with the bias learnt 5x slower than the scale,
     after a hundred steps of each kind drafting steps were still predicted 5 % too cheap and decode steps 3 % too
-    dear — a 8 % error in the very comparison the planner makes. Here the kinds alternate; after 40 passes both are
+    dear — an 8 % error in the very comparison the planner makes. Here the kinds alternate; after 40 passes both are
     within 3 %."""
     rng = np.random.default_rng(1)
     cost = calibrated()
