@@ -49,32 +49,6 @@ class AttentionMetadata:
         device: torch.device,
     ) -> AttentionMetadata:
         """Metadata for sequences whose last `query_lens[i]` of `context_lens[i]` tokens are new."""
-        meta = cls._build(block_tables, context_lens, query_lens, block_size, device)
-        if 1 < max(query_lens) and min(query_lens) == 1:
-            meta.parts = [cls._part(block_tables, context_lens, query_lens, block_size, device, one)
-                          for one in (True, False)]
-        return meta
-
-    @classmethod
-    def _part(cls, block_tables: list[list[int]], context_lens: list[int], query_lens: list[int], block_size: int,
-              device: torch.device, one_token: bool) -> tuple[torch.Tensor, AttentionMetadata]:
-        """The rows of one query token (or of several) as a batch of their own, and their tokens' indices."""
-        rows = [i for i, n in enumerate(query_lens) if (n == 1) == one_token]
-        starts = [0, *itertools.accumulate(query_lens)]
-        tokens = torch.tensor([t for i in rows for t in range(starts[i], starts[i + 1])], dtype=torch.long)
-        part = cls._build([block_tables[i] for i in rows], [context_lens[i] for i in rows],
-                          [query_lens[i] for i in rows], block_size, device)
-        return tokens.to(device), part
-
-    @classmethod
-    def _build(
-        cls,
-        block_tables: list[list[int]],
-        context_lens: list[int],
-        query_lens: list[int],
-        block_size: int,
-        device: torch.device,
-    ) -> AttentionMetadata:
         q_lens = torch.tensor(query_lens, dtype=torch.long)
         num_seqs, num_tokens, max_ctx = len(query_lens), sum(query_lens), max(context_lens)
         batch_idx = torch.repeat_interleave(torch.arange(num_seqs), q_lens)  # [T]
@@ -90,7 +64,7 @@ class AttentionMetadata:
         query_pos = torch.zeros(num_seqs, max(query_lens), dtype=torch.long)
         query_pos[batch_idx, offset] = positions
         mask = torch.arange(max_ctx)[None, None, :] <= query_pos[:, :, None]  # [B, max_q, max_ctx]
-        return cls(
+        meta = cls(
             positions=positions.to(device),
             slot_mapping=slots.to(device),
             block_tables=table.to(device),
@@ -99,6 +73,21 @@ class AttentionMetadata:
             attn_mask=mask.unsqueeze(1).to(device),
             query_lens=list(query_lens),
         )
+        if 1 < max(query_lens) and min(query_lens) == 1:  # neither part is mixed: no deeper split
+            meta.parts = [cls._part(block_tables, context_lens, query_lens, block_size, device, one)
+                          for one in (True, False)]
+        return meta
+
+    @classmethod
+    def _part(cls, block_tables: list[list[int]], context_lens: list[int], query_lens: list[int], block_size: int,
+              device: torch.device, one_token: bool) -> tuple[torch.Tensor, AttentionMetadata]:
+        """The rows of one query token (or of several) as a batch of their own, and their tokens' indices."""
+        rows = [i for i, n in enumerate(query_lens) if (n == 1) == one_token]
+        starts = [0, *itertools.accumulate(query_lens)]
+        tokens = torch.tensor([t for i in rows for t in range(starts[i], starts[i + 1])], dtype=torch.long)
+        part = cls.build([block_tables[i] for i in rows], [context_lens[i] for i in rows],
+                         [query_lens[i] for i in rows], block_size, device)
+        return tokens.to(device), part
 
 
 def write_kv(
