@@ -109,12 +109,19 @@ def _min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(log_probs < threshold, float("-inf"))
 
 
+TRANSPOSED_ARGMAX_MAX_ROWS = 4  # above this, the weight-major head's logits are copied row-major first (`argmax`)
+
+
 def argmax(logits: torch.Tensor) -> torch.Tensor:
     """[N, V] → [N] each row's most likely token (the first one on ties, like torch.argmax). On the CPU this is
-    numpy's argmax: torch's CPU argmax is not vectorised and costs ~25x more over a 49k-token vocabulary."""
+    numpy's argmax: torch's CPU argmax is not vectorised and costs ~25x more over a 49k-token vocabulary.
+    The weight-major LM head's logits are a transposed view (paged_llm.linear). numpy reduces its columns in
+    place only for a few rows: over 49,152 × N it took 1.8 ms at 16 rows and 4.1 ms at 28 (2-vCPU Xeon), where
+    torch's row-major copy and a row-wise argmax take 0.74 and 1.26 ms — at 16 rows, a sixth of a verify
+    token's cost (docs/BENCHMARKS.md §8)."""
     if logits.device.type != "cpu" or logits.dtype != torch.float32:
         return logits.argmax(dim=-1)
-    if logits.t().is_contiguous():  # the weight-major LM head's transposed view (paged_llm.linear): no copy
+    if logits.t().is_contiguous() and logits.shape[0] <= TRANSPOSED_ARGMAX_MAX_ROWS:
         return torch.from_numpy(logits.t().numpy().argmax(axis=0))
     return torch.from_numpy(logits.contiguous().numpy().argmax(axis=-1))
 
