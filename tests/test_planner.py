@@ -58,6 +58,22 @@ def test_low_acceptance_turns_speculation_off():
     assert choice == Choice(None, 0)
 
 
+def test_a_plan_that_drafts_nothing_gives_way_to_new_evidence_at_once():
+    """A plan drafting nothing stands for a few steps without being recomputed, but not past a change it rests
+    on: the model proposer's acceptance (a probe that paid), or a prompt-lookup proposal."""
+    planner, curve, s = Planner(probe_share=0.0), costs(MEMORY_BOUND, 0.3), seq(0.05, evidence=20.0)
+    for _ in range(3):
+        assert planner.plan([options(s)], curve) == [Choice(None, 0)]
+    for _ in range(40):  # probes of the draft model that all passed
+        planner.update(s, Choice(Proposer.DRAFT, 1, probe=True), 1, [4, 9], [])
+    [choice] = planner.plan([options(s)], curve)
+    assert choice.proposer is Proposer.DRAFT and choice.k > 1
+
+    planner, lookup = Planner(probe_share=0.0), seq(0.05, ngram_alpha=0.95, evidence=20.0)
+    assert planner.plan([options(lookup)], curve) == [Choice(None, 0)]
+    assert planner.plan([options(lookup, ngram=[7, 8, 9])], curve) == [Choice(Proposer.NGRAM, 3)]
+
+
 @pytest.mark.parametrize("gain, margin, drafts", [(1.06, 0.03, True), (1.02, 0.03, False), (1.02, 0.0, True)])
 def test_drafting_must_beat_k0_by_the_margin(gain, margin, drafts):
     """Near break-even a few percent of cost-model error decide the sign: prompt lookup (free to propose, α 0.3)
