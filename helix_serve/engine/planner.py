@@ -21,7 +21,8 @@ tokens per second wins. K = 0 everywhere is a candidate like the others, so spec
 when it does not pay, per sequence and per step, whatever the load. Drafting must beat it by `margin`: near
 break-even (under load, where a verify token costs nearly what a row does) the step-cost model's few percent of
 shape error decide the sign, and a step that drafts on a wrong sign loses for sure while one that does not only
-misses a small gain.
+misses a small gain. A plan that drafts nothing stands for up to QUIET_STEPS steps while nothing it rests on
+changes (`_still_quiet`): at low load K = 0 usually wins, and planning costs a few percent of a step there.
 Yield. The geometric gains overstate what drafts bring where acceptance is all-or-nothing: a prompt-lookup
 proposal is usually right for a whole stretch or wrong at its first token, so α (the ratio below) is high while
 the first position is a coin toss — measured at 16 streams (int4, 2-core Xeon): 14.0 tokens expected per drafting

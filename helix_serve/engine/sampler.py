@@ -118,7 +118,7 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     The weight-major LM head's logits are a transposed view (paged_llm.linear). numpy reduces its columns in
     place only for a few rows: over 49,152 × N it took 1.8 ms at 16 rows and 4.1 ms at 28 (2-vCPU Xeon), where
     torch's row-major copy and a row-wise argmax take 0.74 and 1.26 ms — at 16 rows, a sixth of a verify
-    token's cost (docs/BENCHMARKS.md §8)."""
+    token's cost (docs/BENCHMARKS.md §7)."""
     if logits.device.type != "cpu" or logits.dtype != torch.float32:
         return logits.argmax(dim=-1)
     if logits.t().is_contiguous() and logits.shape[0] <= TRANSPOSED_ARGMAX_MAX_ROWS:
