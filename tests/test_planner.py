@@ -74,6 +74,35 @@ def test_a_plan_that_drafts_nothing_gives_way_to_new_evidence_at_once():
     assert planner.plan([options(lookup, ngram=[7, 8, 9])], curve) == [Choice(Proposer.NGRAM, 3)]
 
 
+def test_a_standing_plan_gives_way_when_a_fixed_choice_changes():
+    """A fixed-K sequence that turns from prompt lookup to the draft model runs draft passes the free sequence can
+    share: it drafts in exactly those steps, as a fresh plan would."""
+    planner, curve = Planner(probe_share=0.0), costs(MEMORY_BOUND, 0.3)
+    fixed, free = seq(0.3, ngram_alpha=0.9), seq(0.5)
+    fixed.request_id, free.request_id = "fixed", "free"
+    ks = []
+    for step in range(4):
+        lookup = [7, 8, 9, 10] if step % 2 == 0 else []
+        plan = planner.plan([options(fixed, ngram=lookup, fixed_k=4), options(free)], curve)
+        ks.append((plan[0].proposer, plan[1].k))
+    assert ks == [(Proposer.NGRAM, 0), (Proposer.DRAFT, 4)] * 2
+
+
+def test_probing_resumes_once_a_sequence_too_dear_to_probe_has_left():
+    """A long sequence's draft catch-up makes its probe dearer than a whole step, so the budget never covers it;
+    once it has gone, the cheap stale sequence left is probed again."""
+    curve = StepCostModel(ForwardCost([1, 64, 2048], [1.0, 1.0, 32.0]), ForwardCost([1, 2048], [0.05, 50.0]))
+    planner, long, short = Planner(probe_share=0.05), seq(0.05, evidence=20.0), seq(0.05, evidence=20.0)
+    long.request_id, long.token_ids, short.request_id = "long", list(range(1500)), "short"
+    probed = []
+    for step in range(120):
+        batch = [long, short] if step < 40 else [short]
+        for s, choice in zip(batch, planner.plan([options(s) for s in batch], curve)):
+            probed += [(step, s.request_id)] if choice.probe else []
+            planner.update(s, choice, 0, [5], [])
+    assert probed and all(step >= 40 and name == "short" for step, name in probed) and len(probed) >= 3
+
+
 @pytest.mark.parametrize("gain, margin, drafts", [(1.06, 0.03, True), (1.02, 0.03, False), (1.02, 0.0, True)])
 def test_drafting_must_beat_k0_by_the_margin(gain, margin, drafts):
     """Near break-even a few percent of cost-model error decide the sign: prompt lookup (free to propose, α 0.3)

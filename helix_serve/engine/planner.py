@@ -21,7 +21,7 @@ tokens per second wins. K = 0 everywhere is a candidate like the others, so spec
 when it does not pay, per sequence and per step, whatever the load. Drafting must beat it by `margin`: near
 break-even (under load, where a verify token costs nearly what a row does) the step-cost model's few percent of
 shape error decide the sign, and a step that drafts on a wrong sign loses for sure while one that does not only
-misses a small gain. A plan that drafts nothing stands for up to QUIET_STEPS steps while nothing it rests on
+misses a small gain. A plan that drafts nothing stands for QUIET_STEPS further steps while nothing it rests on
 changes (`_still_quiet`): at low load K = 0 usually wins, and planning costs a few percent of a step there.
 Yield. The geometric gains overstate what drafts bring where acceptance is all-or-nothing: a prompt-lookup
 proposal is usually right for a whole stretch or wrong at its first token, so α (the ratio below) is high while
@@ -37,9 +37,10 @@ of the model proposer is what `helix distill` measured for that draft or head wi
 free ("shadow"): its proposals are compared with the tokens the step emitted, which are exact samples of the
 target, so a match is a token it would have had accepted. A model proposer can only be scored by running it:
 a sequence that has not used it for `probe_interval` steps gets K = 1 from it — when the probe budget allows.
-The budget grows by `probe_share` of every step's predicted time and each probe spends what it is predicted to
-add to its step, so probing costs at most that share of the time at any load (under load, where a verify token
-is expensive, probes become rare; at batch 1 they are cheap and frequent).
+The budget grows by `probe_share` of every step's predicted time (as of the last step that priced probes: pricing
+them costs time too) and each probe spends what it is predicted to add to its step, so probing costs at most that
+share of the time at any load (under load, where a verify token is expensive, probes become rare; at batch 1 they
+are cheap and frequent).
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ SEQUENCE_PRIOR_WEIGHT = 4.0  # ...and a sequence's own α starts at the engine-w
 POPULATION_DECAY = 0.995  # per judged step of any sequence: the engine-wide rate follows the recent requests
 YIELD_PRIOR = 8.0  # expected tokens of evidence before a proposer's yield moves from 1 (module docstring)
 YIELD_RANGE = (0.25, 1.25)
-QUIET_STEPS = 8  # a plan that drafts nothing stands this many steps while what it rests on is unchanged (`plan`)
+QUIET_STEPS = 8  # further steps a plan drafting nothing stands while what it rests on is unchanged (`plan`)
 
 
 def measured_alpha(model_dir: str | None) -> float | None:
@@ -150,8 +151,8 @@ class Planner:
     population: dict[Proposer, Acceptance] = field(default_factory=_population)
     yields: dict[Proposer, Yield] = field(default_factory=_yields)
     probe_budget_s: float = 0.0
-    step_s: float = 0.0  # the predicted step and one probe's extra time, when probes were last priced (`_probe`)
-    probe_price_s: float = 0.0
+    step_s: float = 0.0  # the predicted step when probes were last priced (`_probe`)...
+    probe_price_s: float = 0.0  # ...and what the first probe would have added to it
     model_evidence: int = 0  # counts the model proposer's judged drafts: its α, prior and yield move only then
     quiet: tuple[tuple, int, int] | None = None  # the batch, model_evidence and steps left of a plan drafting nothing
 
@@ -180,7 +181,7 @@ class Planner:
         choices: list[Choice | None] = [self._forced(o) for o in options]
         free = [options[i] for i, c in enumerate(choices) if c is None]
         shape = _StepShape.of(options, choices, self, costs)
-        batch = _batch(options, choices)
+        batch = (_batch(options, choices), shape.base_tokens)
         if free and self._still_quiet(batch, free):
             best = [Choice(None, 0)] * len(free)
         elif free:
@@ -225,12 +226,16 @@ class Planner:
                         if o.draft and o.room > 0 and o.fixed_k is None and c.proposer is None  # not in place of lookup
                         and o.seq.acceptance[self.model.value].steps_since >= self.probe_interval),
                        key=lambda i: -options[i].seq.acceptance[self.model.value].steps_since)
-        if not stale or self.probe_budget_s + self.probe_share * self.step_s < self.probe_price_s:
+        affordable = self.probe_budget_s + self.probe_share * self.step_s >= min(self.probe_price_s, self.step_s)
+        if self.step_s and not (stale and affordable):
             # nothing to probe, or not yet affordable: accrue as at the last priced step, skip pricing this one
+            # (a full budget prices every step: a probe dearer than a step waits for a cheaper stale sequence)
             self.probe_budget_s = min(self.probe_budget_s + self.probe_share * self.step_s, self.step_s)
             return
         seconds = shape.with_probes(options, choices, stale)  # [n + 1]: the step with the n stalest probed
-        self.step_s, self.probe_price_s = float(seconds[0]), float(seconds[1] - seconds[0])
+        self.step_s = float(seconds[0])
+        if stale:
+            self.probe_price_s = float(seconds[1] - seconds[0])
         self.probe_budget_s = min(self.probe_budget_s + self.probe_share * seconds[0], seconds[0])
         # the most probes whose predicted extra time fits the budget (the extra time never falls with n)
         n = int(np.count_nonzero(np.maximum.accumulate(seconds - seconds[0]) <= self.probe_budget_s)) - 1
@@ -344,7 +349,7 @@ class _StepShape:
     def best_plan(self, table: _FreeTable) -> list[Choice]:
         """Each free sequence's choice. At every draft depth the free sequences' extra tokens are ranked by gain,
         and of every prefix of every ranking the one with the most expected tokens per second wins. All depths
-        are evaluated at once: a loop over them cost ~0.3 ms of numpy call overhead per depth, a few percent of
+        are evaluated at once: a loop over them spent ~0.15 ms of numpy call overhead per depth, a few percent of
         a step at low load. A sequence's gains fall with the position, so its tokens enter a ranking in order,
         and a prefix's drafting rows, catch-up and passes are running counts over the ranking."""
         depths = np.arange(table.k_max + 1 if table.may_draft.any() else 1)
@@ -358,7 +363,8 @@ class _StepShape:
         num_depths, num_free, width = gains.shape
         budget = max(self.planner.max_num_batched_tokens - self.base_tokens, 0)
         flat = np.where(taken, gains, -np.inf).reshape(num_depths, -1)
-        order = np.argsort(-flat, axis=1, kind="stable")[:, :budget]  # [D, M]: ties keep position order
+        most = min(budget, int(taken.sum((1, 2)).max()))  # the longest ranking worth pricing
+        order = np.argsort(-flat, axis=1, kind="stable")[:, :most]  # [D, M]: ties keep position order
         ranked = np.take_along_axis(flat, order, 1)
         valid = ranked > -np.inf  # the taken tokens come first
         owner, position = np.divmod(order, width)
@@ -387,8 +393,8 @@ class _StepShape:
 
 
 def _batch(options: list[Options], choices: list[Choice | None]) -> tuple:
-    """The sequences of a step, and which of them are free (the planner's to choose for)."""
-    return tuple((o.seq.request_id, c is None) for o, c in zip(options, choices))
+    """The sequences of a step, and the choices fixed for them (None: free, the planner's to choose for)."""
+    return tuple((o.seq.request_id, c) for o, c in zip(options, choices))
 
 
 _NONE, _MODEL, _NGRAM = 0, 1, 2  # proposer codes in the vectorised tables (_MODEL: Planner.model)

@@ -109,16 +109,16 @@ def _min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(log_probs < threshold, float("-inf"))
 
 
-TRANSPOSED_ARGMAX_MAX_ROWS = 4  # above this, the weight-major head's logits are copied row-major first (`argmax`)
+TRANSPOSED_ARGMAX_MAX_ROWS = 8  # up to here numpy's argmax reads the weight-major head's logits in place (`argmax`)
 
 
 def argmax(logits: torch.Tensor) -> torch.Tensor:
     """[N, V] → [N] each row's most likely token (the first one on ties, like torch.argmax). On the CPU this is
     numpy's argmax: torch's CPU argmax is not vectorised and costs ~25x more over a 49k-token vocabulary.
-    The weight-major LM head's logits are a transposed view (paged_llm.linear). numpy reduces its columns in
-    place only for a few rows: over 49,152 × N it took 1.8 ms at 16 rows and 4.1 ms at 28 (2-vCPU Xeon), where
-    torch's row-major copy and a row-wise argmax take 0.74 and 1.26 ms — at 16 rows, a sixth of a verify
-    token's cost (docs/BENCHMARKS.md §7)."""
+    The weight-major LM head's logits are a transposed view (paged_llm.linear). Over 49,152 × N, numpy's argmax
+    of its columns in place against torch's row-major copy plus a row-wise argmax (2-vCPU Xeon): 0.07 vs 0.23 ms at
+    4 rows, 0.26 vs 0.38 at 8, 1.84 vs 0.74 at 16, 4.08 vs 1.26 at 28; the in-place argmax was ~3 % of a
+    16-stream int4 decode step (docs/BENCHMARKS.md §7)."""
     if logits.device.type != "cpu" or logits.dtype != torch.float32:
         return logits.argmax(dim=-1)
     if logits.t().is_contiguous() and logits.shape[0] <= TRANSPOSED_ARGMAX_MAX_ROWS:
