@@ -197,8 +197,8 @@ class Planner:
         """Whether the last plan, which drafted nothing, still stands: the same sequences, fixed choices and uncached
         tokens, still no prompt-lookup proposal among the free ones, and no model-proposer evidence since (its α,
         prior and yield change only then; the rest drifts slowly or, like a model's catch-up backlog, only makes
-        drafting dearer). Planning costs ~0.3–0.6 ms of numpy calls, 2–4 % of a step at low load, where K = 0 usually
-        wins."""
+        drafting dearer). Planning costs ~0.3–0.6 ms of numpy calls, 2–4 % of a step at low load, where K = 0
+        usually wins."""
         if self.quiet is None:
             return False
         last, evidence, left = self.quiet
