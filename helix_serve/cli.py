@@ -12,6 +12,15 @@ from helix_serve.engine.sampling_params import SPECULATIVE_METHODS, SamplingPara
 from helix_serve.model.paged_llm import QUANTIZATIONS
 
 
+def _dense_rows(value: str) -> int | str:
+    """--int4-dense-rows: 'auto' or a row count >= 0."""
+    if value == "auto":
+        return value
+    if not value.isdigit():
+        raise argparse.ArgumentTypeError(f"expected 'auto' or an integer >= 0, got {value!r}")
+    return int(value)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="helix", description="Helix speculative-decoding engine")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -37,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--quantization", choices=QUANTIZATIONS, default="auto",
                      help="auto: int4 on a CPU for a 4-bit (Q4_1 GGUF) checkpoint, else none; int4: 4-bit projections "
                           "(CPU only; not the fp32 numerics); none: the weights as loaded")
+    gen.add_argument("--int4-dense-rows", type=_dense_rows, default=0,
+                     help="int4: passes of at least this many rows run a bf16 copy of the 4-bit weights; auto: "
+                          "measured at load; 0 (default): never")
     gen.add_argument("--no-prefix-caching", action="store_true",
                      help="recompute every prompt (no reuse of cached prefix blocks)")
     gen.add_argument("--json", action="store_true", help="print text, token_ids and stats as JSON")
@@ -104,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         config = EngineConfig(target_model=args.target, draft_model=args.draft if needs_draft else None,
                               eagle_head=args.eagle_head if not args.no_speculative else None,
                               speculative_method=args.method, device=args.device, dtype=args.dtype,
-                              quantization=args.quantization, enable_prefix_caching=not args.no_prefix_caching)
+                              quantization=args.quantization, int4_dense_rows=args.int4_dense_rows,
+                              enable_prefix_caching=not args.no_prefix_caching)
         engine = LLMEngine(config)
         [out] = engine.generate([_prompt(engine, args.prompt, args.raw)], params)
     except (ValueError, RequestRejectedError) as exc:

@@ -38,6 +38,10 @@ class EngineConfig:
     # auto: int4 on a CPU for a checkpoint whose projections are 4-bit (Q4_1 GGUF), else none (model/loader.py);
     # int4: the target's projections as 4-bit weights, CPU only (model/int4.py); none: the weights as loaded
     quantization: str = "auto"
+    # int4 only: passes of at least this many rows run the 4-bit projections as a bf16 GEMM of the same weights,
+    # faster under load and for prompts, but a row's output then depends on its pass's width (model/int4.py);
+    # "auto": from the width where that is faster, measured at load; 0: never
+    int4_dense_rows: int | str = 0
     block_size: int = 16
     num_kv_blocks: int = 1024
     max_num_seqs: int = 32
@@ -61,6 +65,8 @@ class EngineConfig:
         self.eagle_head = shipped(self.eagle_head)
         if self.eagle_head is not None and self.draft_model is not None:
             raise ValueError("set draft_model or eagle_head, not both (one model-based proposer per engine)")
+        if self.int4_dense_rows != "auto" and not (isinstance(self.int4_dense_rows, int) and self.int4_dense_rows >= 0):
+            raise ValueError("int4_dense_rows must be 'auto' or an integer >= 0 (0: never)")
         if self.block_size < 1 or self.num_kv_blocks < 1:
             raise ValueError("block_size and num_kv_blocks must be >= 1")
         if self.k_max < 0:

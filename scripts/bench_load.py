@@ -166,6 +166,7 @@ def main() -> None:
     add_pair_args(parser, quantization=False)
     parser.add_argument("--eagle-head", default="smollm2-eagle", help="'' to leave the head's methods out")
     parser.add_argument("--quantizations", nargs="+", default=["none", "int4"])
+    parser.add_argument("--int4-dense-rows", default="0", help="int4: 'auto' or a row count (EngineConfig)")
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 4, 16, 32])
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--rounds", type=int, default=2)
@@ -178,15 +179,17 @@ def main() -> None:
     if args.quick:
         args.streams, args.max_tokens, args.rounds, args.requests = [1, 4], 12, 1, 1
     torch.set_num_threads(args.threads)
-    results, dtypes = {}, {}
+    dense_rows = args.int4_dense_rows if args.int4_dense_rows == "auto" else int(args.int4_dense_rows)
+    results, dtypes, dense = {}, {}, {}
     for quant in args.quantizations:
         engine = LLMEngine(EngineConfig(target_model=args.target, draft_model=args.draft, device=args.device,
-                                        dtype=args.dtype, quantization=quant))
+                                        dtype=args.dtype, quantization=quant, int4_dense_rows=dense_rows))
         engines = {"draft": engine}
         if args.eagle_head:  # the same target weights, with the head as the model-based proposer
             engines["eagle"] = LLMEngine(EngineConfig(target_model=args.target, draft_model=None,
                                                       eagle_head=args.eagle_head, device=args.device,
-                                                      dtype=args.dtype, quantization=quant), engine.pair)
+                                                      dtype=args.dtype, quantization=quant,
+                                                      int4_dense_rows=dense_rows), engine.pair)
         tokenizer = engine.tokenizer
         encode = (lambda p: chat_prompt_ids(tokenizer, p)) if tokenizer.chat_template else (
             lambda p: tokenizer(p).input_ids)
@@ -194,11 +197,13 @@ def main() -> None:
         results[quant] = measure(engines, prompts, args.streams, args.max_tokens, args.rounds, args.requests,
                                  args.arrival == "wave")
         dtypes[quant] = str(engine.pair.target.dtype)
+        dense[quant] = engine.pair.target.int4_dense_rows
         del engine, engines
     checks = report(results)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"args": vars(args), "cpu": cpu_name(), "threads": args.threads, "dtypes": dtypes}
+    meta = {"args": vars(args), "cpu": cpu_name(), "threads": args.threads, "dtypes": dtypes,
+            "int4_dense_rows": dense}
     (out / "bench_load.json").write_text(json.dumps({**meta, "results": results, "goals": checks}, indent=2))
     plot(results, out / "bench_load.png", "requests in one wave" if args.arrival == "wave" else "streams")
     print(f"CPU: {meta['cpu']}, {args.threads} threads; wrote {out / 'bench_load.json'} and {out / 'bench_load.png'}")

@@ -56,3 +56,5 @@ def test_int4_quantization_flag_reaches_the_engine(llama_pair):
     assert json.loads(proc.stdout)["token_ids"] == expected.token_ids != fp32.token_ids  # the flag took effect
     bad = _helix("generate", "--target", str(target), "--quantization", "int8", "the")
     assert bad.returncode == 2 and "invalid choice: 'int8'" in bad.stderr
+    bad = _helix("generate", "--target", str(target), "--int4-dense-rows", "-4", "the")
+    assert bad.returncode == 2 and "expected 'auto' or an integer >= 0" in bad.stderr

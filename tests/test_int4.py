@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from torch import nn
@@ -9,8 +11,11 @@ from torch import nn
 from helix_serve.config import EngineConfig
 from helix_serve.engine.llm_engine import LLMEngine
 from helix_serve.engine.sampling_params import SamplingParams
-from helix_serve.model.int4 import GROUP_SIZE, Int4Linear, int4_available
+from helix_serve.model.attention import AttentionMetadata
+from helix_serve.model.int4 import (DENSE_PROBE_WIDTHS, GROUP_SIZE, Int4Linear, choose_dense_rows, int4_available,
+                                  use_dense_rows)
 from helix_serve.model.loader import load_model, load_model_pair
+from helix_serve.model.paged_llm import KVCache
 from helix_serve.serving.app_config import HelixAppArgs
 from tests.helpers import PROMPTS, make_engine
 
@@ -46,6 +51,49 @@ def test_int4_linear_recovers_the_4bit_grid_and_matches_the_layer_on_bf16_inputs
 
 
 @torch.no_grad()
+def test_wide_passes_run_a_bf16_copy_of_the_kernels_own_weights():
+    layer = nn.Linear(128, 96)
+    layer.weight.copy_(_on_q4_grid(96, 128, seed=2))
+    quantized = Int4Linear(layer, dense=True)
+    # the copy holds what the kernel computes with, rounded to bf16 as the kernel rounds its output
+    assert torch.equal(quantized.kernel_mm(torch.eye(128, dtype=torch.bfloat16)).t(), quantized.dense)
+    assert use_dense_rows([quantized], 4) == 4
+    x = torch.randn(6, 128, generator=torch.Generator().manual_seed(3))
+    narrow, wide = quantized(x[:3]), quantized(x)
+    # below dense_rows the kernel, row by row as before; from it on the copy, within bf16 rounding of the kernel
+    assert torch.equal(narrow, torch.cat([quantized(x[i:i + 1]) for i in range(3)]))
+    assert torch.equal(wide, (quantized.dense_mm(x) + layer.bias).float())
+    kernel = quantized.kernel_mm(x).float() + layer.bias
+    assert not torch.equal(wide, kernel) and (wide - kernel).abs().max() < 0.01 * kernel.abs().max()
+    assert use_dense_rows([quantized], 0) == 0 and quantized.dense is None  # never: the copy is dropped
+    assert torch.equal(quantized(x), kernel)
+    with pytest.raises(ValueError, match="no bf16 copy"):
+        use_dense_rows([Int4Linear(layer)], 4)
+
+
+class _TimedLayer:
+    """choose_dense_rows' view of a layer, with known costs: the kernel's grows per 4 rows, the copy's is flat."""
+
+    in_features = 8
+
+    def __init__(self, kernel_s_per_4_rows: float, dense_s: float):
+        self.kernel_s, self.dense_s = kernel_s_per_4_rows, dense_s
+
+    def kernel_mm(self, x: torch.Tensor) -> None:
+        time.sleep(self.kernel_s * -(-x.shape[0] // 4))
+
+    def dense_mm(self, x: torch.Tensor) -> None:
+        time.sleep(self.dense_s)
+
+
+def test_the_copy_runs_from_the_first_width_where_it_is_faster():
+    widths = (4, 8, 12, 16, 24)
+    assert choose_dense_rows([_TimedLayer(0.002, 0.007)], widths, repeats=2) == 16  # 8 ms against 7
+    assert choose_dense_rows([_TimedLayer(0.002, 0.0013)], widths, repeats=2) == 4
+    assert choose_dense_rows([_TimedLayer(0.0005, 0.02)], widths, repeats=2) == 0  # never faster: never used
+
+
+@torch.no_grad()
 def test_int4_model_stays_close_to_fp32_and_quantizes_every_projection(llama_pair):
     target_dir, _ = llama_pair
     fp32, int4 = load_model(str(target_dir), CPU, "float32"), load_model(str(target_dir), CPU, "float32", "int4")
@@ -65,6 +113,26 @@ def test_int4_model_stays_close_to_fp32_and_quantizes_every_projection(llama_pai
     # The test model's weights are random, not on a 4-bit grid: this is real 4-bit rounding (0.98 seen).
     cosine = torch.nn.functional.cosine_similarity(got, want, dim=-1)
     assert cosine.min() > 0.95 and not torch.equal(got, want)
+
+
+@torch.no_grad()
+def test_an_int4_model_runs_its_wide_passes_through_the_copies_and_they_agree(llama_pair):
+    target_dir, _ = llama_pair
+    kernel_only = load_model(str(target_dir), CPU, "float32", "int4")  # the default: never
+    assert kernel_only.int4_dense_rows == 0 and all(p.dense is None for p in kernel_only.projections)
+    copies = load_model(str(target_dir), CPU, "float32", "int4", int4_dense_rows=8)
+    assert copies.int4_dense_rows == 8 and all(p.dense_rows == 8 for p in copies.projections)
+    measured = load_model(str(target_dir), CPU, "float32", "int4", int4_dense_rows="auto")
+    assert measured.int4_dense_rows in (0, *DENSE_PROBE_WIDTHS)
+    assert all((p.dense is None) == (measured.int4_dense_rows == 0) for p in measured.projections)
+    ids = torch.randint(1, copies.shape.vocab_size, (12,), generator=torch.Generator().manual_seed(0))
+    logits = []
+    for model in (kernel_only, copies):
+        kv = KVCache.allocate(model.shape, 8, 4, model.dtype, CPU)
+        meta = AttentionMetadata.build([[0, 1, 2]], [12], [12], 4, CPU)  # one 12-token prefill: a wide pass
+        logits.append(model.compute_logits(model(ids, meta, kv)))
+    cosine = torch.nn.functional.cosine_similarity(*logits, dim=-1)
+    assert cosine.min() > 0.999 and not torch.equal(*logits)
 
 
 @pytest.fixture(scope="module", params=["llama_pair", "qwen2_pair"])  # qwen2: q/k/v biases
@@ -87,6 +155,12 @@ def test_unknown_or_impossible_quantization_is_a_clear_error(llama_pair):
         EngineConfig(quantization="int8")
     with pytest.raises(ValueError, match="quantization"):
         HelixAppArgs(quantization="int8")
+    for bad in (-1, "fast", 1.5):
+        with pytest.raises(ValueError, match="int4_dense_rows"):
+            EngineConfig(int4_dense_rows=bad)
+        with pytest.raises(ValueError, match="int4_dense_rows"):
+            HelixAppArgs(int4_dense_rows=bad)
+    assert HelixAppArgs(int4_dense_rows="auto").engine_config().int4_dense_rows == "auto"
     assert int4_available(CPU) is None
     assert "CPU only" in int4_available(torch.device("cuda"))
     target_dir, _ = llama_pair

@@ -20,7 +20,8 @@ TIMEOUT_S = 0.05
 INFO = {"target_model": "t", "draft_model": "d", "eagle_head": None, "proposers": ["draft", "ngram"],
         "has_draft": True, "max_model_len": 64, "device": "cpu",
         "device_requested": "cpu", "device_fallback": None, "dtype": "float32", "dtype_requested": "auto",
-        "quantization": "none", "quantization_requested": "auto", "lm_head": "float32",
+        "quantization": "none", "quantization_requested": "auto", "int4_dense_rows": 0,
+        "lm_head": "float32",
         "kv_cache": {"num_blocks": 8, "used_blocks": 1, "free_blocks": 7, "block_size": 4, "pool_bytes": 100,
                      "cached_blocks": 2, "prefix_cache_queried_tokens": 40, "prefix_cache_hit_tokens": 8}}
 

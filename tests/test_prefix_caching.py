@@ -434,6 +434,29 @@ def test_an_eagle_heads_last_matched_block_is_copied_and_its_last_position_recom
     assert not prefix.copy_last and prefix.block_ids == [0, 1] and prefix.num_tokens == prefix.num_draft_tokens == 8
 
 
+def test_an_eagle_heads_block_is_shared_whole_where_its_writer_read_the_same_next_token():
+    """The head's entry at a block's last position read the writer's next token: the same prompt again (or n
+    samples of it) reads the same, so its blocks are shared whole — the head's engine used to recompute one token
+    and copy a block at every such hit (32 streams, int4: one prefill token in six). Where a writer read another
+    token, reuse stops at that block, which is copied and its last position recomputed."""
+    bm = BlockManager(16, BS, enable_prefix_caching=True, draft_needs_features=True)
+    copies = []
+    bm.copy_block = lambda source, dest: copies.append((source, dest))
+    a = run(bm, range(14), verified=13, drafted=13)  # target and head wrote 3 blocks
+    assert [bm.allocator.blocks[b].next_token for b in a.block_table[:3]] == [4, 8, 12]
+    same = seq(range(14))
+    prefix = bm.cached_prefix(same)
+    assert prefix.block_ids == a.block_table[:3] and not prefix.copy_last
+    assert prefix.num_tokens == prefix.num_draft_tokens == 12
+    assert bm.admit(same, prefix) and copies == [] and same.block_table[:3] == a.block_table[:3]
+    # a middle block whose writer read another next token (it diverged right after the block, and another
+    # request cached the block after it): reuse stops there, with a copy
+    bm.allocator.blocks[a.block_table[1]].next_token = 99
+    other = seq(range(14))
+    prefix = bm.cached_prefix(other)
+    assert prefix.block_ids == a.block_table[:2] and prefix.copy_last and prefix.num_tokens == 7
+
+
 def test_a_prefix_cached_without_head_kv_is_taken_over_by_a_block_with_them():
     """An EAGLE engine reuses only blocks holding the head's K/V. A prompt first cached by a request the head never
     follows (speculation off) held its hash without them, and the blocks of every later request the head follows
@@ -457,4 +480,5 @@ def test_a_prefix_cached_without_head_kv_is_taken_over_by_a_block_with_them():
     bm.cache_full_blocks(follower)
     later = seq(range(13))
     prefix = bm.cached_prefix(later)
-    assert prefix.block_ids == follower.block_table[:3] and prefix.num_draft_tokens == 11  # the last one copied
+    # the head's entry at position 11 read token 12, and so does later's: all 3 blocks shared, none copied
+    assert prefix.block_ids == follower.block_table[:3] and prefix.num_draft_tokens == 12 and not prefix.copy_last

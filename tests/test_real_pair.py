@@ -71,6 +71,7 @@ def test_chat_route_answers_paris_through_the_openai_client():
         assert health["dtype_requested"] == "auto" and health["quantization_requested"] == "auto"
         assert health["quantization"] == "int4"  # auto: the GGUF's projections are Q4_1, and this is a CPU
         assert health["lm_head"] == "mxint8"  # with int4, the head is read at 8 bits (model/int8_head.py)
+        assert health["int4_dense_rows"] == 0  # every int4 pass through the kernel: rows independent of the batch
         assert health["dtype"] == str(preferred_cpu_dtype()).removeprefix("torch.")  # bf16 only where native
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=120)
         assert [m.id for m in client.models.list().data] == ["smollm2-135m-instruct"]

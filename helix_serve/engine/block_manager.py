@@ -33,6 +33,7 @@ class Block:
     ref_count: int = 0
     block_hash: bytes | None = None  # set while the block is registered in the prefix cache
     draft_written: bool = False  # the draft's pool holds this block's K/V too (see prefix_cache.py)
+    next_token: int | None = None  # the token after the block where its draft K/V were written (EAGLE: cached_prefix)
 
 
 class BlockAllocator:
@@ -78,7 +79,7 @@ class BlockAllocator:
         if block.block_hash is not None:
             del self._cached[block.block_hash]
             block.block_hash = None
-        block.draft_written = False
+        block.draft_written, block.next_token = False, None
 
     def share(self, block_id: int) -> None:
         """Add a reference: prefix sharing, or a cache hit on a freed block that still holds its hash."""
@@ -158,13 +159,17 @@ class BlockManager:
         if self.draft_needs_features and seq.drafts_by_model and prefix.block_ids:
             # An EAGLE head cannot catch up on a reused prefix (the target never computes its features there),
             # so for a sequence it may draft for only blocks with the head's K/V written count. The head's entry
-            # at a block's last position also read the next token, which is this sequence's own only if the next
-            # block matched too: past the last matched block, that block is copied and its last position
-            # recomputed (target and head) in the copy, which costs one token where dropping the block (vLLM's
-            # choice) costs a block of them.
-            keep = min(prefix.num_draft_tokens // self.block_size, len(prefix.block_ids))
-            copy_last = keep == len(prefix.block_ids)
-            reused = keep * self.block_size - copy_last
+            # at a block's last position also read the next token, the writer's: at the first block whose writer
+            # read another token than this sequence's (n samples of one prompt read the same), reuse stops, and
+            # that block is copied and its last position recomputed (target and head) in the copy, which costs one
+            # token where dropping the block (vLLM's choice) costs a block of them.
+            size, blocks = self.block_size, self.allocator.blocks
+            keep = min(prefix.num_draft_tokens // size, len(prefix.block_ids))
+            ids, tokens = prefix.block_ids, seq.token_ids
+            first_differing = next((j for j in range(keep) if blocks[ids[j]].next_token != tokens[(j + 1) * size]), None)
+            copy_last = first_differing is not None
+            keep = first_differing + 1 if copy_last else keep
+            reused = keep * size - copy_last
             prefix = CachedPrefix(prefix.block_ids[:keep], reused, reused, copy_last) if keep else NO_PREFIX
         return prefix
 

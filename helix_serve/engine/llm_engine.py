@@ -89,7 +89,7 @@ class LLMEngine:
         self.config = config
         device = resolve_device(config.device) if pair is None else pair.target.device
         self.pair = pair or load_model_pair(config.target_model, config.draft_model, device, config.dtype,
-                                            config.quantization)
+                                            config.quantization, config.int4_dense_rows)
         self.tokenizer = self.pair.tokenizer
         target = self.pair.target
         self.device = target.device
@@ -164,7 +164,7 @@ class LLMEngine:
         target = self.pair.target
         head = EagleHead.load(path, target.embed_tokens, target.dtype)
         if target.quantization == "int4":  # the head's passes in 4 bits too: their cost ratio c is what pays
-            head.quantize_int4()
+            head.quantize_int4(target.int4_dense_rows)  # wide passes (prompt catch-ups) as the target's
         if head.config.target_vocab_size != vocab or max(head.config.capture_layers) > target.shape.num_layers:
             raise ValueError(f"{path}: this EAGLE head was made for another target")
         kv = KVCache.allocate(head.shape, self.config.num_kv_blocks, self.config.block_size, head.dtype, head.device)

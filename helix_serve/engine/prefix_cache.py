@@ -16,7 +16,9 @@ blocks that became full since its last call: `Sequence.num_registered_blocks`, s
   hash over then, else an EAGLE engine, which reuses only blocks with the head's K/V, would never reuse it). A
   sequence that reuses a prefix starts its draft at the first reused block without draft K/V; the
   draft's catch-up pass writes that block, with the values any writer would write (same tokens, same
-  positions, same prefix), so a sequence never reads draft K/V that nobody computed.
+  positions, same prefix), so a sequence never reads draft K/V that nobody computed. An EAGLE head's entry at a
+  block's last position also read the next token: `Block.next_token` keeps the writer's (block_manager.py,
+  cached_prefix).
 - A lookup never covers the last token: the engine needs its logits, so at most
   (num_tokens - 1) // block_size blocks are reused.
 """
@@ -113,6 +115,8 @@ class PrefixCache:
         seq.num_registered_blocks = max(seq.num_registered_blocks, num_verified)
         num_drafted = min(seq.num_draft_cached, seq.num_target_cached, seq.num_tokens) // self.block_size
         for i in range(seq.num_draft_written_blocks, num_drafted):
-            self.allocator.blocks[seq.block_table[i]].draft_written = True
+            block = self.allocator.blocks[seq.block_table[i]]
+            end = (i + 1) * self.block_size
+            block.draft_written, block.next_token = True, seq.token_ids[end] if end < seq.num_tokens else None
             self.allocator.prefer(seq.block_table[i], seq.block_hashes[i])
         seq.num_draft_written_blocks = max(seq.num_draft_written_blocks, num_drafted)

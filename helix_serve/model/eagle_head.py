@@ -31,7 +31,7 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from helix_serve.model.attention import AttentionMetadata, paged_attention
-from helix_serve.model.int4 import Int4Linear, quantizable
+from helix_serve.model.int4 import Int4Linear, quantizable, use_dense_rows
 from helix_serve.model.paged_llm import KVCache, ModelShape, linear
 
 CONFIG_FILE = "eagle_config.json"
@@ -155,13 +155,17 @@ class EagleHead(nn.Module):
         out = paged_attention(q, k, v, kv.k[0], kv.v[0], meta, self.scale)
         return self.finish(features, out.flatten(-2))
 
-    def quantize_int4(self) -> None:
+    def quantize_int4(self, dense_rows: int = 0) -> None:
         """Its projections and LM head as 4-bit weights (model/int4.py), as the target's run under `quantization:
-        int4`: a drafting pass then streams a quarter of the bytes. Its q is whatever this head computes, so
-        rejection sampling stays exact; only how often it is right may move."""
+        int4`: a drafting pass then streams a quarter of the bytes; passes of at least `dense_rows` rows (when
+        > 0) run a bf16 copy of them, as the target's do. Its q is whatever this head computes, so rejection
+        sampling stays exact; only how often it is right may move."""
+        quantized = []
         for name in ("fc", "qkv", "o", "gate_up", "down", "lm_head"):
             if quantizable(layer := getattr(self, name)):
-                setattr(self, name, Int4Linear(layer))
+                quantized.append(Int4Linear(layer, dense=dense_rows > 0))
+                setattr(self, name, quantized[-1])
+        use_dense_rows(quantized, dense_rows)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, H] → [N, V_sub] fp32 logits over the sub-vocabulary."""

@@ -12,14 +12,29 @@ can part from the int4 target's own greedy at near-ties.
 
 Why: at decode sizes a CPU forward streams its weights; 4-bit codes are an eighth of fp32. Measured on the
 2-vCPU EPYC (AVX2), SmolLM2-135M's 30 layers of projections: 32 ms per token in fp32, 10.5 ms in int4.
+
+Wide passes: the kernel works through its rows four at a time and, past a few rows, is compute-bound (it
+unpacks the weights again for every four rows): SmolLM2's 30 layers of projections on 2 threads of a Xeon with
+AMX took 8.4 ms at 4 rows, 26 at 16, 49 at 32 and 364 at 256, where a bf16 GEMM of the same weights streams
+them once: 18, 19, 22 and 62 ms. So a layer may keep a bf16 copy of its weights (`dense`: the kernel's own
+values, (q - 8) · scale + zero, rounded to bf16, which moves a weight by at most 2^-9 of itself — about a
+percent of a quantization step) and run passes of at least `dense_rows` rows through it; `choose_dense_rows`
+measures where that starts on this CPU (without native bf16 it may be nowhere, and the copies are dropped).
+Below `dense_rows` a row's output does not depend on how many rows share the pass; at and above it a row is
+computed from the bf16 copy, which differs from the kernel in the last bits, like any change of kernel.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Sequence
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 GROUP_SIZE = 32
+DENSE_PROBE_WIDTHS = (4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256)  # rows; see choose_dense_rows
 
 
 def int4_available(device: torch.device) -> str | None:
@@ -38,7 +53,9 @@ def quantizable(layer: nn.Linear) -> bool:
 class Int4Linear(nn.Module):
     """A Linear whose weight is 4-bit codes with a bf16 scale and zero point per group of 32 inputs."""
 
-    def __init__(self, layer: nn.Linear):
+    def __init__(self, layer: nn.Linear, dense: bool = False):
+        """dense: keep a bf16 copy of the 4-bit weights for wide passes (module docstring); they run through it
+        once `dense_rows` is set (choose_dense_rows)."""
         super().__init__()
         weight = layer.weight.detach().float()
         out_features, in_features = weight.shape
@@ -54,9 +71,61 @@ class Int4Linear(nn.Module):
         self.register_buffer("packed_weight", packed)
         self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().clone())
         self.in_features, self.out_features = in_features, out_features
+        # Not a buffer: a derived copy, dropped when it does not pay (choose_dense_rows), never saved.
+        self.dense: torch.Tensor | None = None
+        if dense:  # the kernel's values: (q - 8) * scale + zero from the bf16 scales and zeros, in fp32
+            kernel_scale, kernel_zero = self.scales_and_zeros.float().unbind(-1)  # [in / 32, out] each
+            values = (codes - 8) * kernel_scale.t()[..., None] + kernel_zero.t()[..., None]
+            self.dense = values.view(out_features, in_features).to(torch.bfloat16)
+        self.dense_rows = 0  # 0: every pass through the kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x.to(torch.bfloat16).contiguous(), self.packed_weight, GROUP_SIZE, self.scales_and_zeros
-        ).to(x.dtype)
+        out = self.dense_mm(x) if x.shape[0] >= self.dense_rows > 0 else self.kernel_mm(x)
+        out = out.to(x.dtype)
         return out if self.bias is None else out + self.bias
+
+    def kernel_mm(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ Wᵀ through the int4 kernel: bf16 in, bf16 out, no bias."""
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.to(torch.bfloat16).contiguous(), self.packed_weight, GROUP_SIZE, self.scales_and_zeros)
+
+    def dense_mm(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ Wᵀ through the bf16 copy: bf16 in, bf16 out, no bias."""
+        return F.linear(x.to(torch.bfloat16), self.dense)
+
+
+def choose_dense_rows(layers: Sequence[Int4Linear], widths: Sequence[int] = DENSE_PROBE_WIDTHS,
+                      repeats: int = 3) -> int:
+    """Time `layers` (a model's projections, in the order a forward runs them) through the kernel and through
+    their bf16 copies at growing widths: the first width where the copies win, or 0 when they never do. The
+    kernel's cost grows with the rows four at a time, the copies' hardly until the GEMM turns compute-bound, so
+    a win holds for wider passes."""
+    with torch.inference_mode():
+        for width in widths:
+            inputs = [torch.randn(width, layer.in_features, dtype=torch.bfloat16) for layer in layers]
+            kernel = _best_time(lambda: [layer.kernel_mm(x) for layer, x in zip(layers, inputs)], repeats)
+            dense = _best_time(lambda: [layer.dense_mm(x) for layer, x in zip(layers, inputs)], repeats)
+            if dense < kernel:
+                return width
+    return 0
+
+
+def use_dense_rows(layers: Sequence[Int4Linear], rows: int) -> int:
+    """Run passes of at least `rows` rows through the layers' bf16 copies; 0: none, and drop the copies."""
+    for layer in layers:
+        if rows and layer.dense is None:
+            raise ValueError("this layer keeps no bf16 copy (Int4Linear(dense=True))")
+        layer.dense_rows = rows
+        if not rows:
+            layer.dense = None
+    return rows
+
+
+def _best_time(fn: Callable[[], object], repeats: int) -> float:
+    fn()  # warm: first-touch of the inputs and the kernels' own setup
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best

@@ -105,8 +105,10 @@ def resolve_quantization(quantization: str, source: ModelSource, device: torch.d
     return "int4" if gguf_projection_types(source) == {"Q4_1"} else "none"
 
 
-def load_model(name: str, device: torch.device, dtype: str = "auto", quantization: str = "none") -> PagedCausalLM:
-    """Load one causal LM by hub id, local path or GGUF file and wrap it for paged attention."""
+def load_model(name: str, device: torch.device, dtype: str = "auto", quantization: str = "none",
+               int4_dense_rows: int | str = 0) -> PagedCausalLM:
+    """Load one causal LM by hub id, local path or GGUF file and wrap it for paged attention (int4_dense_rows:
+    `PagedCausalLM`)."""
     source = resolve_source(name)
     quantization = resolve_quantization(quantization, source, device)
     config = _load_config(source)
@@ -116,7 +118,7 @@ def load_model(name: str, device: torch.device, dtype: str = "auto", quantizatio
     hf_model.to(device).eval()
     logger.info("loaded %s (%s) on %s in %s (dtype %s, quantization %s)", name, config.model_type, device,
                 torch_dtype, dtype, quantization)
-    return PagedCausalLM(hf_model, quantization)
+    return PagedCausalLM(hf_model, quantization, int4_dense_rows)
 
 
 def check_compatible(target_tok, draft_tok, target_name: str, draft_name: str) -> None:
@@ -129,7 +131,8 @@ def check_compatible(target_tok, draft_tok, target_name: str, draft_name: str) -
 
 
 def load_model_pair(
-    target: str, draft: str | None, device: torch.device, dtype: str = "auto", quantization: str = "none"
+    target: str, draft: str | None, device: torch.device, dtype: str = "auto", quantization: str = "none",
+    int4_dense_rows: int | str = 0,
 ) -> ModelPair:
     """Load the target and (optionally) the draft, refusing a pair whose vocabularies differ. `quantization`
     applies to the target: the draft is small, and its weights decide only how much speculation pays."""
@@ -140,6 +143,6 @@ def load_model_pair(
     tokenizer = load_tokenizer(target)
     if draft is not None:
         check_compatible(tokenizer, load_tokenizer(draft), target, draft)
-    target_model = load_model(target, device, dtype, quantization)
+    target_model = load_model(target, device, dtype, quantization, int4_dense_rows)
     draft_model = load_model(draft, device, dtype) if draft is not None else None  # the draft stays as loaded
     return ModelPair(target_model, draft_model, tokenizer, target, draft)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from helix_serve.model.attention import AttentionMetadata, paged_attention
-from helix_serve.model.int4 import Int4Linear, int4_available, quantizable
+from helix_serve.model.int4 import Int4Linear, choose_dense_rows, int4_available, quantizable, use_dense_rows
 from helix_serve.model.int8_head import MAX_ROWS as HEAD8_MAX_ROWS
 from helix_serve.model.int8_head import MXInt8Head
 
@@ -120,7 +120,9 @@ class DecoderLayerWeights:
 class PagedCausalLM(nn.Module):
     """Forward pass over a flat varlen batch of tokens, reading and writing K/V in a `KVCache`."""
 
-    def __init__(self, hf_model: nn.Module, quantization: str = "none"):
+    def __init__(self, hf_model: nn.Module, quantization: str = "none", int4_dense_rows: int | str = 0):
+        """int4_dense_rows (int4 only): passes of at least this many rows run the 4-bit projections as a bf16 GEMM
+        of the same weights (model/int4.py); "auto": from where that is faster, measured now; 0: never."""
         super().__init__()
         config = hf_model.config
         if config.model_type not in SUPPORTED_MODEL_TYPES:
@@ -147,12 +149,16 @@ class PagedCausalLM(nn.Module):
         self.rms_eps = self.norm.variance_epsilon
         # With int4 the projections run from 4-bit copies; their loaded weights (transformers' reference
         # forward) stay as loaded.
-        quant = Int4Linear if quantization == "int4" else None
+        int4 = quantization == "int4"
         self.projections = project = nn.ModuleList(  # 4 per layer: qkv, o, gate_up, down
-            quant(lin) if quant and quantizable(lin) else lin
+            Int4Linear(lin, dense=int4_dense_rows != 0) if int4 and quantizable(lin) else lin
             for layer, qkv, gate_up in zip(self.layers, qkv_proj, gate_up_proj)
             for lin in (qkv, layer.self_attn.o_proj, gate_up, layer.mlp.down_proj)
         )
+        quantized = [p for p in self.projections if isinstance(p, Int4Linear)]
+        if int4_dense_rows == "auto":
+            int4_dense_rows = choose_dense_rows(quantized) if quantized else 0
+        self.int4_dense_rows = use_dense_rows(quantized, int4_dense_rows)  # what runs (int4 only)
         self.weights = [
             DecoderLayerWeights(
                 input_norm=layer.input_layernorm.weight, qkv=project[4 * i], o=project[4 * i + 1],

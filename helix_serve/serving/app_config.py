@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, StringConstraints, model_validator
 
 from helix_serve.config import DEFAULT_DRAFT, DEFAULT_TARGET, EngineConfig
 from helix_serve.model.paged_llm import QUANTIZATIONS
@@ -55,6 +55,10 @@ class ModelArgs(BaseModel):
     quantization: Literal[QUANTIZATIONS] = Field(
         "auto", description="auto: int4 on a CPU for a 4-bit (Q4_1 GGUF) checkpoint, else none; int4: the target's "
                             "projections as 4-bit weights (CPU only; not the fp32 numerics); none: as loaded")
+    int4_dense_rows: NonNegativeInt | Literal["auto"] = Field(
+        0, description="int4: passes of at least this many rows run a bf16 copy of the 4-bit weights (faster under "
+                       "load and for prompts; a row's output then depends on its pass's width); auto: measured at "
+                       "load; 0: never")
     block_size: int = Field(16, ge=1)
     num_kv_blocks: int = Field(1024, ge=1)
     max_num_seqs: int = Field(32, ge=1)
@@ -104,7 +108,8 @@ class ModelArgs(BaseModel):
         return EngineConfig(
             target_model=self.target_model, draft_model=self.draft_model, eagle_head=self.eagle_head,
             device=self.device, dtype=self.dtype,
-            quantization=self.quantization, block_size=self.block_size, num_kv_blocks=self.num_kv_blocks,
+            quantization=self.quantization, int4_dense_rows=self.int4_dense_rows,
+            block_size=self.block_size, num_kv_blocks=self.num_kv_blocks,
             max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens, max_model_len=self.max_model_len,
             speculative_method=self.speculative_method, num_speculative_tokens=self.num_speculative_tokens,

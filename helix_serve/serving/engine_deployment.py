@@ -54,7 +54,7 @@ def load_pair_for_pool(pool_name: str, pool: PoolConfig, placement: PoolDevice, 
     CPU with a warning only when the pool says `fallback: cpu`. Returns (pair, the placement it ended on)."""
     try:
         return load_model_pair(config.target_model, config.draft_model, placement.device, config.dtype,
-                               config.quantization), placement
+                               config.quantization, config.int4_dense_rows), placement
     except Exception as exc:
         if pool.fallback != "cpu" or placement.device.type == "cpu":
             raise
@@ -62,7 +62,7 @@ def load_pair_for_pool(pool_name: str, pool: PoolConfig, placement: PoolDevice, 
         logger.warning("engine pool %r: %s; running on CPU as the pool's `fallback: cpu` allows", pool_name, reason)
         cpu = PoolDevice(torch.device("cpu"), placement.requested, reason)
         return load_model_pair(config.target_model, config.draft_model, cpu.device, config.dtype,
-                               config.quantization), cpu
+                               config.quantization, config.int4_dense_rows), cpu
 
 
 @serve.deployment(
@@ -131,6 +131,7 @@ class HelixEngine:
             "device": str(engine.device), "max_model_len": engine.max_model_len,
             "dtype": str(engine.pair.target.dtype).removeprefix("torch."), "dtype_requested": self.args.dtype,
             "quantization": engine.pair.target.quantization, "quantization_requested": self.args.quantization,
+            "int4_dense_rows": engine.pair.target.int4_dense_rows,
             "lm_head": engine.pair.target.lm_head_format, "kv_cache": kv, "pool": self.pool_name, "device_requested": self.placement.requested,
             "device_fallback": self.placement.fallback_reason, "node_id": self.node_id,
             "last_step": last_step.info(),
