@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from helix_serve.config import DEFAULT_DRAFT, DEFAULT_TARGET, TOY_DRAFT, TOY_TARGET
+from helix_serve.model.int4 import DENSE_PROBE_WIDTHS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,6 +72,14 @@ def test_linear_benchmark_times_both_projection_paths(llama_pair, tmp_path):
     for row in result["rows"]:
         assert {"F.linear q1", "F.linear q5", "weight-major q1", "weight-major q5"} <= row.keys()
         assert all(row[key] > 0 for key in row if key != "batch")
+
+
+def test_int4_rows_benchmark_times_the_kernel_and_the_copies(llama_pair, tmp_path):
+    target, _ = llama_pair
+    result = _run("bench_int4_rows.py", tmp_path, "--target", str(target))
+    assert [row["rows"] for row in result["rows"]] == [1, 4, 16]
+    assert all(row["kernel_ms"] > 0 and row["copy_ms"] > 0 for row in result["rows"])
+    assert result["auto"] in (0, *DENSE_PROBE_WIDTHS)
 
 
 def test_planner_benchmark_quick_reports_every_method_and_goal(llama_pair, tmp_path):

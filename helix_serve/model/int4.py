@@ -15,8 +15,8 @@ Why: at decode sizes a CPU forward streams its weights; 4-bit codes are an eight
 
 Wide passes: the kernel works through its rows four at a time and, past a few rows, is compute-bound (it
 unpacks the weights again for every four rows): SmolLM2's 30 layers of projections on 2 threads of a Xeon with
-AMX took 8.4 ms at 4 rows, 26 at 16, 49 at 32 and 364 at 256, where a bf16 GEMM of the same weights streams
-them once: 18, 19, 22 and 62 ms. So a layer may keep a bf16 copy of its weights (`dense`: the kernel's own
+AMX took 8.3 ms at 4 rows, 26 at 16, 47 at 32 and 349 at 256, where a bf16 GEMM of the same weights streams
+them once: 20, 21, 23 and 77 ms (scripts/bench_int4_rows.py). So a layer may keep a bf16 copy of its weights (`dense`: the kernel's own
 values, (q - 8) · scale + zero, rounded to bf16, which moves a weight by at most 2^-9 of itself — about a
 percent of a quantization step) and run passes of at least `dense_rows` rows through it; `choose_dense_rows`
 measures where that starts on this CPU (without native bf16 it may be nowhere, and the copies are dropped).
@@ -103,8 +103,8 @@ def choose_dense_rows(layers: Sequence[Int4Linear], widths: Sequence[int] = DENS
     with torch.inference_mode():
         for width in widths:
             inputs = [torch.randn(width, layer.in_features, dtype=torch.bfloat16) for layer in layers]
-            kernel = _best_time(lambda: [layer.kernel_mm(x) for layer, x in zip(layers, inputs)], repeats)
-            dense = _best_time(lambda: [layer.dense_mm(x) for layer, x in zip(layers, inputs)], repeats)
+            kernel = best_time(lambda: [layer.kernel_mm(x) for layer, x in zip(layers, inputs)], repeats)
+            dense = best_time(lambda: [layer.dense_mm(x) for layer, x in zip(layers, inputs)], repeats)
             if dense < kernel:
                 return width
     return 0
@@ -121,7 +121,8 @@ def use_dense_rows(layers: Sequence[Int4Linear], rows: int) -> int:
     return rows
 
 
-def _best_time(fn: Callable[[], object], repeats: int) -> float:
+def best_time(fn: Callable[[], object], repeats: int) -> float:
+    """The fastest of `repeats` timed calls of `fn`, after one untimed."""
     fn()  # warm: first-touch of the inputs and the kernels' own setup
     best = float("inf")
     for _ in range(repeats):
