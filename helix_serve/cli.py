@@ -12,11 +12,11 @@ from helix_serve.engine.sampling_params import SPECULATIVE_METHODS, SamplingPara
 from helix_serve.model.paged_llm import QUANTIZATIONS
 
 
-def _dense_rows(value: str) -> int | str:
+def dense_rows_arg(value: str) -> int | str:
     """--int4-dense-rows: 'auto' or a row count >= 0."""
     if value == "auto":
         return value
-    if not value.isdigit():
+    if not (value.isascii() and value.isdigit()):
         raise argparse.ArgumentTypeError(f"expected 'auto' or an integer >= 0, got {value!r}")
     return int(value)
 
@@ -46,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--quantization", choices=QUANTIZATIONS, default="auto",
                      help="auto: int4 on a CPU for a 4-bit (Q4_1 GGUF) checkpoint, else none; int4: 4-bit projections "
                           "(CPU only; not the fp32 numerics); none: the weights as loaded")
-    gen.add_argument("--int4-dense-rows", type=_dense_rows, default=0,
+    gen.add_argument("--int4-dense-rows", type=dense_rows_arg, default=0,
                      help="int4: passes of at least this many rows run a bf16 copy of the 4-bit weights; auto: "
                           "measured at load; 0 (default): never")
     gen.add_argument("--no-prefix-caching", action="store_true",

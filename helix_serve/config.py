@@ -65,7 +65,8 @@ class EngineConfig:
         self.eagle_head = shipped(self.eagle_head)
         if self.eagle_head is not None and self.draft_model is not None:
             raise ValueError("set draft_model or eagle_head, not both (one model-based proposer per engine)")
-        if self.int4_dense_rows != "auto" and not (isinstance(self.int4_dense_rows, int) and self.int4_dense_rows >= 0):
+        rows = self.int4_dense_rows
+        if rows != "auto" and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 0):
             raise ValueError("int4_dense_rows must be 'auto' or an integer >= 0 (0: never)")
         if self.block_size < 1 or self.num_kv_blocks < 1:
             raise ValueError("block_size and num_kv_blocks must be >= 1")

@@ -2,7 +2,7 @@
 
 torch's CPU int4 kernel works through a pass's rows four at a time and is compute-bound past a few rows; a bf16
 GEMM of the same weights streams them once (model/int4.py). This times every int4 projection of the target, in
-the order a forward runs them, through both at each width (alternating, best of `--repeats`), prints ms per
+the order a forward runs them, through both at each width (one after the other, best of `--repeats`), prints ms per
 forward's worth of projections and per row, and the width `int4_dense_rows: auto` picks on this CPU.
 
     python scripts/bench_int4_rows.py --target smollm2-135m-instruct

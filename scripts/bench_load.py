@@ -31,6 +31,7 @@ from bench_common import add_pair_args, cpu_name, save_figure, subplots
 from bench_planner import CHAT, GROUNDED
 from tqdm import tqdm
 
+from helix_serve.cli import dense_rows_arg
 from helix_serve.config import EngineConfig
 from helix_serve.distill.data import chat_prompt_ids
 from helix_serve.engine.llm_engine import LLMEngine
@@ -166,7 +167,7 @@ def main() -> None:
     add_pair_args(parser, quantization=False)
     parser.add_argument("--eagle-head", default="smollm2-eagle", help="'' to leave the head's methods out")
     parser.add_argument("--quantizations", nargs="+", default=["none", "int4"])
-    parser.add_argument("--int4-dense-rows", default="0", help="int4: 'auto' or a row count (EngineConfig)")
+    parser.add_argument("--int4-dense-rows", type=dense_rows_arg, default=0, help="int4: 'auto' or a row count")
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 4, 16, 32])
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--rounds", type=int, default=2)
@@ -179,7 +180,7 @@ def main() -> None:
     if args.quick:
         args.streams, args.max_tokens, args.rounds, args.requests = [1, 4], 12, 1, 1
     torch.set_num_threads(args.threads)
-    dense_rows = args.int4_dense_rows if args.int4_dense_rows == "auto" else int(args.int4_dense_rows)
+    dense_rows = args.int4_dense_rows
     results, dtypes, dense = {}, {}, {}
     for quant in args.quantizations:
         engine = LLMEngine(EngineConfig(target_model=args.target, draft_model=args.draft, device=args.device,

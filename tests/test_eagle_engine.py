@@ -146,6 +146,10 @@ def test_with_an_int4_target_the_head_drafts_in_int4_too(llama_pair, eagle_dir):
     layers = [getattr(head, n) for n in ("fc", "qkv", "o", "gate_up", "down", "lm_head")]
     assert all(isinstance(layer, Int4Linear) or not quantizable(layer) for layer in layers)
     assert sum(isinstance(layer, Int4Linear) for layer in layers) == 5  # the tiny sub-vocabulary (150) is not
+    # with int4_dense_rows, the head's wide passes (prompt catch-ups) take the bf16 copies from the target's width
+    wide = eagle_engine(llama_pair, eagle_dir, quantization="int4", int4_dense_rows=8).decoder.draft.head
+    assert {getattr(wide, n).dense_rows for n in ("fc", "qkv", "o", "gate_up", "down")} == {8}
+    assert all(layer.dense is None and layer.dense_rows == 0 for layer in layers if isinstance(layer, Int4Linear))
     exact = EagleHead.load(eagle_dir, engine.pair.target.embed_tokens, head.dtype)
     features = torch.randn(6, 3 * head.config.hidden_size, dtype=head.dtype)
     cosine = torch.nn.functional.cosine_similarity(head.fuse(features).float(), exact.fuse(features).float())

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 from torch import nn
@@ -71,26 +69,35 @@ def test_wide_passes_run_a_bf16_copy_of_the_kernels_own_weights():
         use_dense_rows([Int4Linear(layer)], 4)
 
 
-class _TimedLayer:
-    """choose_dense_rows' view of a layer, with known costs: the kernel's grows per 4 rows, the copy's is flat."""
+class _ModelledLayer:
+    """choose_dense_rows' view of a layer with modelled costs, added to `spent` (read by the timer below): the
+    kernel's grows per 4 rows, the copy's is flat."""
 
     in_features = 8
+    spent = [0.0]
 
     def __init__(self, kernel_s_per_4_rows: float, dense_s: float):
         self.kernel_s, self.dense_s = kernel_s_per_4_rows, dense_s
 
     def kernel_mm(self, x: torch.Tensor) -> None:
-        time.sleep(self.kernel_s * -(-x.shape[0] // 4))
+        self.spent[0] += self.kernel_s * -(-x.shape[0] // 4)
 
     def dense_mm(self, x: torch.Tensor) -> None:
-        time.sleep(self.dense_s)
+        self.spent[0] += self.dense_s
 
 
-def test_the_copy_runs_from_the_first_width_where_it_is_faster():
+def test_the_copy_runs_from_the_first_width_where_it_is_faster(monkeypatch):
+    def modelled_time(fn, repeats):
+        _ModelledLayer.spent[0] = 0.0
+        fn()
+        return _ModelledLayer.spent[0]
+
+    monkeypatch.setattr("helix_serve.model.int4.best_time", modelled_time)
     widths = (4, 8, 12, 16, 24)
-    assert choose_dense_rows([_TimedLayer(0.002, 0.007)], widths, repeats=2) == 16  # 8 ms against 7
-    assert choose_dense_rows([_TimedLayer(0.002, 0.0013)], widths, repeats=2) == 4
-    assert choose_dense_rows([_TimedLayer(0.0005, 0.02)], widths, repeats=2) == 0  # never faster: never used
+    assert choose_dense_rows([_ModelledLayer(2, 7)], widths) == 16  # 8 against 7
+    assert choose_dense_rows([_ModelledLayer(2, 7), _ModelledLayer(1, 1)], widths) == 12  # 9 against 8
+    assert choose_dense_rows([_ModelledLayer(2, 1.3)], widths) == 4
+    assert choose_dense_rows([_ModelledLayer(0.5, 20)], widths) == 0  # never faster: never used
 
 
 @torch.no_grad()
@@ -155,7 +162,7 @@ def test_unknown_or_impossible_quantization_is_a_clear_error(llama_pair):
         EngineConfig(quantization="int8")
     with pytest.raises(ValueError, match="quantization"):
         HelixAppArgs(quantization="int8")
-    for bad in (-1, "fast", 1.5):
+    for bad in (-1, "fast", 1.5, True):
         with pytest.raises(ValueError, match="int4_dense_rows"):
             EngineConfig(int4_dense_rows=bad)
         with pytest.raises(ValueError, match="int4_dense_rows"):

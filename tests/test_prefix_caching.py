@@ -430,7 +430,7 @@ def test_an_eagle_heads_last_matched_block_is_copied_and_its_last_position_recom
     bm2 = BlockManager(6, BS, enable_prefix_caching=True, draft_needs_features=True)
     run(bm2, range(13), verified=12, drafted=8)  # the head wrote 2 of the 3 blocks
     c = seq(range(14))
-    prefix = bm2.cached_prefix(c)  # block 2 matched too, so the head's entries in blocks 0-1 are c's own: shared
+    prefix = bm2.cached_prefix(c)  # the head's entries in blocks 0-1 read c's next tokens: shared, none copied
     assert not prefix.copy_last and prefix.block_ids == [0, 1] and prefix.num_tokens == prefix.num_draft_tokens == 8
 
 

@@ -166,7 +166,8 @@ class BlockManager:
             size, blocks = self.block_size, self.allocator.blocks
             keep = min(prefix.num_draft_tokens // size, len(prefix.block_ids))
             ids, tokens = prefix.block_ids, seq.token_ids
-            first_differing = next((j for j in range(keep) if blocks[ids[j]].next_token != tokens[(j + 1) * size]), None)
+            first_differing = next((j for j in range(keep) if blocks[ids[j]].next_token != tokens[(j + 1) * size]),
+                                   None)
             copy_last = first_differing is not None
             keep = first_differing + 1 if copy_last else keep
             reused = keep * size - copy_last

@@ -16,9 +16,10 @@ Why: at decode sizes a CPU forward streams its weights; 4-bit codes are an eight
 Wide passes: the kernel works through its rows four at a time and, past a few rows, is compute-bound (it
 unpacks the weights again for every four rows): SmolLM2's 30 layers of projections on 2 threads of a Xeon with
 AMX took 8.3 ms at 4 rows, 26 at 16, 47 at 32 and 349 at 256, where a bf16 GEMM of the same weights streams
-them once: 20, 21, 23 and 77 ms (scripts/bench_int4_rows.py). So a layer may keep a bf16 copy of its weights (`dense`: the kernel's own
-values, (q - 8) · scale + zero, rounded to bf16, which moves a weight by at most 2^-9 of itself — about a
-percent of a quantization step) and run passes of at least `dense_rows` rows through it; `choose_dense_rows`
+them once: 20, 21, 23 and 77 ms (scripts/bench_int4_rows.py). So a layer may keep a bf16 copy of its weights
+(`dense`: the kernel's own values, (q - 8) · scale + zero, rounded to bf16, which moves a weight by at most 2^-9
+of itself — about a percent of a quantization step in a group whose values straddle zero, more in a group far
+from zero) and run passes of at least `dense_rows` rows through it; `choose_dense_rows`
 measures where that starts on this CPU (without native bf16 it may be nowhere, and the copies are dropped).
 Below `dense_rows` a row's output does not depend on how many rows share the pass; at and above it a row is
 computed from the bf16 copy, which differs from the kernel in the last bits, like any change of kernel.
@@ -100,9 +101,10 @@ def choose_dense_rows(layers: Sequence[Int4Linear], widths: Sequence[int] = DENS
     their bf16 copies at growing widths: the first width where the copies win, or 0 when they never do. The
     kernel's cost grows with the rows four at a time, the copies' hardly until the GEMM turns compute-bound, so
     a win holds for wider passes."""
+    gen = torch.Generator().manual_seed(0)  # not the global generator: loading a model leaves its state alone
     with torch.inference_mode():
         for width in widths:
-            inputs = [torch.randn(width, layer.in_features, dtype=torch.bfloat16) for layer in layers]
+            inputs = [torch.randn(width, layer.in_features, dtype=torch.bfloat16, generator=gen) for layer in layers]
             kernel = best_time(lambda: [layer.kernel_mm(x) for layer, x in zip(layers, inputs)], repeats)
             dense = best_time(lambda: [layer.dense_mm(x) for layer, x in zip(layers, inputs)], repeats)
             if dense < kernel:

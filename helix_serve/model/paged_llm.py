@@ -158,7 +158,7 @@ class PagedCausalLM(nn.Module):
         quantized = [p for p in self.projections if isinstance(p, Int4Linear)]
         if int4_dense_rows == "auto":
             int4_dense_rows = choose_dense_rows(quantized) if quantized else 0
-        self.int4_dense_rows = use_dense_rows(quantized, int4_dense_rows)  # what runs (int4 only)
+        self.int4_dense_rows = use_dense_rows(quantized, int4_dense_rows) if quantized else 0  # what runs
         self.weights = [
             DecoderLayerWeights(
                 input_norm=layer.input_layernorm.weight, qkv=project[4 * i], o=project[4 * i + 1],

@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints, model_validator
 
 from helix_serve.config import DEFAULT_DRAFT, DEFAULT_TARGET, EngineConfig
 from helix_serve.model.paged_llm import QUANTIZATIONS
@@ -55,7 +55,7 @@ class ModelArgs(BaseModel):
     quantization: Literal[QUANTIZATIONS] = Field(
         "auto", description="auto: int4 on a CPU for a 4-bit (Q4_1 GGUF) checkpoint, else none; int4: the target's "
                             "projections as 4-bit weights (CPU only; not the fp32 numerics); none: as loaded")
-    int4_dense_rows: NonNegativeInt | Literal["auto"] = Field(
+    int4_dense_rows: Annotated[StrictInt, Field(ge=0)] | Literal["auto"] = Field(
         0, description="int4: passes of at least this many rows run a bf16 copy of the 4-bit weights (faster under "
                        "load and for prompts; a row's output then depends on its pass's width); auto: measured at "
                        "load; 0: never")

@@ -111,7 +111,8 @@ class PoolRouter:
             "dtype": ",".join(sorted({info["dtype"] for info in live})),
             "dtype_requested": first["dtype_requested"],
             "quantization": first["quantization"], "quantization_requested": first["quantization_requested"],
-            "int4_dense_rows": first["int4_dense_rows"], "lm_head": first["lm_head"], "kv_cache": {**first["kv_cache"], **kv},
+            "int4_dense_rows": first["int4_dense_rows"], "lm_head": first["lm_head"],
+            "kv_cache": {**first["kv_cache"], **kv},
             "pools": {p.name: p.summary() for p in self.pools},
         }
 
