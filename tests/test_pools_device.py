@@ -85,7 +85,7 @@ class _LoadFailsOffCpu:
     def __init__(self):
         self.devices: list[torch.device] = []
 
-    def __call__(self, target, draft, device, dtype, quantization):
+    def __call__(self, target, draft, device, dtype, quantization, int4_dense_rows):
         self.devices.append(device)
         if device.type != "cpu":
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
