@@ -19,7 +19,7 @@ import torch
 from bench_common import DEFAULT_TARGET, cpu_name, save_figure, subplots
 from tqdm import tqdm
 
-from helix_serve.model.int4 import Int4Linear, best_time, choose_dense_rows
+from helix_serve.model.int4 import Int4Linear, choose_dense_rows, time_both_paths
 from helix_serve.model.loader import load_model
 
 WIDTHS = (1, 2, 4, 5, 8, 12, 16, 24, 32, 33, 48, 64, 128, 256)
@@ -40,12 +40,9 @@ def main() -> None:
     model = load_model(args.target, torch.device("cpu"), "float32", "int4", int4_dense_rows=1)
     layers = [p for p in model.projections if isinstance(p, Int4Linear)]
     rows = []
-    with torch.inference_mode():
-        for width in tqdm(widths, desc="widths"):
-            inputs = [torch.randn(width, layer.in_features, dtype=torch.bfloat16) for layer in layers]
-            kernel = best_time(lambda: [layer.kernel_mm(x) for layer, x in zip(layers, inputs)], args.repeats)
-            copy = best_time(lambda: [layer.dense_mm(x) for layer, x in zip(layers, inputs)], args.repeats)
-            rows.append({"rows": width, "kernel_ms": kernel * 1e3, "copy_ms": copy * 1e3})
+    for width in tqdm(widths, desc="widths"):
+        kernel, copy = time_both_paths(layers, width, args.repeats)
+        rows.append({"rows": width, "kernel_ms": kernel * 1e3, "copy_ms": copy * 1e3})
     auto = choose_dense_rows(layers, repeats=args.repeats)
     print(f"{len(layers)} int4 projections of {args.target}; CPU: {cpu_name()}, {args.threads} threads")
     print(f"{'rows':>5} {'kernel ms':>10} {'copy ms':>8} {'kernel/row':>11} {'copy/row':>9}")

@@ -102,15 +102,22 @@ def choose_dense_rows(layers: Sequence[Int4Linear], widths: Sequence[int] = DENS
     their bf16 copies at growing widths: the first width where the copies win, or 0 when they never do. The
     kernel's cost grows with the rows four at a time, the copies' hardly until the GEMM turns compute-bound, so
     a win holds for wider passes."""
-    gen = torch.Generator().manual_seed(0)  # not the global generator: loading a model leaves its state alone
-    with torch.inference_mode():
-        for width in widths:
-            inputs = [torch.randn(width, layer.in_features, dtype=torch.bfloat16, generator=gen) for layer in layers]
-            kernel = best_time(lambda: [layer.kernel_mm(x) for layer, x in zip(layers, inputs)], repeats)
-            dense = best_time(lambda: [layer.dense_mm(x) for layer, x in zip(layers, inputs)], repeats)
-            if dense < kernel:
-                return width
+    for width in widths:
+        kernel, dense = time_both_paths(layers, width, repeats)
+        if dense < kernel:
+            return width
     return 0
+
+
+def time_both_paths(layers: Sequence[Int4Linear], width: int, repeats: int) -> tuple[float, float]:
+    """Seconds for `layers` over `width` random rows through the kernel, and through their bf16 copies (the best of
+    `repeats` each)."""
+    gen = torch.Generator().manual_seed(width)  # not the global generator: loading a model leaves its state alone
+    inputs = [torch.randn(width, layer.in_features, dtype=torch.bfloat16, generator=gen) for layer in layers]
+    with torch.inference_mode():
+        kernel = best_time(lambda: [layer.kernel_mm(x) for layer, x in zip(layers, inputs)], repeats)
+        dense = best_time(lambda: [layer.dense_mm(x) for layer, x in zip(layers, inputs)], repeats)
+    return kernel, dense
 
 
 def use_dense_rows(layers: Sequence[Int4Linear], rows: int) -> int:
