@@ -71,6 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     dist.add_argument("--ttt-steps", type=int, default=3, help="eagle: training-time-test depth")
     dist.add_argument("--eval-max-tokens", type=int, default=64,
                       help="eagle: tokens per held-out prompt in each evaluation run (K = 1-6, greedy and T = 0.8)")
+    dist.add_argument("--init-from", default=None,
+                      help="eagle: fine-tune this saved head (e.g. a shipped one) on new answers instead of a new head")
     return parser
 
 
@@ -85,7 +87,7 @@ def _distill(args: argparse.Namespace, argv: list[str] | None) -> int:
         seed=args.seed, num_layers=args.layers, draft_vocab_size=args.draft_vocab, batch_size=args.batch_size,
         threads=args.threads, max_prompts=args.max_prompts, command=command, method=args.method,
         rounds=args.rounds, max_answer_tokens=args.max_answer_tokens, ttt_steps=args.ttt_steps,
-        eval_max_tokens=args.eval_max_tokens,
+        eval_max_tokens=args.eval_max_tokens, init_from=Path(args.init_from) if args.init_from else None,
     ))
     keys = ("greedy", "t0.8", "draft_cost_ratio", "verify_cost_ratio") if args.method == "draft" else \
         ("train", "num_answers", "evaluation")

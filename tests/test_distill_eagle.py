@@ -10,8 +10,9 @@ import torch
 
 from helix_serve.cli import main as helix_main
 from helix_serve.distill.eagle_data import read_answers
+from helix_serve.distill.eagle_trainer import EagleTrainConfig
 from helix_serve.distill.run import DistillArgs, distill
-from helix_serve.model.eagle_head import EagleHead
+from helix_serve.model.eagle_head import EagleConfig, EagleHead
 from helix_serve.model.loader import load_model
 from tests.model_factory import make_model, make_tokenizer
 from tests.test_distill import CHAT_TEMPLATE
@@ -42,7 +43,7 @@ def test_distill_eagle_trains_a_loadable_head_and_resumes_without_regenerating(t
 
     # The evaluation stage: the engine with speculative_method "eagle", K = 1..6, greedy and sampled.
     evaluation = facts["evaluation"]
-    assert evaluation["num_eval_prompts"] == 28 and evaluation["speculative_method"] == "eagle"  # held-out prompts
+    assert evaluation["num_eval_prompts"] == 40 and evaluation["speculative_method"] == "eagle"  # held out, capped
     assert json.loads((out / "distill.json").read_text())["evaluation"] == evaluation
     assert 0 < evaluation["eagle_cost_ratio"] < 1
     for label in ("greedy", "t0.8"):
@@ -77,3 +78,35 @@ def test_distill_cli_takes_the_eagle_method(tiny_target, tmp_path, capsys):
     assert code == 0 and printed["num_answers"] == 8 and printed["evaluation"]["eval_max_tokens"] == 4
     assert (tmp_path / "e" / "model.safetensors").exists()
     assert json.loads((tmp_path / "e" / "distill.json").read_text())["num_answers"] == 8
+
+
+def test_distill_eagle_fine_tunes_a_saved_head_keeping_its_layers_and_vocabulary(tiny_target, tmp_path):
+    target = load_model(str(tiny_target), torch.device("cpu"), "float32")
+    vocab_ids = list(range(3, 51))  # not what a new run would choose (the 64 most frequent answer tokens)
+    start = EagleHead(EagleConfig.for_target(target.hf_model.config, (0, 3), vocab_ids), target.embed_tokens)
+    start.save(tmp_path / "shipped")
+    args = DistillArgs(target=str(tiny_target), out=tmp_path / "ft", budget_minutes=0.2, draft_vocab_size=64,
+                       max_prompts=8, rounds=1, max_answer_tokens=12, threads=1, method="eagle",
+                       eval_max_tokens=4, init_from=tmp_path / "shipped")
+    facts = distill(args)
+    tuned = EagleHead.load(args.out, target.embed_tokens)
+    assert tuned.config.capture_layers == (0, 3) and list(tuned.config.vocab_ids) == vocab_ids
+    assert json.loads((args.out / "eagle_vocab.json").read_text()) == vocab_ids
+    assert facts["capture_layers"] == [0, 3] and facts["train"]["step"] > 0
+    # trained from the saved weights, not from a new head's (whose LM head starts as the target's rows)
+    moved = (tuned.fc.weight - start.fc.weight.to(tuned.dtype)).abs().max().item()
+    assert 0 < moved <= 2 * EagleTrainConfig().lr * facts["train"]["step"]  # Adam moves a weight ~lr per step
+
+
+def test_distill_eagle_rejects_what_it_cannot_fine_tune(tiny_target, tmp_path, capsys):
+    base = ["distill", "--method", "eagle", "--target", str(tiny_target), "--out", str(tmp_path / "e"),
+            "--budget-minutes", "0.1", "--max-prompts", "2", "--threads", "1"]
+    assert helix_main([*base, "--init-from", str(tmp_path)]) == 2  # no head there
+    assert "not an EAGLE head directory" in capsys.readouterr().err
+    assert helix_main([*base[:2], "draft", *base[3:], "--init-from", str(tmp_path)]) == 2
+    assert "use it with --method eagle" in capsys.readouterr().err
+    other = make_model("llama", 100, 64, 4, 4, 2, seed=3)  # another vocabulary
+    target = load_model(str(tiny_target), torch.device("cpu"), "float32")
+    EagleHead(EagleConfig.for_target(other.config, (1, 2), list(range(32))), target.embed_tokens).save(tmp_path / "other")
+    assert helix_main([*base, "--init-from", str(tmp_path / "other")]) == 2
+    assert "made for another target" in capsys.readouterr().err

@@ -22,7 +22,7 @@ from helix_serve.distill.eagle_data import extract_features, generate_answers, l
 from helix_serve.distill.eagle_eval import evaluate_eagle
 from helix_serve.distill.eagle_trainer import CHECKPOINT, LOSS_LOG, EagleTrainConfig, train_eagle
 from helix_serve.distill.prompts import build_prompts, split_prompts
-from helix_serve.model.eagle_head import EagleConfig, EagleHead
+from helix_serve.model.eagle_head import EagleConfig, EagleHead, is_eagle_head
 
 logger = logging.getLogger(__name__)
 ANSWERS = "answers.jsonl"
@@ -50,6 +50,8 @@ def _engine(target: str, max_num_seqs: int):
 
 def distill_eagle(args) -> dict:
     """Run the whole pipeline for `args` (run.DistillArgs); returns the facts written into the card."""
+    if args.init_from is not None and not is_eagle_head(args.init_from):
+        raise ValueError(f"--init-from {args.init_from}: not an EAGLE head directory (helix distill --method eagle)")
     torch.set_num_threads(args.threads)
     start = time.monotonic()
     budget_s = args.budget_minutes * 60
@@ -62,21 +64,24 @@ def distill_eagle(args) -> dict:
             chunk.unlink()
     engine = _engine(args.target, args.max_num_seqs)
     target = engine.pair.target
+    # Fine-tuning an existing head keeps its captured layers and sub-vocabulary (its rows mean those ids).
+    head = _init_head(args.init_from, target) if args.init_from else None
     train_prompts, held_out = split_prompts(build_prompts(args.seed))
     train_prompts = train_prompts[: args.max_prompts]
     answers = generate_answers(engine, train_prompts, out / ANSWERS, start + DATA_SHARE * budget_s,
                                args.rounds, args.max_answer_tokens)
     if not answers:
         raise ValueError("the answer budget ran out before the first answer: raise --budget-minutes")
-    capture = default_capture_layers(target.shape.num_layers)
+    capture = head.config.capture_layers if head else default_capture_layers(target.shape.num_layers)
     paths = extract_features(target, answers, capture, out / FEATURES, start + FEATURE_SHARE * budget_s)
     seqs = load_sequences(paths)
 
     vocab_ids = _vocab(out / VOCAB, answers, engine.tokenizer.all_special_ids, args.draft_vocab_size,
-                       target.shape.vocab_size)
-    config = EagleConfig.for_target(target.hf_model.config, capture, vocab_ids)
-    head = EagleHead(config, target.embed_tokens).float()
-    head.init_from_target(target.lm_head.weight.float(), target.norm.weight.float())
+                       target.shape.vocab_size, head.config.vocab_ids if head else None)
+    if head is None:
+        head = EagleHead(EagleConfig.for_target(target.hf_model.config, capture, vocab_ids), target.embed_tokens)
+        head = head.float()
+        head.init_from_target(target.lm_head.weight.float(), target.norm.weight.float())
     cfg = EagleTrainConfig(seed=args.seed, ttt_steps=args.ttt_steps,
                            autocast_bf16=target.dtype == torch.bfloat16)
     state = train_eagle(head, seqs, out, TRAIN_SHARE * budget_s, cfg, resume=args.resume)
@@ -104,9 +109,24 @@ def distill_eagle(args) -> dict:
     return facts
 
 
-def _vocab(path: Path, answers, special_ids: list[int], size: int, full_vocab: int) -> list[int]:
+def _init_head(path: Path, target) -> EagleHead:
+    """A saved head to fine-tune (`--init-from`), in fp32 for training."""
+    head = EagleHead.load(path, target.embed_tokens, torch.float32)
+    if head.config.target_vocab_size != target.shape.vocab_size or \
+            max(head.config.capture_layers) >= target.shape.num_layers:
+        raise ValueError(f"--init-from {path}: this EAGLE head was made for another target")
+    return head
+
+
+def _vocab(path: Path, answers, special_ids: list[int], size: int, full_vocab: int,
+           fixed: list[int] | None = None) -> list[int]:
+    """The run's sub-vocabulary: the one already chosen in `path`, else `fixed` (a fine-tuned head's), else the
+    `size` most frequent answer tokens."""
     if path.exists():
-        return json.loads(path.read_text())
-    vocab_ids = select_vocab(answers, special_ids, size, full_vocab)
+        vocab_ids = json.loads(path.read_text())
+        if fixed is not None and vocab_ids != fixed:
+            raise ValueError(f"{path} holds another sub-vocabulary than the head to fine-tune (--init-from)")
+        return vocab_ids
+    vocab_ids = fixed if fixed is not None else select_vocab(answers, special_ids, size, full_vocab)
     path.write_text(json.dumps(vocab_ids))
     return vocab_ids

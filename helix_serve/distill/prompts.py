@@ -11,37 +11,75 @@ import itertools
 import random
 
 COUNTRIES = ["France", "Japan", "Brazil", "Canada", "Egypt", "India", "Italy", "Kenya", "Mexico", "Norway",
-             "Peru", "Spain", "Germany", "Australia", "China", "Greece", "Turkey", "Vietnam", "Chile", "Poland"]
+             "Peru", "Spain", "Germany", "Australia", "China", "Greece", "Turkey", "Vietnam", "Chile", "Poland",
+             "Argentina", "Ireland", "Thailand", "Morocco", "Sweden", "Indonesia", "Portugal", "Nigeria", "Iceland",
+             "South Korea", "New Zealand", "Colombia", "Ethiopia", "Finland", "Cuba", "Nepal", "Austria",
+             "the Philippines", "Ghana", "Switzerland"]
 CONCEPTS = ["photosynthesis", "gravity", "inflation", "machine learning", "the water cycle", "democracy",
             "a black hole", "compound interest", "evolution", "climate change", "the internet", "vaccines",
             "electricity", "recursion", "supply and demand", "the immune system", "plate tectonics", "DNA",
             "a neural network", "the stock market", "renewable energy", "the moon's phases", "an algorithm",
-            "blockchain", "the greenhouse effect", "probability", "a rainbow", "sleep", "memory", "friction"]
+            "blockchain", "the greenhouse effect", "probability", "a rainbow", "sleep", "memory", "friction",
+            "the French Revolution", "a volcano", "an earthquake", "the solar system", "a calorie", "taxes",
+            "a credit score", "the Pythagorean theorem", "a prime number", "the speed of light", "photography",
+            "an ecosystem", "antibiotics", "a carbon footprint", "a database", "encryption", "a cloud server",
+            "cellular respiration", "the Renaissance", "the scientific method", "a tsunami", "an eclipse",
+            "magnetism", "a hurricane", "a fraction", "the printing press", "a budget", "opportunity cost",
+            "an operating system", "the food chain"]
 TOPICS = ["the ocean", "autumn", "a cat", "friendship", "the city at night", "coffee", "mountains", "rain",
           "a lighthouse", "the stars", "a garden", "winter mornings", "a library", "trains", "the sea breeze",
-          "a quiet forest", "music", "childhood", "the desert", "a rainy Sunday"]
+          "a quiet forest", "music", "childhood", "the desert", "a rainy Sunday",
+             "a snowy village", "an old bridge", "the first day of spring", "a thunderstorm", "a bakery at dawn",
+             "the mountains at sunset", "a lost key", "a busy market", "a sailboat", "the river", "an old photograph",
+             "a campfire", "the last train home", "a field of sunflowers", "a robot learning to paint",
+             "a letter from a friend", "the summer holidays", "a sleepy dog", "an empty beach", "the full moon"]
 ACTIVITIES = ["staying focused while studying", "sleeping better", "learning a new language", "saving money",
               "starting to run", "cooking healthy meals", "public speaking", "writing a resume", "reducing stress",
               "keeping a plant alive", "working from home", "making friends in a new city", "reading more books",
               "preparing for a job interview", "learning to code", "traveling on a budget", "drinking more water",
-              "organizing a small kitchen", "taking better photos", "managing time"]
+              "organizing a small kitchen", "taking better photos", "managing time",
+              "learning to play the guitar", "eating less sugar", "waking up early", "studying for an exam",
+              "starting a small business", "writing a novel", "keeping a journal", "staying motivated",
+              "learning to swim", "decluttering my home", "planning a wedding", "raising a puppy",
+              "speaking with confidence", "memorizing facts", "negotiating a salary", "gardening on a balcony",
+              "building muscle", "meditating", "giving feedback at work", "learning math as an adult"]
 PAIRS = [("a virus", "a bacterium"), ("weather", "climate"), ("a list", "a tuple in Python"), ("RAM", "storage"),
          ("an alligator", "a crocodile"), ("speed", "velocity"), ("a lake", "a pond"), ("HTTP", "HTTPS"),
          ("a comet", "an asteroid"), ("baking soda", "baking powder"), ("a frog", "a toad"),
          ("socialism", "capitalism"), ("an atom", "a molecule"), ("a simile", "a metaphor"),
-         ("TCP", "UDP"), ("a democracy", "a monarchy"), ("mass", "weight"), ("a CPU", "a GPU")]
+         ("TCP", "UDP"), ("a democracy", "a monarchy"), ("mass", "weight"), ("a CPU", "a GPU"),
+         ("a crocodile", "a lizard"), ("a hurricane", "a tornado"), ("an ocean", "a sea"), ("a violin", "a viola"),
+         ("a function", "a method"), ("latitude", "longitude"), ("a rabbit", "a hare"), ("a star", "a planet"),
+         ("an app", "a website"), ("bread flour", "cake flour"), ("a loan", "a grant"), ("heat", "temperature")]
 CODE_TASKS = ["reverses a string", "checks whether a number is prime", "returns the factorial of n",
               "counts the vowels in a string", "finds the largest number in a list", "sorts a list of names",
               "computes the Fibonacci numbers up to n", "removes duplicates from a list",
               "checks whether a word is a palindrome", "converts Celsius to Fahrenheit",
               "sums the even numbers in a list", "reads a file and counts its lines",
               "merges two dictionaries", "returns the average of a list of numbers",
-              "capitalizes every word in a sentence"]
+              "capitalizes every word in a sentence",
+              "finds the second largest number in a list", "counts how often each word appears in a text",
+              "checks whether two strings are anagrams", "converts a number to binary", "flattens a nested list",
+              "returns the n-th prime number", "validates an email address", "shuffles a deck of cards",
+              "computes the greatest common divisor of two numbers", "reverses the words in a sentence"]
 WORDS = ["serendipity", "ephemeral", "resilience", "ubiquitous", "empathy", "paradigm", "nostalgia", "entropy",
-         "metaphor", "algorithm", "sustainability", "irony", "bias", "momentum", "hypothesis"]
+         "metaphor", "algorithm", "sustainability", "irony", "bias", "momentum", "hypothesis",
+         "curiosity", "melancholy", "integrity", "ambiguous", "catalyst", "benevolent", "pragmatic", "eloquent",
+         "frugal", "tenacious", "meticulous", "candid", "gregarious", "inevitable", "profound", "diligent",
+         "whimsical", "vulnerable", "obsolete", "innovation"]
 PEOPLE = ["Albert Einstein", "Marie Curie", "Isaac Newton", "Leonardo da Vinci", "William Shakespeare",
           "Ada Lovelace", "Nelson Mandela", "Charles Darwin", "Cleopatra", "Galileo Galilei", "Mozart",
-          "Alan Turing", "Jane Austen", "Nikola Tesla", "Mahatma Gandhi"]
+          "Alan Turing", "Jane Austen", "Nikola Tesla", "Mahatma Gandhi",
+          "Frida Kahlo", "Abraham Lincoln", "Confucius", "Aristotle", "Ludwig van Beethoven", "Rosa Parks",
+          "Martin Luther King Jr.", "Napoleon Bonaparte", "Vincent van Gogh", "Florence Nightingale",
+          "Thomas Edison", "Julius Caesar", "Amelia Earhart", "Pablo Picasso", "Stephen Hawking"]
+OBJECTS = ["a bicycle", "a refrigerator", "a microwave oven", "a compass", "GPS", "a solar panel", "a camera",
+           "a battery", "a thermostat", "a telescope", "a printer", "a smartphone", "an elevator", "a wind turbine",
+           "a light bulb", "a submarine", "a helicopter", "a clock", "a search engine", "a credit card",
+           "a washing machine", "a piano", "a rocket", "a dam", "a 3D printer"]
+ANIMALS = ["elephants", "dolphins", "penguins", "owls", "honey bees", "wolves", "octopuses", "koalas", "sharks",
+           "butterflies", "camels", "polar bears", "parrots", "ants", "giraffes", "bats", "turtles", "foxes",
+           "whales", "hedgehogs"]
 PASSAGES = [
     "The Amazon rainforest covers much of the Amazon basin of South America. It is home to millions of species "
     "of insects, plants, birds and other animals, and it produces a large share of the world's oxygen.",
@@ -81,6 +119,11 @@ TEMPLATES: list[tuple[str, list]] = [
     ("How would I write code that {}? Explain briefly.", CODE_TASKS),
     ("What does the word \"{}\" mean?", WORDS),
     ("Use the word \"{}\" in a sentence.", WORDS),
+    ("How does {} work?", OBJECTS),
+    ("What is the history of {}?", OBJECTS),
+    ("Tell me about {}.", ANIMALS),
+    ("What do {} eat?", ANIMALS),
+    ("Where do {} live?", ANIMALS),
     ("Who was {}?", PEOPLE),
     ("What is {} famous for?", PEOPLE),
     ("Summarize this text in one sentence:\n{}", PASSAGES),
@@ -98,7 +141,14 @@ GENERIC = [
     "Give me a motivational quote and explain it.", "How does a car engine work?", "Why is the sky blue?",
     "How many days are in a leap year?", "What are the primary colors?", "Recommend three classic novels.",
     "How do airplanes stay in the air?", "What is the tallest mountain in the world?", "Who wrote Hamlet?",
-]
+    "Write a birthday message for my sister.", "What is a good name for a pet goldfish?",
+    "How do I stay warm in winter?", "Give me ideas for a rainy weekend.", "What is a good breakfast for energy?",
+    "How do I apologize to a friend?", "Write a short speech for a school graduation.", "How do rockets reach space?",
+    "What is the best way to learn history?", "Write a limerick about a cat.", "How do I change a flat tire?",
+    "What are the seven wonders of the world?", "Describe your ideal weekend.", "How does the heart pump blood?",
+    "Write a product description for a reusable water bottle.", "What are good questions to ask in an interview?",
+    "Explain the rules of chess briefly.", "Why do leaves change color in autumn?", "How is glass made?",
+    "Write a short bedtime story for a child."]
 
 
 def build_prompts(seed: int = 0) -> list[str]:
