@@ -39,7 +39,7 @@ def test_distill_eagle_trains_a_loadable_head_and_resumes_without_regenerating(t
     assert facts["num_answers"] == 80 and facts["num_trained_answers"] == 80  # 40 prompts x 2 rounds
     assert facts["train"]["step"] > 0 and len(facts["train"]["last_accuracy"]) == 3
     card = (out / "README.md").read_text()
-    assert "helix distill --method eagle (test)" in card
+    assert "helix distill --method eagle (test)" in card and "Fine-tuned" not in card  # a new head
 
     # The evaluation stage: the engine with speculative_method "eagle", K = 1..6, greedy and sampled.
     evaluation = facts["evaluation"]
@@ -85,6 +85,9 @@ def test_distill_eagle_fine_tunes_a_saved_head_keeping_its_layers_and_vocabulary
     vocab_ids = list(range(3, 51))  # not what a new run would choose (the 64 most frequent answer tokens)
     start = EagleHead(EagleConfig.for_target(target.hf_model.config, (0, 3), vocab_ids), target.embed_tokens)
     start.save(tmp_path / "shipped")
+    made = {"args": {"command": "helix distill --method eagle (first)"}, "num_answers": 9,
+            "train": {"step": 12, "elapsed_s": 180.0}}
+    (tmp_path / "shipped" / "distill.json").write_text(json.dumps(made))
     args = DistillArgs(target=str(tiny_target), out=tmp_path / "ft", budget_minutes=0.2, draft_vocab_size=64,
                        max_prompts=8, rounds=1, max_answer_tokens=12, threads=1, method="eagle",
                        eval_max_tokens=4, init_from=tmp_path / "shipped")
@@ -93,6 +96,10 @@ def test_distill_eagle_fine_tunes_a_saved_head_keeping_its_layers_and_vocabulary
     assert tuned.config.capture_layers == (0, 3) and list(tuned.config.vocab_ids) == vocab_ids
     assert json.loads((args.out / "eagle_vocab.json").read_text()) == vocab_ids
     assert facts["capture_layers"] == [0, 3] and facts["train"]["step"] > 0
+    assert facts["init_from"] == {"path": str(tmp_path / "shipped"), "command": "helix distill --method eagle (first)",
+                                  "num_answers": 9, "steps": 12, "train_minutes": 3.0}
+    assert (f"Fine-tuned (`--init-from`) from the head in `{tmp_path / 'shipped'}` (`helix distill --method eagle "
+            "(first)`; 9 answers, 12 steps, 3 min of training)") in (args.out / "README.md").read_text()
     # trained from the saved weights, not from a new head's (whose LM head starts as the target's rows)
     moved = (tuned.fc.weight - start.fc.weight.to(tuned.dtype)).abs().max().item()
     assert 0 < moved <= 2 * EagleTrainConfig().lr * facts["train"]["step"]  # Adam moves a weight ~lr per step
@@ -107,6 +114,7 @@ def test_distill_eagle_rejects_what_it_cannot_fine_tune(tiny_target, tmp_path, c
     assert "use it with --method eagle" in capsys.readouterr().err
     other = make_model("llama", 100, 64, 4, 4, 2, seed=3)  # another vocabulary
     target = load_model(str(tiny_target), torch.device("cpu"), "float32")
-    EagleHead(EagleConfig.for_target(other.config, (1, 2), list(range(32))), target.embed_tokens).save(tmp_path / "other")
+    other_head = EagleHead(EagleConfig.for_target(other.config, (1, 2), list(range(32))), target.embed_tokens)
+    other_head.save(tmp_path / "other")
     assert helix_main([*base, "--init-from", str(tmp_path / "other")]) == 2
     assert "made for another target" in capsys.readouterr().err

@@ -103,6 +103,7 @@ def distill_eagle(args) -> dict:
         "head_bytes": (out / "model.safetensors").stat().st_size,
         "wall_seconds": time.monotonic() - start,
         "evaluation": evaluation,
+        **({"init_from": _lineage(args.init_from)} if args.init_from else {}),
     }
     (out / "distill.json").write_text(json.dumps(facts, indent=2))
     write_eagle_card(out, facts)
@@ -116,6 +117,16 @@ def _init_head(path: Path, target) -> EagleHead:
             max(head.config.capture_layers) >= target.shape.num_layers:
         raise ValueError(f"--init-from {path}: this EAGLE head was made for another target")
     return head
+
+
+def _lineage(path: Path) -> dict:
+    """What the card says of a fine-tuned head's starting point: its path and, from its own `distill.json`, how
+    it was made (read now: a run may write its result over the head it started from)."""
+    facts = json.loads((path / "distill.json").read_text()) if (path / "distill.json").is_file() else {}
+    train = facts.get("train", {})
+    return {"path": str(path), "command": facts.get("args", {}).get("command"), "num_answers": facts.get("num_answers"),
+            "steps": train.get("step"), "train_minutes": train["elapsed_s"] / 60 if "elapsed_s" in train else None,
+            **({"init_from": facts["init_from"]} if "init_from" in facts else {})}
 
 
 def _vocab(path: Path, answers, special_ids: list[int], size: int, full_vocab: int,

@@ -52,7 +52,7 @@ class DistillArgs:
     max_num_seqs: int = 32  # eagle: the answering engine's batch
     ttt_steps: int = 3  # eagle: training-time-test depth
     eval_max_tokens: int = 64  # eagle: tokens per held-out prompt in each evaluation run (12 runs: K 1-6 x 2)
-    init_from: Path | None = None  # eagle: fine-tune this saved head (its layers and sub-vocabulary) instead of a new one
+    init_from: Path | None = None  # eagle: fine-tune this saved head (its layers, sub-vocabulary) instead of a new one
 
 
 def _load_target(name: str, dtype: torch.dtype):
