@@ -29,10 +29,10 @@ CONCEPTS = ["photosynthesis", "gravity", "inflation", "machine learning", "the w
 TOPICS = ["the ocean", "autumn", "a cat", "friendship", "the city at night", "coffee", "mountains", "rain",
           "a lighthouse", "the stars", "a garden", "winter mornings", "a library", "trains", "the sea breeze",
           "a quiet forest", "music", "childhood", "the desert", "a rainy Sunday",
-             "a snowy village", "an old bridge", "the first day of spring", "a thunderstorm", "a bakery at dawn",
-             "the mountains at sunset", "a lost key", "a busy market", "a sailboat", "the river", "an old photograph",
-             "a campfire", "the last train home", "a field of sunflowers", "a robot learning to paint",
-             "a letter from a friend", "the summer holidays", "a sleepy dog", "an empty beach", "the full moon"]
+          "a snowy village", "an old bridge", "the first day of spring", "a thunderstorm", "a bakery at dawn",
+          "the mountains at sunset", "a lost key", "a busy market", "a sailboat", "the river", "an old photograph",
+          "a campfire", "the last train home", "a field of sunflowers", "a robot learning to paint",
+          "a letter from a friend", "the summer holidays", "a sleepy dog", "an empty beach", "the full moon"]
 ACTIVITIES = ["staying focused while studying", "sleeping better", "learning a new language", "saving money",
               "starting to run", "cooking healthy meals", "public speaking", "writing a resume", "reducing stress",
               "keeping a plant alive", "working from home", "making friends in a new city", "reading more books",
