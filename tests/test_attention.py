@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helix_serve.model.attention import AttentionMetadata, paged_attention
+from helix_serve.model.attention import AttentionMetadata, paged_attention, query_class
 
 
 def _dense_reference(q, k, v, start):
@@ -18,8 +18,10 @@ def _dense_reference(q, k, v, start):
 
 
 # (cached tokens, new tokens) per sequence: a prefill, a decode, a multi-token verify across a block edge; decode
-# rows between the others (they are attended apart from the multi-token rows and put back in place)
-@pytest.mark.parametrize("shapes", [[(0, 7), (9, 1), (6, 5)], [(9, 1), (0, 7), (3, 1), (6, 5), (2, 1)]])
+# rows between the others (they are attended apart from the multi-token rows and put back in place); rows of four
+# query classes (1, 2 … 9, 10 … 18, 19 … 36 tokens) interleaved
+@pytest.mark.parametrize("shapes", [[(0, 7), (9, 1), (6, 5)], [(9, 1), (0, 7), (3, 1), (6, 5), (2, 1)],
+                                    [(9, 1), (0, 14), (3, 3), (2, 12), (5, 1), (1, 19)]])
 def test_paged_attention_matches_dense_on_ragged_batch(shapes):
     torch.manual_seed(0)
     block_size, num_blocks, heads, kv_heads, dim = 4, 40, 4, 2, 8
@@ -48,14 +50,19 @@ def test_paged_attention_matches_dense_on_ragged_batch(shapes):
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_one_token_rows_are_not_padded_to_the_longest_query():
-    """Measured on a 2-core Xeon (int4, 16 rows, context 300): 15 decode rows beside one 17-token row cost 124 ms
-    padded to 17 queries each, 92 ms attended apart (16 rows of 2 tokens: 88 ms)."""
-    meta = AttentionMetadata.build([[1], [2], [3], [4]], [5, 17, 3, 9], [1, 17, 1, 4], 32, torch.device("cpu"))
-    (one_tokens, one), (many_tokens, many) = meta.parts
-    assert one.attn_mask.shape[:3] == (2, 1, 1) and many.attn_mask.shape[:3] == (2, 1, 17)
-    assert one_tokens.tolist() == [0, 18] and many_tokens.tolist() == [*range(1, 18), *range(19, 23)]
+def test_rows_are_attended_apart_by_query_class_not_padded_to_the_longest_query():
+    """Decode rows (1 token), verify rows (2 … 9) and prefill chunks (by powers of two) each form their own batch.
+    Measured on a 2-core Xeon (int4, 16 rows, context 300): 15 decode rows beside one 17-token row cost 124 ms
+    padded to 17 queries each, 92 ms attended apart; for verify rows beside a prefill row, see `query_class`."""
+    assert [query_class(n) for n in (1, 2, 9, 10, 18, 19, 36, 37, 300)] == [0, 1, 1, 2, 2, 3, 3, 4, 7]
+    meta = AttentionMetadata.build([[1], [2], [3], [4], [5]], [5, 17, 3, 9, 40], [1, 17, 1, 4, 3], 32,
+                                   torch.device("cpu"))
+    (one_tokens, one), (verify_tokens, verify), (prefill_tokens, prefill) = meta.parts
+    assert one.attn_mask.shape[:3] == (2, 1, 1) and one_tokens.tolist() == [0, 18]
+    assert verify.attn_mask.shape[:3] == (2, 1, 4) and verify_tokens.tolist() == [*range(19, 23), *range(23, 26)]
+    assert prefill.attn_mask.shape[:3] == (1, 1, 17) and prefill_tokens.tolist() == [*range(1, 18)]
     assert not AttentionMetadata.build([[1], [2]], [5, 9], [1, 1], 32, torch.device("cpu")).parts  # uniform: one batch
+    assert not AttentionMetadata.build([[1], [2]], [5, 9], [2, 4], 32, torch.device("cpu")).parts  # one class
 
 
 def test_slot_mapping_addresses_block_table():

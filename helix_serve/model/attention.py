@@ -26,8 +26,8 @@ class AttentionMetadata:
     query_offset: torch.Tensor  # [T] index of each query token inside its sequence's chunk
     attn_mask: torch.Tensor  # [B, 1, max_query_len, max_context_len] True = may attend
     query_lens: list[int]
-    # Rows of one query token and rows of several, attended apart when both are present (`split`): padding every
-    # row to the longest query would cost the one-token rows that many query slots each.
+    # Rows of each query-length class (`query_class`) attended apart when several are present: padding every row to
+    # the longest query would cost the shorter rows that many query slots each.
     parts: list[tuple[torch.Tensor, AttentionMetadata]] = field(default_factory=list)  # (token indices, rows)
     _grouped_masks: dict[int, torch.Tensor] = field(default_factory=dict)
 
@@ -73,21 +73,36 @@ class AttentionMetadata:
             attn_mask=mask.unsqueeze(1).to(device),
             query_lens=list(query_lens),
         )
-        if 1 < max(query_lens) and min(query_lens) == 1:  # neither part is mixed: no deeper split
-            meta.parts = [cls._part(block_tables, context_lens, query_lens, block_size, device, one)
-                          for one in (True, False)]
+        classes = sorted({query_class(n) for n in query_lens})
+        if len(classes) > 1:  # a part holds one class: no deeper split
+            meta.parts = [cls._part(block_tables, context_lens, query_lens, block_size, device, c) for c in classes]
         return meta
 
     @classmethod
     def _part(cls, block_tables: list[list[int]], context_lens: list[int], query_lens: list[int], block_size: int,
-              device: torch.device, one_token: bool) -> tuple[torch.Tensor, AttentionMetadata]:
-        """The rows of one query token (or of several) as a batch of their own, and their tokens' indices."""
-        rows = [i for i, n in enumerate(query_lens) if (n == 1) == one_token]
+              device: torch.device, query_class_: int) -> tuple[torch.Tensor, AttentionMetadata]:
+        """The rows of one query-length class as a batch of their own, and their tokens' indices."""
+        rows = [i for i, n in enumerate(query_lens) if query_class(n) == query_class_]
         starts = [0, *itertools.accumulate(query_lens)]
         tokens = torch.tensor([t for i in rows for t in range(starts[i], starts[i + 1])], dtype=torch.long)
         part = cls.build([block_tables[i] for i in rows], [context_lens[i] for i in rows],
                          [query_lens[i] for i in rows], block_size, device)
         return tokens.to(device), part
+
+
+VERIFY_QUERY = 9  # the longest query of a verify row at the default k_max (8 drafts and the bonus position)
+
+
+def query_class(query_len: int) -> int:
+    """Rows of one query token (decode), of a verify row's few, and of longer chunks by powers of two (prefill, at
+    most 2x padding), each class attended apart. Measured on a 2-core EPYC Zen 5 (int4; 17 verify rows of 3 tokens
+    and 15 decode rows at context 180, the fastest of 6 interleaved runs): beside a 14-token prefill row the pass
+    took 210 ms with every multi-token row padded to 14 queries and 147 ms with that row apart (no prefill row:
+    146–151); beside a 120-token row 657 and 303–329 ms. A part costs a few small ops per layer, so verify rows
+    (2 … 9 tokens) stay one class."""
+    if query_len <= VERIFY_QUERY:
+        return min(query_len, 2) - 1
+    return 1 + (-(-query_len // VERIFY_QUERY) - 1).bit_length()
 
 
 def write_kv(
