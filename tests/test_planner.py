@@ -124,6 +124,18 @@ def test_k_shrinks_under_load_as_the_verify_pass_turns_compute_bound():
     assert all(c == Choice(None, 0) for c in full)  # 64 sequences already fill it
 
 
+def test_drafts_are_priced_beside_the_prefill_of_the_sequences_the_step_admits():
+    """Under load a step also prefills the requests it admits; where their tokens already fill the pass's cheap
+    part, each verify token costs a full forward, and the plan for the running sequences must see that."""
+    curve = costs([(1, 1.0), (16, 1.0), (MAX_TOKENS, 1.0 + (MAX_TOKENS - 16))])  # flat up to 16 tokens
+    newcomer = Sequence("new", list(range(20)), SamplingParams(), torch.Generator())
+    running = [options(seq(ngram_alpha=0.9), draft=False, ngram=[7, 8, 9]) for _ in range(2)]
+    assert Planner().plan(running, curve) == [Choice(Proposer.NGRAM, 3)] * 2
+    assert Planner().plan(running, curve, [(newcomer, 14)]) == [Choice(None, 0)] * 2
+    # beside a short prefill the flat part still has room for some of the drafts
+    assert sum(c.k for c in Planner().plan(running, curve, [(newcomer, 10)])) == 4
+
+
 def test_prompt_lookup_wins_where_the_text_repeats_and_needs_no_draft_pass():
     planner, curve = Planner(k_max=8), costs(MEMORY_BOUND, 0.3)
     [choice] = planner.plan([options(seq(0.5, ngram_alpha=0.9), ngram=[5, 6, 7, 8])], curve)

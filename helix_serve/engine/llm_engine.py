@@ -358,7 +358,8 @@ class LLMEngine:
                   if s.request_id in ready and s.grammar is not None and self._may_use(s, Proposer.GRAMMAR)}
         options = [self._options(s, found.get(s.request_id, []), s.request_id in ready, forced.get(s.request_id, []))
                    for s in running]
-        choices = self.planner.plan(options, self.step_costs)
+        newcomers = self.scheduler.admissions() if self.scheduler.waiting else []
+        choices = self.planner.plan(options, self.step_costs, newcomers)
         return {o.seq.request_id: _Planned(o, c) for o, c in zip(options, choices)}
 
     def _options(self, seq: Sequence, ngram_tokens: list[int], ready: bool, forced_tokens: list[int]) -> Options:

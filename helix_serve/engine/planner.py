@@ -175,12 +175,14 @@ class Planner:
 
     # ---- choosing ------------------------------------------------------------------------------
 
-    def plan(self, options: list[Options], costs: StepCostModel) -> list[Choice]:
+    def plan(self, options: list[Options], costs: StepCostModel,
+             newcomers: list[tuple[Sequence, int]] | None = None) -> list[Choice]:
+        """`newcomers`: the sequences the step will admit and the tokens each prefills (Scheduler.admissions)."""
         if not any(o.draft or o.ngram_tokens or o.forced_tokens or o.judged for o in options):
             return [Choice(None, 0)] * len(options)  # plain decoding only: nothing to choose, no one to probe
         choices: list[Choice | None] = [self._forced(o) for o in options]
         free = [options[i] for i, c in enumerate(choices) if c is None]
-        shape = _StepShape.of(options, choices, self, costs)
+        shape = _StepShape.of(options, choices, self, costs, newcomers or [])
         batch = (_batch(options, choices), shape.base_tokens)
         if free and self._still_quiet(batch, free):
             best = [Choice(None, 0)] * len(free)
@@ -300,9 +302,9 @@ class _StepShape:
 
     planner: Planner
     costs: StepCostModel
-    rows: int
+    rows: int  # the planned sequences and the newcomers
     context: int  # rows × the longest context
-    base_tokens: int  # uncached tokens of every sequence, plus the fixed choices' drafts
+    base_tokens: int  # uncached tokens of every sequence and newcomer, plus the fixed choices' drafts
     fixed_gain: float
     fixed_k: int
     fixed_draft_rows: int
@@ -310,14 +312,15 @@ class _StepShape:
     fixed_passes: int
 
     @classmethod
-    def of(cls, options: list[Options], choices: list[Choice | None], planner: Planner,
-           costs: StepCostModel) -> _StepShape:
+    def of(cls, options: list[Options], choices: list[Choice | None], planner: Planner, costs: StepCostModel,
+           newcomers: list[tuple[Sequence, int]]) -> _StepShape:
         fixed = [(o, c) for o, c in zip(options, choices) if c is not None]
         drafting = [(o, c) for o, c in fixed if c.proposer is planner.model and c.k + o.judged > 0]
         fixed_k = sum(c.k for _, c in fixed)
-        longest = max((o.seq.num_tokens for o in options), default=0)
-        return cls(planner, costs, len(options), len(options) * longest,
-                   sum(o.base_tokens for o in options) + fixed_k,
+        longest = max([o.seq.num_tokens for o in options] + [seq.num_tokens for seq, _ in newcomers], default=0)
+        rows = len(options) + len(newcomers)  # a newcomer's prefill emits its first token, whatever the plan
+        return cls(planner, costs, rows, rows * longest,
+                   sum(o.base_tokens for o in options) + sum(n for _, n in newcomers) + fixed_k,
                    float(sum(planner.gains(o.seq, c.proposer, c.k).sum() for o, c in fixed)), fixed_k,
                    len(drafting), sum(o.catch_up(planner.model) for o, _ in drafting),
                    max((c.k + o.judged for o, c in drafting), default=0))

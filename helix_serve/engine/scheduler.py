@@ -14,9 +14,11 @@ whose draft K/V has appeared since, so the draft too computes the prompt once.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from itertools import islice
 
 from helix_serve.engine.block_manager import BlockManager
+from helix_serve.engine.prefix_cache import CachedPrefix
 from helix_serve.engine.sequence import Sequence, SequenceStatus
 
 ChooseK = Callable[[Sequence, int], int]  # (sequence, number running) -> K
@@ -40,19 +42,9 @@ class Scheduler:
         """The sequences of the next step and their K."""
         scheduled, ks = self._schedule_running(choose_k)
         used = sum(s.num_tokens - s.num_target_cached + k for s, k in zip(scheduled, ks))
-        budget = self.max_num_batched_tokens - used
-        prefilling: set[bytes] = set()  # the first uncached block of each sequence admitted this step
-        while self.waiting and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
-            prefix = self.block_manager.cached_prefix(seq)
-            missing = self.block_manager.first_missing_block(seq, prefix)
-            if missing in prefilling:
-                break  # a sibling (same prompt, e.g. OpenAI's n) prefills it now: reuse its blocks next step
-            need = seq.num_tokens - prefix.num_tokens
-            if (need > budget and scheduled) or not self.block_manager.admit(seq, prefix):
+        for seq, prefix in self._admissible(self.max_num_batched_tokens - used, bool(scheduled)):
+            if not self.block_manager.admit(seq, prefix):
                 break
-            if missing is not None:
-                prefilling.add(missing)
             if seq.stats.num_cached_tokens is None:
                 seq.stats.num_cached_tokens = prefix.num_tokens
             self.waiting.popleft()
@@ -60,8 +52,35 @@ class Scheduler:
             self.running.append(seq)
             scheduled.append(seq)
             ks.append(0)  # the first step is the target's prefill; the draft catches up next step
-            budget -= need
         return scheduled, ks
+
+    def admissions(self) -> list[tuple[Sequence, int]]:
+        """The waiting sequences the next step would admit if every running one took K = 0, with the tokens each
+        would prefill: the planner prices its drafts beside them (and leaves them room). The pool is not asked
+        (admitting would take blocks): where it is short, fewer join than this says, and the step is cheaper than
+        the planner thought, never dearer."""
+        used = sum(s.num_tokens - s.num_target_cached for s in self.running)
+        return [(seq, seq.num_tokens - prefix.num_tokens)
+                for seq, prefix in self._admissible(self.max_num_batched_tokens - used, bool(self.running))]
+
+    def _admissible(self, budget: int, scheduled: bool) -> Iterator[tuple[Sequence, CachedPrefix]]:
+        """Waiting sequences in order, each with the cached prefix it would start from, while seats, the token
+        budget and the sibling rule allow (the caller admits each before asking for the next)."""
+        prefilling: set[bytes] = set()  # the first uncached block of each sequence admitted this step
+        seats = max(self.max_num_seqs - len(self.running), 0)
+        for seq in list(islice(self.waiting, seats)):  # a copy: the caller pops each admitted one
+            prefix = self.block_manager.cached_prefix(seq)
+            missing = self.block_manager.first_missing_block(seq, prefix)
+            if missing in prefilling:
+                return  # a sibling (same prompt, e.g. OpenAI's n) prefills it now: reuse its blocks next step
+            need = seq.num_tokens - prefix.num_tokens
+            if need > budget and scheduled:
+                return
+            if missing is not None:
+                prefilling.add(missing)
+            yield seq, prefix
+            budget -= need
+            scheduled = True
 
     def _schedule_running(self, choose_k: ChooseK) -> tuple[list[Sequence], list[int]]:
         scheduled, ks = [], []
