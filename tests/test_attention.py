@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helix_serve.model.attention import AttentionMetadata, paged_attention, query_class
+from helix_serve.model.attention import AttentionMetadata, context_class, paged_attention, query_class
 
 
 def _dense_reference(q, k, v, start):
@@ -19,19 +19,22 @@ def _dense_reference(q, k, v, start):
 
 # (cached tokens, new tokens) per sequence: a prefill, a decode, a multi-token verify across a block edge; decode
 # rows between the others (they are attended apart from the multi-token rows and put back in place); rows of four
-# query classes (1, 2 … 9, 10 … 18, 19 … 36 tokens) interleaved
+# query classes (1, 2 … 9, 10 … 18, 19 … 36 tokens) interleaved; and contexts of three classes (≤ 128, 129 … 256,
+# 257 … 512 tokens)
 @pytest.mark.parametrize("shapes", [[(0, 7), (9, 1), (6, 5)], [(9, 1), (0, 7), (3, 1), (6, 5), (2, 1)],
-                                    [(9, 1), (0, 14), (3, 3), (2, 12), (5, 1), (1, 19)]])
+                                    [(9, 1), (0, 14), (3, 3), (2, 12), (5, 1), (1, 19)],
+                                    [(9, 1), (300, 1), (140, 3), (4, 1), (139, 1)]])
 def test_paged_attention_matches_dense_on_ragged_batch(shapes):
     torch.manual_seed(0)
-    block_size, num_blocks, heads, kv_heads, dim = 4, 40, 4, 2, 8
+    block_size, num_blocks, heads, kv_heads, dim = 4, 200, 4, 2, 8
     k_cache = torch.zeros(num_blocks, block_size, kv_heads, dim)
     v_cache = torch.zeros_like(k_cache)
     perm = torch.randperm(num_blocks).tolist()  # scattered, non-contiguous block ids
     tables, full_k, full_v = [], [], []
-    for i, (cached, new) in enumerate(shapes):
+    for cached, new in shapes:
         n = cached + new
-        tables.append(perm[i * 5 : i * 5 + -(-n // block_size)])
+        used = sum(map(len, tables))
+        tables.append(perm[used: used + -(-n // block_size)])
         full_k.append(torch.randn(n, kv_heads, dim))
         full_v.append(torch.randn(n, kv_heads, dim))
     # Write the already-cached prefix through the same slot path, as earlier steps would have.
@@ -50,7 +53,7 @@ def test_paged_attention_matches_dense_on_ragged_batch(shapes):
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_rows_are_attended_apart_by_query_class_not_padded_to_the_longest_query():
+def test_rows_are_attended_apart_by_class_not_padded_to_the_longest_query_or_context():
     """Decode rows (1 token), verify rows (2 … 9) and prefill chunks (by powers of two) each form their own batch.
     Measured on a 2-core Xeon (int4, 16 rows, context 300): 15 decode rows beside one 17-token row cost 124 ms
     padded to 17 queries each, 92 ms attended apart; for verify rows beside a prefill row, see `query_class`."""
@@ -63,6 +66,10 @@ def test_rows_are_attended_apart_by_query_class_not_padded_to_the_longest_query(
     assert prefill.attn_mask.shape[:3] == (1, 1, 17) and prefill_tokens.tolist() == [*range(1, 18)]
     assert not AttentionMetadata.build([[1], [2]], [5, 9], [1, 1], 32, torch.device("cpu")).parts  # uniform: one batch
     assert not AttentionMetadata.build([[1], [2]], [5, 9], [2, 4], 32, torch.device("cpu")).parts  # one class
+    # one long context among short ones: not every row padded to it
+    assert [context_class(n) for n in (1, 128, 129, 256, 257, 1000)] == [0, 0, 1, 1, 2, 3]
+    meta = AttentionMetadata.build([[1], [2, 3, 4], [5]], [100, 1000, 120], [1, 1, 1], 512, torch.device("cpu"))
+    assert [(t.tolist(), p.attn_mask.shape[-1]) for t, p in meta.parts] == [([0, 2], 120), ([1], 1000)]
 
 
 def test_slot_mapping_addresses_block_table():

@@ -55,6 +55,7 @@ import numpy as np
 from helix_serve.engine.sequence import Acceptance, Sequence
 from helix_serve.engine.speculative import HEAD_BACKLOG
 from helix_serve.engine.step_cost import DraftWork, StepCostModel
+from helix_serve.model.attention import gathered_context
 
 
 class Proposer(str, enum.Enum):
@@ -303,7 +304,7 @@ class _StepShape:
     planner: Planner
     costs: StepCostModel
     rows: int  # the planned sequences and the newcomers
-    context: int  # rows × the longest context
+    context: int  # K/V positions the target's attention gathers (attention.gathered_context)
     base_tokens: int  # uncached tokens of every sequence and newcomer, plus the fixed choices' drafts
     fixed_gain: float
     fixed_k: int
@@ -317,9 +318,10 @@ class _StepShape:
         fixed = [(o, c) for o, c in zip(options, choices) if c is not None]
         drafting = [(o, c) for o, c in fixed if c.proposer is planner.model and c.k + o.judged > 0]
         fixed_k = sum(c.k for _, c in fixed)
-        longest = max([o.seq.num_tokens for o in options] + [seq.num_tokens for seq, _ in newcomers], default=0)
         rows = len(options) + len(newcomers)  # a newcomer's prefill emits its first token, whatever the plan
-        return cls(planner, costs, rows, rows * longest,
+        context = gathered_context([max(o.base_tokens, 1) for o in options] + [n for _, n in newcomers],
+                                   [o.seq.num_tokens for o in options] + [seq.num_tokens for seq, _ in newcomers])
+        return cls(planner, costs, rows, context,
                    sum(o.base_tokens for o in options) + sum(n for _, n in newcomers) + fixed_k,
                    float(sum(planner.gains(o.seq, c.proposer, c.k).sum() for o, c in fixed)), fixed_k,
                    len(drafting), sum(o.catch_up(planner.model) for o, _ in drafting),

@@ -43,6 +43,7 @@ from helix_serve.engine.sampler import (Purpose, SamplingTensors, argmax, logits
 from helix_serve.engine.sequence import KeptFeatures, Sequence
 from helix_serve.engine.step_cost import PassShape, PassTiming, StepTiming
 from helix_serve.engine.structured.masks import StepMasks
+from helix_serve.model.attention import gathered_context
 
 HEAD_BACKLOG = 64  # tokens an EAGLE head in use may trail its sequence by before it catches up without drafting
 IDLE_HEAD_BACKLOG = 1024  # ...and an idle one (`Draft.catch_up`): bounds the features kept (~7 MB per sequence)
@@ -391,6 +392,7 @@ def _padded(values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, num_ro
 
 
 def _shape(chunks: list[list[int]], starts: list[int]) -> PassShape:
-    """A pass over these chunks: tokens, rows, and the K/V its attention gathers (padded to the longest)."""
-    longest = max(start + len(chunk) for chunk, start in zip(chunks, starts))
-    return PassShape(sum(len(c) for c in chunks), len(chunks), len(chunks) * longest)
+    """A pass over these chunks: tokens, rows, and the K/V its attention gathers (attention.gathered_context)."""
+    query_lens = [len(c) for c in chunks]
+    return PassShape(sum(query_lens), len(chunks),
+                     gathered_context(query_lens, [s + n for s, n in zip(starts, query_lens)]))

@@ -17,8 +17,8 @@ costs real compute once it is not. A forward pass of either model costs, to a go
   past its last point misses how kernels steepen (int4 on a 2-core Xeon: 1.6–1.7 ms per token from 48 to 64,
   2.2–2.8 from 192 to 256; calibrated to 64 only, a 16-row pass of 112 tokens was under-predicted by 15 %).
 - rows(R): what R sequences of one token each cost over R tokens of one sequence (per-sequence attention work).
-- per_context: each token of K/V the paged attention gathers (R × the longest context, with padding) beyond the
-  C₀ per row that calibration used.
+- per_context: each token of K/V the paged attention gathers (rows × the longest context of their class,
+  attention.py) beyond the C₀ per row that calibration used.
 
 The engine calibrates these at start, for the target and its model-based proposer: the draft model or an EAGLE
 head (one decoder layer over the target's features, engine/eagle_runner.py; at most one of the two per engine).
@@ -71,7 +71,7 @@ class PassShape:
 
     tokens: int  # batched tokens
     rows: int  # sequences
-    context: int  # K/V tokens the attention gathers: rows × the longest context
+    context: int  # K/V tokens the attention gathers: each class of rows × its longest context
 
 
 @dataclass(slots=True)
