@@ -3,15 +3,18 @@ concurrent streams, fp32 and int4, side by side,
 with how well the step-cost model predicted each step.
 
 Streams are clients that send chat and copy-heavy prompts (mixed), each its next request as soon as its last
-one finished, greedy, `ignore_eos`. A run stops once the streams have decoded `--requests` requests' worth of
-tokens each and aborts what is still running: the rate is steady-state throughput at that many concurrent
-requests, which is what a server under that load delivers. `--arrival wave` instead sends all requests at once
-and runs them to the end (one `engine.generate` call): there the batch ends with its slowest sequence, so a token
-that speculation gains for a sequence that is not the last to finish saves only its row's share of later steps
-(the tail runs fewer rows), not a whole token's — a wave undervalues speculation under load. Methods run one
-after another at each load, in an order that rotates every round, so machine noise hits all of them alike. The
-prediction error is the engine's own (`LLMEngine.step_cost_log`: the model's cost for each step's measured shape,
-taken before it learns from the step).
+one finished, greedy, `ignore_eos`, until they decoded `--rounds` × `--requests` requests' worth of tokens each;
+what is still running is then aborted: the rate is steady-state throughput at that many concurrent requests, which
+is what a server under that load delivers. Every method has its own engine (the same weights, the start-up
+calibration copied), and they run interleaved: each for SLICE_S, then the next, in an order that rotates every
+turn, each engine idle while the others run. These 2-vCPU VMs change speed by 10–25 % from minute to minute: with
+whole runs one after another, two runs of the same configuration read 0.87–1.13× of each other (2026-12-03, Zen 5),
+which no goal of a few percent survives; interleaved, drift hits every method alike. `--arrival wave` instead
+sends all requests at once and runs them to the end (one run per method and round, one after another): there the
+batch ends with its slowest sequence, so a token that speculation gains for a sequence that is not the last to
+finish saves only its row's share of later steps (the tail runs fewer rows), not a whole token's — a wave
+undervalues speculation under load. The prediction error is the engine's own (`LLMEngine.step_cost_log`: the
+model's cost for each step's measured shape, taken before it learns from the step).
 
     python scripts/bench_load.py --dtype float32 --threads 2     # real pair, ~60 min on 2 cores
     python scripts/bench_load.py --quick                         # smoke
@@ -20,9 +23,12 @@ taken before it learns from the step).
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import json
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -46,35 +52,78 @@ METHODS = {"K=0": ("draft", {"speculative": False}), "draft": ("draft", {"specul
            "K=0 (head)": ("eagle", {"speculative": False}), "eagle": ("eagle", {"speculative_method": "eagle"}),
            "hybrid+eagle": ("eagle", {"speculative_method": "hybrid"})}
 GOAL = 0.97
+SLICE_S = 1.0  # each method's turn in the interleaved streams (module docstring)
 
 
 def run(engine: LLMEngine, prompts: list[list[int]], streams: int, requests: int, max_tokens: int,
-        overrides: dict, wave: bool = False) -> dict:
-    """`streams` clients sending `prompts` in turn, each a new request when its last one finished, until they
-    decoded `requests` requests' worth of tokens each (module docstring); with `wave`, `streams` requests at
-    once, run to the end."""
-    engine.step_cost_log.clear()
-    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, **overrides)
-    queue = (prompts[i % len(prompts)] for i in itertools.count())
-    start = time.perf_counter()
-    live = {engine.add_request(next(queue), params) for _ in range(streams)}
-    budget, tokens = streams * requests * max_tokens, 0
-    by: dict[str, list[int]] = {}
-    while live and (wave or tokens < budget):
-        for out in engine.step():
-            tokens += len(out.new_token_ids)
-            if out.proposer is not None:
-                slot = by.setdefault(out.proposer, [0, 0])
-                slot[0], slot[1] = slot[0] + out.num_drafted, slot[1] + out.num_accepted
-            if out.finished:
-                live.remove(out.request_id)
-                if not wave:
-                    live.add(engine.add_request(next(queue), params))
-    seconds = time.perf_counter() - start
-    for request_id in live:
-        engine.abort_request(request_id)
-    return {"seconds": seconds, "tokens": tokens,
-            "errors": [predicted / measured - 1 for predicted, measured in engine.step_cost_log], "by_proposer": by}
+        overrides: dict) -> dict:
+    """`streams` requests at once, run to the end (`--arrival wave`)."""
+    clients = Clients(engine, SamplingParams(max_tokens=max_tokens, ignore_eos=True, **overrides), iter(prompts), 0)
+    clients.start(streams, refill=False)
+    clients.run_for(float("inf"))
+    return clients.result()
+
+
+@dataclass
+class Clients:
+    """One method's streams on its own engine: each client sends its next request as soon as its last one finished
+    (`refill`), until they decoded `budget` tokens. `run_for` advances them; between calls the engine is idle."""
+
+    engine: LLMEngine
+    params: SamplingParams
+    queue: Iterator[list[int]]
+    budget: int
+    refill: bool = True
+    live: set[str] = field(default_factory=set)
+    tokens: int = 0
+    seconds: float = 0.0
+    by: dict[str, list[int]] = field(default_factory=dict)
+
+    def start(self, streams: int, refill: bool = True) -> None:
+        self.engine.step_cost_log.clear()
+        self.refill = refill
+        self.live = {self.engine.add_request(next(self.queue), self.params) for _ in range(streams)}
+
+    @property
+    def done(self) -> bool:
+        return not self.live or (self.refill and self.tokens >= self.budget)
+
+    def run_for(self, seconds: float) -> None:
+        start = time.perf_counter()
+        while not self.done and time.perf_counter() - start < seconds:
+            for out in self.engine.step():
+                self.tokens += len(out.new_token_ids)
+                if out.proposer is not None:
+                    slot = self.by.setdefault(out.proposer, [0, 0])
+                    slot[0], slot[1] = slot[0] + out.num_drafted, slot[1] + out.num_accepted
+                if out.finished:
+                    self.live.remove(out.request_id)
+                    if self.refill:
+                        self.live.add(self.engine.add_request(next(self.queue), self.params))
+        self.seconds += time.perf_counter() - start
+
+    def result(self) -> dict:
+        for request_id in self.live:
+            self.engine.abort_request(request_id)
+        return {"seconds": self.seconds, "tokens": self.tokens, "by_proposer": self.by,
+                "errors": [predicted / measured - 1 for predicted, measured in self.engine.step_cost_log]}
+
+
+def interleaved(engines: dict[str, LLMEngine], prompts: list[list[int]], streams: int, requests: int,
+                max_tokens: int, rounds: int) -> dict[str, dict]:
+    """Every method's streams on its own engine, each running SLICE_S at a time in turn (module docstring)."""
+    budget = streams * requests * max_tokens * rounds
+    clients = {name: Clients(engines[name], SamplingParams(max_tokens=max_tokens, ignore_eos=True,
+                                                           **METHODS[name][1]),
+                             (prompts[i % len(prompts)] for i in itertools.count()), budget) for name in engines}
+    for c in clients.values():
+        c.start(streams)
+    names, turn = list(clients), 0
+    while not all(c.done for c in clients.values()):
+        for name in names[turn % len(names):] + names[: turn % len(names)]:
+            clients[name].run_for(SLICE_S)
+        turn += 1
+    return {name: c.result() for name, c in clients.items()}
 
 
 def merge(runs: list[dict]) -> dict:
@@ -94,16 +143,22 @@ def merge(runs: list[dict]) -> dict:
 
 def measure(engines: dict[str, LLMEngine], prompts: list[list[int]], streams: list[int], max_tokens: int,
             rounds: int, requests: int, wave: bool) -> dict[int, dict[str, dict]]:
-    names = [m for m, (engine, _) in METHODS.items() if engine in engines]
-    runs = {n: {name: [] for name in names} for n in streams}
+    """Streams: every method interleaved (`interleaved`), `rounds` × `requests` requests' worth per stream. A wave:
+    the methods one after another in an order that rotates every round."""
+    names = list(engines)
     for engine in engines.values():
         run(engine, prompts[:2], 2, 1, 8, {})  # warm-up
-    for r in tqdm(range(rounds), desc="rounds"):
-        for n in streams:
-            turn = prompts[r % len(prompts):] + prompts[: r % len(prompts)]
-            for name in names[r % len(names):] + names[: r % len(names)]:
-                engine, overrides = METHODS[name]
-                runs[n][name].append(run(engines[engine], turn, n, requests, max_tokens, overrides, wave))
+    runs = {n: {name: [] for name in names} for n in streams}
+    if not wave:
+        for n in tqdm(streams, desc="loads"):
+            for name, result in interleaved(engines, prompts, n, requests, max_tokens, rounds).items():
+                runs[n][name].append(result)
+    else:
+        for r in tqdm(range(rounds), desc="rounds"):
+            for n in streams:
+                turn = prompts[r % len(prompts):] + prompts[: r % len(prompts)]
+                for name in names[r % len(names):] + names[: r % len(names)]:
+                    runs[n][name].append(run(engines[name], turn, n, requests, max_tokens, METHODS[name][1]))
     table = {n: {name: merge(rs) for name, rs in by.items()} for n, by in runs.items()}
     for rows in table.values():  # each round's method ÷ that round's K=0: a noisy round moves one sample
         base = rows["K=0"]["round_tokens_per_s"]
@@ -115,7 +170,8 @@ def measure(engines: dict[str, LLMEngine], prompts: list[list[int]], streams: li
 def report(results: dict[str, dict[int, dict[str, dict]]]) -> list[dict]:
     checks = []
     for quant, table in results.items():
-        print(f"\n{quant}: tokens/s (median over rounds of the round's ÷ K=0), step-cost |error| median / p90")
+        print(f"\n{quant}: tokens/s (÷ K=0: streams over the whole run, waves the median of rounds), step-cost "
+              "|error| median / p90")
         methods = list(next(iter(table.values())))
         print(f"{'streams':>7} " + " ".join(f"{m:>24}" for m in methods))
         for n, rows in table.items():
@@ -156,10 +212,19 @@ def plot(results: dict[str, dict[int, dict[str, dict]]], path: Path, arrival: st
         ax.set_xscale("log", base=2)
         ax.set_xticks(streams, [str(n) for n in streams])
         ax.set_xlabel(f"{arrival} (chat + copy-heavy prompts)")
-        ax.set_ylabel("throughput ÷ K=0 (median over rounds)")
+        ax.set_ylabel("throughput ÷ K=0")
         ax.set_title(f"quantization {quant}")
         ax.legend()
     save_figure(fig, path)
+
+
+def method_engine(base: LLMEngine) -> LLMEngine:
+    """An engine of its own for one method: `base`'s weights and configuration, its measured step costs copied
+    (calibrating again would take a minute per method)."""
+    config = replace(base.config, draft_cost_ratio=0.3, verify_cost_ratio=0.0)  # given ratios: no calibration
+    engine = LLMEngine(config, base.pair)
+    engine.step_costs = copy.deepcopy(base.step_costs)
+    return engine
 
 
 def main() -> None:
@@ -183,14 +248,13 @@ def main() -> None:
     dense_rows = args.int4_dense_rows
     results, dtypes, dense = {}, {}, {}
     for quant in args.quantizations:
-        engine = LLMEngine(EngineConfig(target_model=args.target, draft_model=args.draft, device=args.device,
-                                        dtype=args.dtype, quantization=quant, int4_dense_rows=dense_rows))
-        engines = {"draft": engine}
+        config = EngineConfig(target_model=args.target, draft_model=args.draft, device=args.device, dtype=args.dtype,
+                              quantization=quant, int4_dense_rows=dense_rows)
+        engine = LLMEngine(config)
+        kinds = {"draft": engine}
         if args.eagle_head:  # the same target weights, with the head as the model-based proposer
-            engines["eagle"] = LLMEngine(EngineConfig(target_model=args.target, draft_model=None,
-                                                      eagle_head=args.eagle_head, device=args.device,
-                                                      dtype=args.dtype, quantization=quant,
-                                                      int4_dense_rows=dense_rows), engine.pair)
+            kinds["eagle"] = LLMEngine(replace(config, draft_model=None, eagle_head=args.eagle_head), engine.pair)
+        engines = {name: method_engine(kinds[kind]) for name, (kind, _) in METHODS.items() if kind in kinds}
         tokenizer = engine.tokenizer
         encode = (lambda p: chat_prompt_ids(tokenizer, p)) if tokenizer.chat_template else (
             lambda p: tokenizer(p).input_ids)
@@ -199,7 +263,7 @@ def main() -> None:
                                  args.arrival == "wave")
         dtypes[quant] = str(engine.pair.target.dtype)
         dense[quant] = engine.pair.target.int4_dense_rows
-        del engine, engines
+        del engine, kinds, engines
     checks = report(results)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

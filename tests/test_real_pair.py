@@ -27,8 +27,10 @@ MAX_TOKENS = 24
 
 @pytest.fixture(scope="module")
 def engine() -> LLMEngine:
-    # the default pair, in fp32 as loaded (quantization "auto" would run its Q4_1 projections as int4)
-    return LLMEngine(EngineConfig(device="cpu", dtype="float32", quantization="none", num_kv_blocks=256))
+    # the default pair, in fp32 as loaded (quantization "auto" would run its Q4_1 projections as int4); costs given,
+    # so no start-up calibration (the served test below calibrates): the planner drafts with the draft model
+    return LLMEngine(EngineConfig(device="cpu", dtype="float32", quantization="none", num_kv_blocks=256,
+                                  draft_cost_ratio=0.05, verify_cost_ratio=0.01))
 
 
 def _chat_ids(engine: LLMEngine, question: str) -> list[int]:

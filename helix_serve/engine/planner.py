@@ -14,6 +14,9 @@ Gain. A proposer accepted at rate α that drafts K tokens makes its sequence emi
 Cost. The step-cost model (step_cost.py) predicts the whole step from its shape: the target pass over every
 batched token, the model proposer's passes (the first one catching each drafting sequence up on the tokens it
 has not seen; the head trails the sequence by one token, step_cost.py), processing every row of logits, and the rest.
+The shape includes the prefill of the requests the step will admit (Scheduler.admissions), which the plan cannot
+change but which moves where on the curve the drafts land: planned without them, at 32 streams (int4, Zen 5) the
+steps that also admitted a request were predicted at 128 ms and took 169.
 Choice. For each draft depth P (0 … k_max) every sequence takes the proposer that expects more tokens from
 it (prompt lookup costs nothing to run but proposes only where the text repeats itself); all the possible
 extra draft tokens of the batch are ranked by gain, and the prefix of that ranking with the most expected
