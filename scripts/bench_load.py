@@ -58,7 +58,8 @@ SLICE_S = 1.0  # each method's turn in the interleaved streams (module docstring
 def run(engine: LLMEngine, prompts: list[list[int]], streams: int, requests: int, max_tokens: int,
         overrides: dict) -> dict:
     """`streams` requests at once, run to the end (`--arrival wave`)."""
-    clients = Clients(engine, SamplingParams(max_tokens=max_tokens, ignore_eos=True, **overrides), iter(prompts), 0)
+    clients = Clients(engine, SamplingParams(max_tokens=max_tokens, ignore_eos=True, **overrides),
+                      itertools.cycle(prompts), 0)
     clients.start(streams, refill=False)
     clients.run_for(float("inf"))
     return clients.result()
@@ -115,7 +116,7 @@ def interleaved(engines: dict[str, LLMEngine], prompts: list[list[int]], streams
     budget = streams * requests * max_tokens * rounds
     clients = {name: Clients(engines[name], SamplingParams(max_tokens=max_tokens, ignore_eos=True,
                                                            **METHODS[name][1]),
-                             (prompts[i % len(prompts)] for i in itertools.count()), budget) for name in engines}
+                             itertools.cycle(prompts), budget) for name in engines}
     for c in clients.values():
         c.start(streams)
     names, turn = list(clients), 0

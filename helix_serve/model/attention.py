@@ -111,8 +111,8 @@ SHORT_CONTEXT = 128  # contexts up to this are one class; longer ones by powers 
 def context_class(context_len: int) -> int:
     """Every row of a batch gathers and attends over the batch's longest context (one padded tensor), so rows of
     very different contexts are attended apart, by powers of two (at most 2x padding). Measured on a 2-core EPYC
-    Zen 5 (int4, 32 decode rows, the fastest of 7 interleaved runs): all at context 100 took 67 ms, at 300 92 ms;
-    31 at 100 and one at 300 89 ms, and 31 at 100 and one at 1000 490 ms."""
+    Zen 5 (int4, 32 decode rows, the fastest of 7 interleaved runs): all at context 100 took 64 ms, at 300 96 ms;
+    31 at 100 and one at 300 109 ms padded, 73 ms apart; 31 at 100 and one at 1,000 675 ms padded, 71 ms apart."""
     return max(-(-context_len // SHORT_CONTEXT) - 1, 0).bit_length()
 
 
