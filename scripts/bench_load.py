@@ -59,8 +59,8 @@ def run(engine: LLMEngine, prompts: list[list[int]], streams: int, requests: int
         overrides: dict) -> dict:
     """`streams` requests at once, run to the end (`--arrival wave`)."""
     clients = Clients(engine, SamplingParams(max_tokens=max_tokens, ignore_eos=True, **overrides),
-                      itertools.cycle(prompts), 0)
-    clients.start(streams, refill=False)
+                      itertools.cycle(prompts), 0, refill=False)
+    clients.start(streams)
     clients.run_for(float("inf"))
     return clients.result()
 
@@ -80,9 +80,8 @@ class Clients:
     seconds: float = 0.0
     by: dict[str, list[int]] = field(default_factory=dict)
 
-    def start(self, streams: int, refill: bool = True) -> None:
+    def start(self, streams: int) -> None:
         self.engine.step_cost_log.clear()
-        self.refill = refill
         self.live = {self.engine.add_request(next(self.queue), self.params) for _ in range(streams)}
 
     @property

@@ -73,16 +73,16 @@ class AttentionMetadata:
             attn_mask=mask.unsqueeze(1).to(device),
             query_lens=list(query_lens),
         )
-        classes = sorted({row_class(n, c) for n, c in zip(query_lens, context_lens)})
-        if len(classes) > 1:  # a part holds one class: no deeper split
-            meta.parts = [cls._part(block_tables, context_lens, query_lens, block_size, device, c) for c in classes]
+        kinds = [row_class(n, c) for n, c in zip(query_lens, context_lens)]
+        if len(set(kinds)) > 1:  # a part holds one class: no deeper split
+            meta.parts = [cls._part(block_tables, context_lens, query_lens, block_size, device,
+                                    [i for i, k in enumerate(kinds) if k == kind]) for kind in sorted(set(kinds))]
         return meta
 
     @classmethod
     def _part(cls, block_tables: list[list[int]], context_lens: list[int], query_lens: list[int], block_size: int,
-              device: torch.device, kind: tuple[int, int]) -> tuple[torch.Tensor, AttentionMetadata]:
-        """The rows of one class as a batch of their own, and their tokens' indices."""
-        rows = [i for i, (n, c) in enumerate(zip(query_lens, context_lens)) if row_class(n, c) == kind]
+              device: torch.device, rows: list[int]) -> tuple[torch.Tensor, AttentionMetadata]:
+        """These rows (one class) as a batch of their own, and their tokens' indices."""
         starts = [0, *itertools.accumulate(query_lens)]
         tokens = torch.tensor([t for i in rows for t in range(starts[i], starts[i + 1])], dtype=torch.long)
         part = cls.build([block_tables[i] for i in rows], [context_lens[i] for i in rows],
@@ -98,7 +98,7 @@ def query_class(query_len: int) -> int:
     most 2x padding), each class attended apart. Measured on a 2-core EPYC Zen 5 (int4; 17 verify rows of 3 tokens
     and 15 decode rows at context 180, the fastest of 6 interleaved runs): beside a 14-token prefill row the pass
     took 210 ms with every multi-token row padded to 14 queries and 147 ms with that row apart (no prefill row:
-    146–151); beside a 120-token row 657 and 303–329 ms. A part costs a few small ops per layer, so verify rows
+    146–155); beside a 120-token row 657 and 303–329 ms. A part costs a few small ops per layer, so verify rows
     (2 … 9 tokens) stay one class."""
     if query_len <= VERIFY_QUERY:
         return min(query_len, 2) - 1
