@@ -58,7 +58,7 @@ import numpy as np
 from helix_serve.engine.sequence import Acceptance, Sequence
 from helix_serve.engine.speculative import HEAD_BACKLOG
 from helix_serve.engine.step_cost import DraftWork, StepCostModel
-from helix_serve.model.attention import gathered_context
+from helix_serve.model.attention import VERIFY_QUERY, gathered_context
 
 
 class Proposer(str, enum.Enum):
@@ -314,6 +314,7 @@ class _StepShape:
     fixed_draft_rows: int
     fixed_catch_up: int
     fixed_passes: int
+    prefill: bool  # a row longer than a verify row (step_cost.pass_kind): drafts do not change that
 
     @classmethod
     def of(cls, options: list[Options], choices: list[Choice | None], planner: Planner, costs: StepCostModel,
@@ -328,7 +329,8 @@ class _StepShape:
                    sum(o.base_tokens for o in options) + sum(n for _, n in newcomers) + fixed_k,
                    float(sum(planner.gains(o.seq, c.proposer, c.k).sum() for o, c in fixed)), fixed_k,
                    len(drafting), sum(o.catch_up(planner.model) for o, _ in drafting),
-                   max((c.k + o.judged for o, c in drafting), default=0))
+                   max((c.k + o.judged for o, c in drafting), default=0),
+                   max([o.base_tokens for o in options] + [n for _, n in newcomers], default=0) > VERIFY_QUERY)
 
     def step_seconds(self, drafted: np.ndarray, draft_rows: np.ndarray, catch_up: np.ndarray,
                      passes: np.ndarray) -> np.ndarray:
@@ -337,7 +339,7 @@ class _StepShape:
         longest = self.context // max(self.rows, 1)
         work = DraftWork(passes, draft_rows, catch_up, draft_rows * longest, self.planner.model is Proposer.EAGLE)
         return self.costs.step_seconds(self.base_tokens + drafted, self.rows, self.context, work,
-                                       self.fixed_k + drafted)
+                                       self.fixed_k + drafted, self.prefill)
 
     def with_probes(self, options: list[Options], choices: list[Choice], stale: list[int]) -> np.ndarray:
         """The predicted time of a step with these choices (the fixed ones included), and with a K = 1 probe of
@@ -353,7 +355,8 @@ class _StepShape:
         longest = self.context // max(self.rows, 1)
         work = DraftWork(passes, rows, catch_up, rows * longest, model is Proposer.EAGLE)
         base = self.base_tokens - self.fixed_k
-        return np.asarray(self.costs.step_seconds(base + total_k, self.rows, self.context, work, total_k), float)
+        return np.asarray(self.costs.step_seconds(base + total_k, self.rows, self.context, work, total_k,
+                                                  self.prefill), float)
 
     def best_plan(self, table: _FreeTable) -> list[Choice]:
         """Each free sequence's choice. At every draft depth the free sequences' extra tokens are ranked by gain,

@@ -395,4 +395,5 @@ def _shape(chunks: list[list[int]], starts: list[int]) -> PassShape:
     """A pass over these chunks: tokens, rows, and the K/V its attention gathers (attention.gathered_context)."""
     query_lens = [len(c) for c in chunks]
     return PassShape(sum(query_lens), len(chunks),
-                     gathered_context(query_lens, [s + n for s, n in zip(starts, query_lens)]))
+                     gathered_context(query_lens, [s + n for s, n in zip(starts, query_lens)]),
+                     max(query_lens, default=0))

@@ -24,17 +24,23 @@ The engine calibrates these at start, for the target and its model-based propose
 head (one decoder layer over the target's features, engine/eagle_runner.py; at most one of the two per engine).
 Live steps then refresh one scale per model (an exponential moving average of measured ÷ predicted), so the
 curves keep their measured shape while following threads, contention and clock speed; a per-point refresh would
-let one noisy step reshape a curve for good. One shape error is learnt apart: passes of one token per row (plain
-decoding) against the rest (verify, prefill). The planner's choice under load is exactly that comparison, and
-the additive curves get it wrong by several percent — measured on a 2-core Xeon, int4, 32 rows: the scale fitted
-to the verify steps that ran predicted the plain step 10 % too slow, so drafting looked 10 % better than it was
-(the context term, timed on one row at a long context, is too steep for many one-token rows). So decode passes
-keep a `decode_bias` and the scale learns from them net of it. The bias is learnt from contrasts only: where the
-kind of pass switches, the new pass against the other kind's recent passes just before it (each kind's measured ÷
-unscaled, a fast moving average). Contention moves both kinds alike, so a stretch of decode passes alone (K = 0
-chosen for a while) moves the scale and leaves the bias; the old rule (the bias learnt 5× slower than
-the scale from every decode pass) let such a stretch shift both, and learnt a bias so slowly that at 16 streams
-drafting steps were still predicted 5 % too cheap and decode steps 3 % too dear after a hundred steps of each.
+let one noisy step reshape a curve for good. Shape errors are learnt apart for three kinds of pass: decode (one
+token per row), verify (rows of up to VERIFY_QUERY tokens, attention.py) and prefill (a longer row among them). The
+planner's choice under load is exactly decode against verify, and the additive curves get it wrong by several
+percent — measured on a 2-core Xeon, int4, 32 rows: the scale fitted to the verify steps that ran predicted the
+plain step 10 % too slow, so drafting looked 10 % better than it was (the context term, timed on one row at a long
+context, is too steep for many one-token rows). So decode and prefill passes keep a bias relative to verify passes
+and the scale learns from every pass net of its kind's bias. A bias is learnt from contrasts only: where the kind
+of pass switches, the new pass against the other kind's recent passes just before it (each kind's measured ÷
+unscaled, a fast moving average); decode against verify teaches the decode bias, prefill against either teaches
+the prefill bias. Contention moves every kind alike, so a stretch of decode passes alone (K = 0 chosen for a
+while) moves the scale and leaves the biases; the old rule (the bias learnt 5× slower than the scale from every
+decode pass) let such a stretch shift both, and learnt a bias so slowly that at 16 streams drafting steps were
+still predicted 5 % too cheap and decode steps 3 % too dear after a hundred steps of each. Prefill is a kind of
+its own because its error can have the other sign: with verify and prefill passes in one kind (until the eleventh
+session), at 16 streams (int4 head, Zen 5) prefill-bearing steps ran 10 % under their prediction and drafting
+steps 5.5 % over it, and decode steps, contrasted mostly with prefill steps, learnt a bias of 1.00–1.07 where
+they ran 2 % under theirs: drafting looked ~8 % cheaper against K = 0 than it was.
 The draft's first pass in a step catches it up on every token it has not seen yet (after the target's prefill,
 after steps where prompt lookup or nothing drafted, after preemption): a pass of that many tokens, not a one-row
 pass. The head's catch-up pass is shaped the same way but one token shorter: its entry t pairs the target's
@@ -54,11 +60,20 @@ import numpy as np
 from helix_serve.engine.block_manager import BlockManager
 from helix_serve.engine.eagle_runner import EagleRunner, HeadPasses
 from helix_serve.engine.model_runner import ModelRunner
+from helix_serve.model.attention import VERIFY_QUERY
 
 LIVE_WEIGHT = 0.1  # weight of one live step in the moving averages
 SCALE_RANGE = (0.25, 4.0)  # one step moves a scale at most this far (a stall or a paused process is not a trend)
 BIAS_WEIGHT = 0.1  # of one contrast in the decode bias (module docstring)
 KIND_WEIGHT = 0.3  # of one pass in its kind's recent measured ÷ unscaled
+
+
+DECODE, VERIFY, PREFILL = range(3)  # kinds of pass, each with its own shape bias (module docstring)
+
+
+def pass_kind(tokens: int | np.ndarray, rows: int | np.ndarray, prefill: bool | np.ndarray) -> np.ndarray:
+    """A pass with a row longer than a verify row is a prefill; else one token per row is a decode."""
+    return np.where(prefill, PREFILL, np.where(np.asarray(tokens) <= rows, DECODE, VERIFY))
 
 
 def _clamp(ratio: float, current: float) -> float:
@@ -72,6 +87,11 @@ class PassShape:
     tokens: int  # batched tokens
     rows: int  # sequences
     context: int  # K/V tokens the attention gathers: each class of rows × its longest context
+    longest_query: int = 0  # the longest row's tokens (0: unknown; a decode or verify pass by tokens and rows)
+
+    @property
+    def kind(self) -> int:
+        return int(pass_kind(self.tokens, self.rows, self.longest_query > VERIFY_QUERY))
 
 
 @dataclass(slots=True)
@@ -130,9 +150,10 @@ class ForwardCost:
     per_context_s: float = 0.0
     base_context: int = 0  # C₀
     scale: float = 1.0  # live: measured ÷ predicted, averaged over every pass
-    decode_bias: float = 1.0  # live: passes of one token per row, measured ÷ predicted by `scale` (docstring)
-    recent: dict[bool, float] = field(default_factory=dict)  # decode pass or not → recent measured ÷ unscaled
-    last_kind: bool | None = None  # whether the last pass observed was a decode pass
+    # live, per kind of pass: measured ÷ predicted by `scale` (docstring); verify passes are the reference
+    kind_bias: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
+    recent: dict[int, float] = field(default_factory=dict)  # kind → recent measured ÷ unscaled
+    last_kind: int | None = None  # the kind of the last pass observed
 
     _by_tokens: np.ndarray | None = field(default=None, init=False, repr=False)  # dense tables, built once:
     _by_rows: np.ndarray | None = field(default=None, init=False, repr=False)  # the planner asks every step
@@ -148,27 +169,31 @@ class ForwardCost:
         extra = by_rows + self.per_context_s * (np.asarray(context) - np.multiply(rows, self.base_context))
         return np.maximum(by_tokens + extra, 0.5 * by_tokens)  # noisy corrections never make a pass nearly free
 
-    def __call__(self, tokens: float | np.ndarray, rows: int = 1, context: int | None = None) -> float | np.ndarray:
-        bias = np.where(np.asarray(tokens) <= rows, self.decode_bias, 1.0)  # one token per row: a decode pass
+    def __call__(self, tokens: float | np.ndarray, rows: int = 1, context: int | None = None,
+                 prefill: bool = False) -> float | np.ndarray:
+        """`prefill`: the pass has a row longer than a verify row (`pass_kind`)."""
+        bias = np.asarray(self.kind_bias)[pass_kind(tokens, rows, prefill)]
         value = self.scale * bias * self.unscaled(tokens, rows, context)
         return value if np.ndim(value) else float(value)
 
     def of(self, shape: PassShape) -> float:
-        return float(self(shape.tokens, shape.rows, shape.context))
+        return float(self(shape.tokens, shape.rows, shape.context, shape.longest_query > VERIFY_QUERY))
 
     def observe(self, timing: PassTiming) -> None:
         shape = timing.shape
         ratio = timing.seconds / float(self.unscaled(shape.tokens, shape.rows, shape.context))
-        decode = shape.tokens <= shape.rows
-        last = self.recent.get(decode, ratio)
-        self.recent[decode] = (1 - KIND_WEIGHT) * last + KIND_WEIGHT * _clamp(ratio, last)
-        if self.last_kind is (not decode):  # the kind switched: this pass against the other kind's just before
-            this, other = _clamp(ratio, last), self.recent[not decode]
-            contrast = _clamp(this / other if decode else other / this, self.decode_bias)
-            self.decode_bias = (1 - BIAS_WEIGHT) * self.decode_bias + BIAS_WEIGHT * contrast
-        self.last_kind = decode
-        if decode:
-            ratio /= self.decode_bias
+        kind, before = shape.kind, self.last_kind
+        last = self.recent.get(kind, ratio)
+        self.recent[kind] = (1 - KIND_WEIGHT) * last + KIND_WEIGHT * _clamp(ratio, last)
+        if before is not None and before != kind:  # the kind switched: this pass against the other kind's just before
+            ratios = {kind: _clamp(ratio, last), before: self.recent[before]}
+            learner = PREFILL if PREFILL in ratios else DECODE  # decode against verify, prefill against either
+            other = before if learner == kind else kind
+            bias = self.kind_bias[learner]
+            contrast = _clamp(self.kind_bias[other] * ratios[learner] / ratios[other], bias)
+            self.kind_bias[learner] = (1 - BIAS_WEIGHT) * bias + BIAS_WEIGHT * contrast
+        self.last_kind = kind
+        ratio /= self.kind_bias[kind]
         self.scale = (1 - LIVE_WEIGHT) * self.scale + LIVE_WEIGHT * _clamp(ratio, self.scale)
 
 
@@ -219,11 +244,12 @@ class StepCostModel:
         return np.where(passes > 0, first + np.maximum(passes - 1, 0) * later, 0.0)
 
     def step_seconds(self, num_tokens: int | np.ndarray, rows: int = 1, context: int | None = None,
-                     draft: DraftWork | None = None, num_drafted: int | np.ndarray = 0) -> float | np.ndarray:
-        """A whole step: target pass over `num_tokens` tokens of `rows` sequences, the draft's work, the
-        processing of every row of logits, and the rest."""
+                     draft: DraftWork | None = None, num_drafted: int | np.ndarray = 0,
+                     prefill: bool = False) -> float | np.ndarray:
+        """A whole step: target pass over `num_tokens` tokens of `rows` sequences (`prefill`: one of them longer
+        than a verify row), the draft's work, the processing of every row of logits, and the rest."""
         logit_rows = rows + np.asarray(num_drafted) + (np.asarray(draft.passes) * draft.rows if draft else 0)
-        return (self.target(num_tokens, rows, context) + self.draft_seconds(draft)
+        return (self.target(num_tokens, rows, context, prefill) + self.draft_seconds(draft)
                 + self.per_row_processing_s * logit_rows + self.per_step_s
                 + self.per_draft_token_s * np.asarray(num_drafted))
 
