@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from helix_serve.config import DEFAULT_DRAFT, DEFAULT_TARGET, TOY_DRAFT, TOY_TARGET
@@ -118,6 +119,23 @@ def test_load_benchmark_quick_reports_each_method_against_k0_and_the_cost_error(
     goals = [g["goal"] for g in result["goals"]]
     assert sum(g.startswith("draft >= ") for g in goals) == 2 and sum(g.startswith("eagle >= ") for g in goals) == 2
     assert not any(g.startswith("K=0") for g in goals) and result["cpu"]
+
+def test_load_benchmark_interval_pairs_each_turn_with_k0(monkeypatch):
+    """The interval of a method ÷ K=0: drift that hits both in a turn does not widen it; noise between them does."""
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    spec = importlib.util.spec_from_file_location("bench_load", ROOT / "scripts" / "bench_load.py")
+    bench_load = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_load", bench_load)  # its dataclasses look their module up there
+    spec.loader.exec_module(bench_load)
+    base = [{"slices": [(100, 1.0)] * 20 + [(50, 1.0)] * 20}]  # the VM halves its speed halfway
+    steady = [{"slices": [(90, 1.0)] * 20 + [(45, 1.0)] * 20}]  # 0.9x of K=0 in every turn
+    assert bench_load.ratio_interval(steady, base) == pytest.approx([0.9, 0.9])
+    rng = np.random.default_rng(0)
+    noisy = [{"slices": [(100 * rng.normal(1.0, 0.1), 1.0) for _ in range(40)]}]
+    low, high = bench_load.ratio_interval(noisy, [{"slices": [(100, 1.0)] * 40}])
+    assert low < 1.0 < high and high - low > 0.03
+    assert bench_load.ratio_interval([{"slices": [(1, 1.0)] * 4}], [{"slices": [(1, 1.0)] * 4}]) is None
+
 
 def test_history_benchmark_quick_times_every_history_point(tmp_path):
     result = _run("bench_history.py", tmp_path)

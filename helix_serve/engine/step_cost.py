@@ -64,7 +64,7 @@ from helix_serve.model.attention import VERIFY_QUERY
 
 LIVE_WEIGHT = 0.1  # weight of one live step in the moving averages
 SCALE_RANGE = (0.25, 4.0)  # one step moves a scale at most this far (a stall or a paused process is not a trend)
-BIAS_WEIGHT = 0.1  # of one contrast in the decode bias (module docstring)
+BIAS_WEIGHT = 0.1  # of one contrast in a kind's bias (module docstring)
 KIND_WEIGHT = 0.3  # of one pass in its kind's recent measured ÷ unscaled
 
 
