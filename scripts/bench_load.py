@@ -4,10 +4,11 @@ with how well the step-cost model predicted each step.
 
 Streams are clients that send chat and copy-heavy prompts (mixed), each its next request as soon as its last
 one finished, greedy, `ignore_eos`, requests of varied lengths (`--length-spread`: with every request 48 tokens
-long, plain decoding kept its streams in lockstep — they all ended on one step, so the next 16 prompts were prefilled
-in one wave — while a method that drafted desynchronised them and prefilled in slices beside decode rows: traced at
-16 streams, int4, the head's engine spent 1.81 s in 26 prefill-bearing steps against K=0's 1.50 s in 13, 3 % of the
-run, which no server with requests of different lengths sees), until they decoded `--rounds` × `--requests` requests' worth of tokens each;
+long, plain decoding kept its streams in lockstep — they all ended on one step, so the next 16 prompts were
+prefilled in one wave — while a method that drafted desynchronised them and prefilled in slices beside decode
+rows: traced at 16 streams, int4, the head's engine spent 1.81 s in 26 prefill-bearing steps against K=0's 1.50 s
+in 13, 3 % of the run, which no server with requests of different lengths sees), until they decoded `--rounds` ×
+`--requests` requests' worth of tokens each;
 what is still running is then aborted: the rate is steady-state throughput at that many concurrent requests, which
 is what a server under that load delivers. Every method has its own engine (the same weights, the start-up
 calibration copied), and they run interleaved: each for SLICE_S, then the next, in an order that rotates every
@@ -111,8 +112,9 @@ class Clients:
                     self.live.remove(out.request_id)
                     if self.refill:
                         self.live.add(self.send())
-        self.seconds += time.perf_counter() - start
-        self.slices.append((self.tokens - tokens, time.perf_counter() - start))
+        elapsed = time.perf_counter() - start
+        self.seconds += elapsed
+        self.slices.append((self.tokens - tokens, elapsed))
 
     def result(self) -> dict:
         for request_id in self.live:
@@ -237,7 +239,8 @@ def report(results: dict[str, dict[int, dict[str, dict]]]) -> list[dict]:
         interval = g.get("interval")
         noise = "" if g["met"] or interval is None or interval[1] < g["target"] else ", within noise"
         span = "" if interval is None else f", 90% CI {interval[0]:.3f}-{interval[1]:.3f}"
-        print(f"  [{'met' if g['met'] else 'MISSED'}] {g['goal']}: {g['value']:.3f} (target {g['target']}{span}{noise})")
+        verdict = "met" if g["met"] else "MISSED"
+        print(f"  [{verdict}] {g['goal']}: {g['value']:.3f} (target {g['target']}{span}{noise})")
     return checks
 
 
