@@ -65,7 +65,7 @@ SLICE_S = 1.0  # each method's turn in the interleaved streams (module docstring
 def run(engine: LLMEngine, prompts: list[list[int]], streams: int, requests: int, max_tokens: int,
         overrides: dict) -> dict:
     """`streams` requests at once, run to the end (`--arrival wave`)."""
-    clients = Clients(engine, SamplingParams(max_tokens=max_tokens, ignore_eos=True, **overrides),
+    clients = Clients(engine, SamplingParams(ignore_eos=True, **overrides),
                       zip(itertools.cycle(prompts), itertools.repeat(max_tokens)), 0, refill=False)
     clients.start(streams)
     clients.run_for(float("inf"))
