@@ -75,6 +75,16 @@ def test_linear_benchmark_times_both_projection_paths(llama_pair, tmp_path):
         assert all(row[key] > 0 for key in row if key != "batch")
 
 
+def test_row_padding_benchmark_times_each_pass_both_ways(llama_pair, tmp_path):
+    target, _ = llama_pair
+    result = _run("bench_row_padding.py", tmp_path, "--target", str(target), "--dtype", "float32")
+    sequence = [row for row in result["rows"] if row["layout"] == "sequence"]
+    verify = [row for row in result["rows"] if row["layout"] == "verify"]
+    assert [row["tokens"] for row in sequence] == list(range(1, 21)) and [row["rows"] for row in verify] == [1, 2, 3, 4]
+    assert all(row["as they come"] > 0 and row["padded"] > 0 and row["width"] >= row["tokens"] for row in result["rows"])
+    assert result["widths"][:21] == [0] + [row["width"] for row in sequence]
+
+
 def test_int4_rows_benchmark_times_the_kernel_and_the_copies(llama_pair, tmp_path):
     target, _ = llama_pair
     result = _run("bench_int4_rows.py", tmp_path, "--target", str(target))

@@ -33,6 +33,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from helix_serve.model.attention import AttentionMetadata, paged_attention
 from helix_serve.model.int4 import Int4Linear, quantizable, use_dense_rows
 from helix_serve.model.paged_llm import KVCache, ModelShape, linear
+from helix_serve.model.row_padding import padded_widths
 
 CONFIG_FILE = "eagle_config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -100,6 +101,7 @@ class EagleHead(nn.Module):
         self.rotary_emb = LlamaRotaryEmbedding(c.llama_config())
         self.scale = c.head_dim ** -0.5
         self.register_buffer("row_to_target", torch.tensor(c.vocab_ids), persistent=False)
+        self.row_widths: tuple[int, ...] = ()  # the widths its engine passes compute at (`load`, row_padding.py)
 
     @property
     def shape(self) -> ModelShape:
@@ -128,7 +130,7 @@ class EagleHead(nn.Module):
 
     def fuse(self, target_features: torch.Tensor) -> torch.Tensor:
         """[..., 3H] captured target states → [..., H] the head's feature input."""
-        return _linear(target_features.to(self.dtype), self.fc)
+        return self._linear(target_features.to(self.dtype), self.fc)
 
     def qkv_rope(self, features: torch.Tensor, token_ids: torch.Tensor, positions: torch.Tensor):
         """[..., H] features, [...] target token ids, [...] positions → rotated q [..., heads, D], k, v
@@ -136,7 +138,8 @@ class EagleHead(nn.Module):
         c = self.config
         embed = self.embed_tokens[0](token_ids).to(self.dtype)
         x = torch.cat((self._norm(self.embed_norm, embed), self._norm(self.feature_norm, features)), dim=-1)
-        q, k, v = _linear(x, self.qkv).split([c.num_heads * c.head_dim, *[c.num_kv_heads * c.head_dim] * 2], -1)
+        sizes = [c.num_heads * c.head_dim, *[c.num_kv_heads * c.head_dim] * 2]
+        q, k, v = self._linear(x, self.qkv).split(sizes, -1)
         cos, sin = self.rotary_emb(x.reshape(-1, x.shape[-1])[None], positions.reshape(1, -1))
         cos, sin = cos.view(*positions.shape, 1, -1).to(x.dtype), sin.view(*positions.shape, 1, -1).to(x.dtype)
         q, k = (_rope(t.unflatten(-1, (-1, c.head_dim)), cos, sin) for t in (q, k))
@@ -144,9 +147,9 @@ class EagleHead(nn.Module):
 
     def finish(self, features: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
         """The layer after attention: [..., heads * D] attention output → [..., H] output feature (pre-norm)."""
-        hidden = features + _linear(attn_out, self.o)
-        gate, up = _linear(self._norm(self.post_norm, hidden), self.gate_up).chunk(2, dim=-1)
-        return hidden + _linear(F.silu(gate) * up, self.down)
+        hidden = features + self._linear(attn_out, self.o)
+        gate, up = self._linear(self._norm(self.post_norm, hidden), self.gate_up).chunk(2, dim=-1)
+        return hidden + self._linear(F.silu(gate) * up, self.down)
 
     def forward(self, features: torch.Tensor, token_ids: torch.Tensor, meta: AttentionMetadata,
                 kv: KVCache) -> torch.Tensor:
@@ -167,9 +170,13 @@ class EagleHead(nn.Module):
                 setattr(self, name, quantized[-1])
         use_dense_rows(quantized, dense_rows)
 
+    def _linear(self, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+        """paged_llm's decode-friendly `linear` for the engine's [T, in] rows; plain F.linear for training batches."""
+        return linear(x, layer, self.row_widths) if x.dim() == 2 else layer(x)
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, H] → [N, V_sub] fp32 logits over the sub-vocabulary."""
-        return _linear(self._norm(self.final_norm, hidden), self.lm_head).float()
+        return self._linear(self._norm(self.final_norm, hidden), self.lm_head).float()
 
     def save(self, out_dir: Path) -> None:
         """bf16 safetensors + the JSON config (the target's embedding is not part of the head)."""
@@ -190,17 +197,16 @@ class EagleHead(nn.Module):
             raise ValueError(f"{path}: not an EAGLE head of this shape (missing {missing}, unexpected {unexpected})")
         head.to(device=embed_tokens.weight.device, dtype=dtype or embed_tokens.weight.dtype)
         head.rotary_emb = LlamaRotaryEmbedding(head.config.llama_config()).to(head.device)  # inv_freq stays fp32
+        if head.device.type == "cpu" and head.dtype == torch.float32:
+            head.row_widths = padded_widths(tuple(tuple(getattr(head, name).weight.shape)
+                                                  for name in ("fc", "qkv", "o", "gate_up", "down")),
+                                            torch.get_num_threads())
         return head.eval()
 
 
 def is_eagle_head(path: str | Path) -> bool:
     """Whether `path` is a directory holding a saved head."""
     return (Path(path) / CONFIG_FILE).is_file()
-
-
-def _linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
-    """paged_llm's decode-friendly `linear` for the engine's [T, in] rows; plain F.linear for training batches."""
-    return linear(x, layer) if x.dim() == 2 else layer(x)
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

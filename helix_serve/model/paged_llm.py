@@ -10,7 +10,7 @@ transformers' own forward still works).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +21,7 @@ from helix_serve.model.attention import AttentionMetadata, paged_attention
 from helix_serve.model.int4 import Int4Linear, choose_dense_rows, int4_available, quantizable, use_dense_rows
 from helix_serve.model.int8_head import MAX_ROWS as HEAD8_MAX_ROWS
 from helix_serve.model.int8_head import MXInt8Head
+from helix_serve.model.row_padding import pad_rows, padded_widths
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 QUANTIZATIONS = ("auto", "none", "int4")  # int4: model/int4.py; auto: int4 for 4-bit checkpoints (loader.py)
@@ -79,26 +80,23 @@ def fuse_linears(linears: list[nn.Linear]) -> nn.Linear:
 WEIGHT_MAJOR_MAX_ROWS = 256
 
 
-def linear(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
-    """`layer(x)`, computed as (W @ xᵀ)ᵀ for the few rows of decode and verify passes on CPU in fp32.
+def linear(x: torch.Tensor, layer: nn.Module, widths: Sequence[int] = ()) -> torch.Tensor:
+    """`layer(x)`, computed as (W @ xᵀ)ᵀ for the few rows of decode and verify passes on CPU in fp32, over x padded
+    to `widths[rows]` rows (row_padding.py: the width the GEMM tiles well, measured at load; () pads nothing).
 
     torch's CPU fp32 GEMM with a handful of rows costs far more than one row (it re-reads the weight per row
-    block); with the weight as the left operand it streams the weight once. A single row is computed twice:
-    with one column torch picks a GEMV that streams a cold weight ~1.5x slower than this GEMM with two.
-    Measured on the 2-vCPU EPYC (AVX2): the 30 layers' projections of SmolLM2-135M (425 MB, cold) take
-    35–39 ms for one row through F.linear, 23–25 ms for two rows weight-major, 29 ms for five. A 1024-token
-    prefill is faster through F.linear (2.7 vs 3.1 s), hence the row limit.
-    The output is a transposed view; the ops after it accept any strides.
+    block); with the weight as the left operand it streams the weight once. Measured on the 2-vCPU EPYC (AVX2):
+    the 30 layers' projections of SmolLM2-135M (425 MB, cold) take 35–39 ms for one row through F.linear, 23–25
+    ms for two rows weight-major, 29 ms for five. A 1024-token prefill is faster through F.linear (2.7 vs 3.1 s),
+    hence the row limit. The output is a transposed view; the ops after it accept any strides.
     """
     rows = x.shape[0]
     if not isinstance(layer, nn.Linear) or x.device.type != "cpu" or x.dtype != torch.float32 \
             or rows > WEIGHT_MAJOR_MAX_ROWS:
         return layer(x)
-    if rows == 1:  # one column goes to a GEMV kernel that streams slower than the GEMM for two
-        x = torch.cat((x, x))
     # xᵀ must be a transposed view of a row-major x: the previous projection's output is itself a transposed
     # view, and as the right operand that layout ran the GEMM at half speed (two rows: 155 vs 91 ms per forward).
-    out = torch.mm(layer.weight, x.contiguous().t())[:, :rows].t()
+    out = torch.mm(layer.weight, pad_rows(x.contiguous(), widths).t())[:, :rows].t()
     return out if layer.bias is None else out + layer.bias
 
 
@@ -155,6 +153,12 @@ class PagedCausalLM(nn.Module):
             for layer, qkv, gate_up in zip(self.layers, qkv_proj, gate_up_proj)
             for lin in (qkv, layer.self_attn.o_proj, gate_up, layer.mlp.down_proj)
         )
+        # The widths its fp32 weight-major GEMMs compute a pass at (row_padding.py): the projections', and the LM
+        # head's (with int4 too, beyond the 8-bit kernel's few rows), timed on this layer shape.
+        dense = self.device.type == "cpu" and self.dtype == torch.float32
+        self.row_widths = padded_widths(tuple(tuple(lin.weight.shape) for lin in (
+            qkv_proj[0], self.layers[0].self_attn.o_proj, gate_up_proj[0], self.layers[0].mlp.down_proj)),
+            torch.get_num_threads()) if dense else ()
         quantized = [p for p in self.projections if isinstance(p, Int4Linear)]
         if int4_dense_rows == "auto":
             int4_dense_rows = choose_dense_rows(quantized) if quantized else 0
@@ -214,8 +218,8 @@ class PagedCausalLM(nn.Module):
                 captured.append(hidden)
             hidden = hidden + self._attention(i, w, self._rms_norm(w.input_norm, hidden), cos, sin, meta, kv)
             x = self._rms_norm(w.post_norm, hidden)
-            gate, up = linear(x, w.gate_up).chunk(2, dim=-1)
-            hidden = hidden + linear(w.act(gate) * up, w.down)
+            gate, up = linear(x, w.gate_up, self.row_widths).chunk(2, dim=-1)
+            hidden = hidden + linear(w.act(gate) * up, w.down, self.row_widths)
         if len(self.weights) in capture_layers:
             captured.append(hidden)
         features = torch.cat(captured, dim=-1) if captured else None
@@ -227,20 +231,20 @@ class PagedCausalLM(nn.Module):
 
     def _attention(self, i: int, w: DecoderLayerWeights, x, cos, sin, meta: AttentionMetadata, kv: KVCache):
         num_tokens, head_dim = x.shape[0], self.shape.head_dim
-        qkv = linear(x, w.qkv)
+        qkv = linear(x, w.qkv, self.row_widths)
         # RoPE rotates the query and key heads together: one set of ops for both.
         qk = qkv[:, : self.qk_size].view(num_tokens, -1, head_dim)
         qk = torch.addcmul(qk * cos, qk.roll(head_dim // 2, -1), sin)
         q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
         v = qkv[:, self.qk_size :].view(num_tokens, -1, head_dim)
         out = paged_attention(q, k, v, kv.k[i], kv.v[i], meta, w.scale)
-        return linear(out.reshape(num_tokens, -1), w.o)
+        return linear(out.reshape(num_tokens, -1), w.o, self.row_widths)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head on the selected positions only, in fp32 for sampling."""
         if self.head8 is None:
-            return linear(hidden, self.lm_head).float()
+            return linear(hidden, self.lm_head, self.row_widths).float()
         if hidden.shape[0] <= HEAD8_MAX_ROWS:
             return self.head8(hidden)
         # The same MXINT8 values as a GEMM in the model's dtype, on the bf16 activations the 8-bit kernel reads.
-        return linear(hidden.to(torch.bfloat16).to(hidden.dtype), self.lm_head).float()
+        return linear(hidden.to(torch.bfloat16).to(hidden.dtype), self.lm_head, self.row_widths).float()
