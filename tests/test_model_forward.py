@@ -50,12 +50,13 @@ def test_fp32_cpu_passes_compute_at_the_measured_widths(llama_pair):
 
 
 def test_widths_pad_only_to_a_clearly_cheaper_width():
-    """The choice from measured times: the cheapest width at or above n, when it saves at least 1 − GAIN; widths
-    streamed from memory (up to COLD_ROWS) and from cache are not compared with each other."""
-    seconds = [float("inf"), 2.0, 1.0, 1.2, 1.3,  # 1 → 2 (streamed: a GEMV is slower)
-               2.0, 2.1, 2.2, 1.7, 3.0, 3.2, 2.4]  # 5..11 timed hot: 9, 10 → 11; 5 stays (1.7 is not ≤ 0.8 × 2.0)
-    assert choose_widths(seconds) == (0, 2, 2, 3, 4, 5, 6, 8, 8, 11, 11, 11)
-    assert choose_widths([float("inf"), 5.0, 5.0, 5.0, 5.0, 1.0]) == (0, 1, 2, 3, 4, 5)  # 5 is timed hot: apart
+    """The choice from measured times: the narrowest of the cheapest widths at or above n (within TIE), when it saves
+    at least 1 − GAIN; widths streamed from memory (up to COLD_ROWS) and from cache are not compared."""
+    seconds = [float("inf"), 2.0, 1.0, 0.98, 1.3,  # streamed: 1 → 2 (3 is a tie with 2)
+               2.0, 2.1, 2.2, 1.4, 3.0, 3.2, 2.2, 2.25]  # from cache: 5–7 → 8, 9 and 10 → 11, 12 stays
+    assert choose_widths(seconds) == (0, 2, 2, 3, 4, 8, 8, 8, 8, 11, 11, 11, 12)
+    assert choose_widths([float("inf"), 5.0, 5.0, 5.0, 5.0, 1.0]) == (0, 1, 2, 3, 4, 5)  # 5 is timed from cache
+    assert choose_widths([float("inf"), 2.0, 1.6]) == (0, 1, 2)  # 20 % is not enough
 
 
 def test_tied_embeddings_share_the_lm_head(llama_pair):

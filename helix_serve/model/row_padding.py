@@ -25,8 +25,9 @@ import torch
 import torch.nn.functional as F
 
 MAX_ROWS = 128  # widths timed; wider passes are computed as they come (prefill: compute-bound, little to gain)
-GAIN = 0.8  # pad only to a width at most this fraction of the pass's own time: a near-tie stays unpadded
-REPEATS = 3
+GAIN = 0.75  # pad only to a width at most this fraction of the pass's own time: a near-tie stays unpadded
+SWEEPS = 3
+TIE = 1.05  # widths timed within this factor of each other are a tie
 COLD_ROWS = 4  # widths up to this are timed on weights streamed from memory: there a pass streams them
 COLD_BYTES = 128 << 20  # weights cycled through for those (beyond the CPU's caches)
 
@@ -38,32 +39,34 @@ def padded_widths(shapes: tuple[tuple[int, int], ...], threads: int) -> tuple[in
     weights = [torch.randn(n, k) for n, k in shapes]
     copies = max(COLD_BYTES // sum(w.numel() * 4 for w in weights), 1)
     cold = [w for _ in range(copies) for w in (torch.full((n, k), 0.5) for n, k in shapes)]  # written: real pages
-    seconds = [float("inf")] + [_time(cold if n <= COLD_ROWS else weights, n) for n in range(1, MAX_ROWS + 1)]
-    del cold
+    inputs = {n: [torch.randn(n, w.shape[1]) for w in (cold if n <= COLD_ROWS else weights)]
+              for n in range(1, MAX_ROWS + 1)}
+    seconds = [float("inf")] * (MAX_ROWS + 1)
+    for _ in range(SWEEPS):  # every width once per sweep: a slow spell of the machine must hit all sweeps to count
+        for n, xs in inputs.items():
+            seconds[n] = min(seconds[n], _time(cold if n <= COLD_ROWS else weights, xs))
     return choose_widths(seconds)
 
 
 def choose_widths(seconds: Sequence[float]) -> tuple[int, ...]:
     """widths[n] from seconds[n], the time of each width (index 0 unused): the cheapest width at or above n among
-    those timed alike (streamed from memory up to COLD_ROWS, from cache beyond), where it saves at least 1 − GAIN."""
+    those timed alike (streamed from memory up to COLD_ROWS, from cache beyond; the narrowest within TIE of it),
+    where it saves at least 1 − GAIN."""
     top = len(seconds) - 1
     widths = [0]
     for n in range(1, top + 1):
         candidates = range(n, min(COLD_ROWS, top) + 1) if n <= COLD_ROWS else range(n, top + 1)
-        best = min(candidates, key=lambda m: seconds[m])
+        cheapest = min(seconds[m] for m in candidates)
+        best = next(m for m in candidates if seconds[m] <= TIE * cheapest)  # the narrowest of near-ties
         widths.append(best if seconds[best] <= GAIN * seconds[n] else n)
     return tuple(widths)
 
 
-def _time(weights: Sequence[torch.Tensor], rows: int) -> float:
-    inputs = [torch.randn(rows, w.shape[1]) for w in weights]
-    best = float("inf")
-    for _ in range(REPEATS):
-        start = time.perf_counter()
-        for w, x in zip(weights, inputs):
-            torch.mm(w, x.t())
-        best = min(best, time.perf_counter() - start)
-    return best
+def _time(weights: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]) -> float:
+    start = time.perf_counter()
+    for w, x in zip(weights, inputs):
+        torch.mm(w, x.t())
+    return time.perf_counter() - start
 
 
 def pad_rows(x: torch.Tensor, widths: Sequence[int]) -> torch.Tensor:
