@@ -5,10 +5,10 @@ tokens are the output's columns, and a width the kernel does not tile well costs
 Measured on a 2-vCPU EPYC Zen 5 (AVX-512), SmolLM2-135M's 30 layers of projections: 12 tokens 41 ms, 13–14 52
 ms, 15 64 ms, 16 32 ms; 31 tokens 76 ms, 32 45 ms; one token 23 ms, two 12 (one column goes to a GEMV kernel
 that streams a cold weight slower). A whole forward of 13 tokens took 61 ms, of 16 tokens 41. So a pass
-computes its projections over zero rows appended up to the cheapest width at or above its own, when that is
-clearly cheaper (`GAIN`); the padding rows' outputs are dropped. From 12 tokens up the padded columns are
-computed bitwise as without padding on that machine (the kernel and its summation order are the same); below
-that a different width can change the kernel, as the pass's own width already does.
+computes its projections over zero rows appended up to the cheapest width at or above its own (the narrowest of
+near-ties), when that is clearly cheaper (`GAIN`); the padding rows' outputs are dropped. From 12 tokens up the
+real rows came out bitwise as without padding on that machine (gate_up's shape: the same kernel and summation
+order); below that a different width can change the kernel, as the pass's own width already does.
 
 The table is timed once per process for each model shape, on random weights of one layer's projection shapes
 (hot in cache), up to COLD_ROWS tokens on enough copies to stream from memory, which is where a GEMV loses
