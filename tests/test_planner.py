@@ -136,6 +136,20 @@ def test_drafts_are_priced_beside_the_prefill_of_the_sequences_the_step_admits()
     assert sum(c.k for c in Planner().plan(running, curve, [(newcomer, 10)])) == 4
 
 
+@pytest.mark.parametrize("alpha, slope, drafts", [(0.6, 0.2, False), (0.95, 0.1, True)])
+def test_drafts_beside_a_prefill_must_pay_at_the_decode_price(alpha, slope, drafts):
+    """A prefill-bearing step takes longer per emitted token; a drafted token is still only worth what decoding one
+    costs. Four rows decode in 1 s (0.25 s a token); each token past four costs `slope`, a draft pass 0.05 s. At
+    α 0.6 a draft token costs 0.25 s for 0.6 tokens: no step should draft it, though beside a 20-token prefill (5 s
+    for 5 tokens) it would raise that step's own rate. At α 0.95 and 0.15 s a draft token pays either way."""
+    curve = costs([(1, 1.0), (4, 1.0), (MAX_TOKENS, 1.0 + slope * (MAX_TOKENS - 4))], draft_cost=0.05)
+    running = [options(seq(alpha)) for _ in range(4)]
+    newcomer = Sequence("new", list(range(20)), SamplingParams(), torch.Generator())
+    for admitted in ([], [(newcomer, 20)]):
+        choices = Planner(k_max=1).plan(running, curve, admitted)
+        assert any(c.k for c in choices) == drafts, (admitted, choices)
+
+
 def test_prompt_lookup_wins_where_the_text_repeats_and_needs_no_draft_pass():
     planner, curve = Planner(k_max=8), costs(MEMORY_BOUND, 0.3)
     [choice] = planner.plan([options(seq(0.5, ngram_alpha=0.9), ngram=[5, 6, 7, 8])], curve)

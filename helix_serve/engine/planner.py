@@ -26,6 +26,13 @@ break-even (under load, where a verify token costs nearly what a row does) the s
 shape error decide the sign, and a step that drafts on a wrong sign loses for sure while one that does not only
 misses a small gain. A plan that drafts nothing stands for QUIET_STEPS further steps while nothing it rests on
 changes (`_still_quiet`): at low load K = 0 usually wins, and planning costs a few percent of a step there.
+Prefill. A step that prefills prompts (a newcomer's, or the tail a prefix-cache hit leaves) takes longer for the
+tokens it emits, and priced at that step's own time per token a drafted token looks as valuable as the prefill
+makes every token of the step look: traced at 4 streams (int4, Zen 5, the head alone), most drafting steps carried
+a prompt tail and were planned against K = 0 steps predicted at 21–40 ms where a decode step took 12.8; the head's
+engine read 0.94× of K=0 (0.97× once this rule held: it then drafted 17 tokens, not 147). A token is worth what it
+costs to decode, so the plan's rate leaves the prefill's share of the step out (`_StepShape.prefill_seconds`):
+drafts there must pay at the decode price.
 Yield. The geometric gains overstate what drafts bring where acceptance is all-or-nothing: a prompt-lookup
 proposal is usually right for a whole stretch or wrong at its first token, so α (the ratio below) is high while
 the first position is a coin toss — measured at 16 streams (int4, 2-core Xeon): 14.0 tokens expected per drafting
@@ -315,6 +322,7 @@ class _StepShape:
     fixed_catch_up: int
     fixed_passes: int
     prefill: bool  # a row longer than a verify row (step_cost.pass_kind): drafts do not change that
+    prefill_tokens: int  # uncached tokens beyond one per row (prompts, the newcomers'): what the step prefills
 
     @classmethod
     def of(cls, options: list[Options], choices: list[Choice | None], planner: Planner, costs: StepCostModel,
@@ -330,7 +338,8 @@ class _StepShape:
                    float(sum(planner.gains(o.seq, c.proposer, c.k).sum() for o, c in fixed)), fixed_k,
                    len(drafting), sum(o.catch_up(planner.model) for o, _ in drafting),
                    max((c.k + o.judged for o, c in drafting), default=0),
-                   max([o.base_tokens for o in options] + [n for _, n in newcomers], default=0) > VERIFY_QUERY)
+                   max([o.base_tokens for o in options] + [n for _, n in newcomers], default=0) > VERIFY_QUERY,
+                   sum(max(o.base_tokens - 1, 0) for o in options) + sum(n - 1 for _, n in newcomers))
 
     def step_seconds(self, drafted: np.ndarray, draft_rows: np.ndarray, catch_up: np.ndarray,
                      passes: np.ndarray) -> np.ndarray:
@@ -340,6 +349,18 @@ class _StepShape:
         work = DraftWork(passes, draft_rows, catch_up, draft_rows * longest, self.planner.model is Proposer.EAGLE)
         return self.costs.step_seconds(self.base_tokens + drafted, self.rows, self.context, work,
                                        self.fixed_k + drafted, self.prefill)
+
+    def prefill_seconds(self) -> float:
+        """What the step's prefill adds to its K = 0 time: the same whatever the plan, and no measure of what a
+        token is worth (`best_plan`)."""
+        if not self.prefill_tokens:
+            return 0.0
+        work = DraftWork(self.fixed_passes, self.fixed_draft_rows, self.fixed_catch_up,
+                         self.fixed_draft_rows * (self.context // max(self.rows, 1)), self.planner.model is Proposer.EAGLE)
+        decode = self.costs.step_seconds(self.base_tokens - self.prefill_tokens, self.rows, self.context, work,
+                                         self.fixed_k, False)
+        zero = np.zeros(1, np.int64)
+        return max(float(self.step_seconds(zero, zero, zero, zero)[0]) - float(decode), 0.0)
 
     def with_probes(self, options: list[Options], choices: list[Choice], stale: list[int]) -> np.ndarray:
         """The predicted time of a step with these choices (the fixed ones included), and with a K = 1 probe of
@@ -396,7 +417,9 @@ class _StepShape:
         passes = np.maximum(np.maximum.accumulate(depth_reached, 1), always.max(1, initial=False)[:, None])
         drafted = np.broadcast_to(np.arange(order.shape[1] + 1), expected.shape)
         seconds = self.step_seconds(*(a.ravel().astype(np.int64) for a in (drafted, draft_rows, catch_up, passes)))
-        rate = expected / np.reshape(seconds, expected.shape)
+        # A drafted token is worth what a token costs without the prefill: priced at a prefill-bearing step's own
+        # time per token, drafts there looked twice as cheap as they were (module docstring, Prefill).
+        rate = expected / (np.reshape(seconds, expected.shape) - self.prefill_seconds())
         rate[:, 1:] = np.where(valid, rate[:, 1:] / (1 + self.planner.margin), -np.inf)  # prefix 0: K = 0
         depth, m = np.unravel_index(int(np.argmax(rate)), rate.shape)  # ties: the shallowest, shortest
         ks = np.bincount(owner[depth, :m], minlength=num_free)
