@@ -89,7 +89,8 @@ def main() -> None:
                                                             "widths": list(engine.pair.target.row_widths),
                                                             "rows": rows}, indent=2))
     fig, axes = subplots(1, 2, figsize=(11, 4))
-    for ax, layout, title in ((axes[0], "sequence", "one sequence of T tokens"), (axes[1], "verify", "rows of 5 tokens")):
+    panels = ((axes[0], "sequence", "one sequence of T tokens"), (axes[1], "verify", "rows of 5 tokens"))
+    for ax, layout, title in panels:
         picked = [r for r in rows if r["layout"] == layout]
         for mode, style in (("as they come", "o--"), ("padded", "s-")):
             ax.plot([r["tokens"] for r in picked], [r[mode] for r in picked], style, label=mode, markersize=3)

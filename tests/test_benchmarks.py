@@ -81,7 +81,8 @@ def test_row_padding_benchmark_times_each_pass_both_ways(llama_pair, tmp_path):
     sequence = [row for row in result["rows"] if row["layout"] == "sequence"]
     verify = [row for row in result["rows"] if row["layout"] == "verify"]
     assert [row["tokens"] for row in sequence] == list(range(1, 21)) and [row["rows"] for row in verify] == [1, 2, 3, 4]
-    assert all(row["as they come"] > 0 and row["padded"] > 0 and row["width"] >= row["tokens"] for row in result["rows"])
+    assert all(row["as they come"] > 0 and row["padded"] > 0 and row["width"] >= row["tokens"]
+               for row in result["rows"])
     assert result["widths"][:21] == [0] + [row["width"] for row in sequence]
 
 

@@ -342,25 +342,24 @@ class _StepShape:
                    sum(max(o.base_tokens - 1, 0) for o in options) + sum(n - 1 for _, n in newcomers))
 
     def step_seconds(self, drafted: np.ndarray, draft_rows: np.ndarray, catch_up: np.ndarray,
-                     passes: np.ndarray) -> np.ndarray:
+                     passes: np.ndarray, prefilled: bool = True) -> np.ndarray:
+        """`prefilled=False`: the same step without its prefill (`prefill_seconds`)."""
         draft_rows, catch_up = draft_rows + self.fixed_draft_rows, catch_up + self.fixed_catch_up
         passes = np.maximum(passes, self.fixed_passes)
         longest = self.context // max(self.rows, 1)
         work = DraftWork(passes, draft_rows, catch_up, draft_rows * longest, self.planner.model is Proposer.EAGLE)
-        return self.costs.step_seconds(self.base_tokens + drafted, self.rows, self.context, work,
-                                       self.fixed_k + drafted, self.prefill)
+        base = self.base_tokens if prefilled else self.base_tokens - self.prefill_tokens
+        return self.costs.step_seconds(base + drafted, self.rows, self.context, work, self.fixed_k + drafted,
+                                       self.prefill and prefilled)
 
     def prefill_seconds(self) -> float:
         """What the step's prefill adds to its K = 0 time: the same whatever the plan, and no measure of what a
         token is worth (`best_plan`)."""
         if not self.prefill_tokens:
             return 0.0
-        work = DraftWork(self.fixed_passes, self.fixed_draft_rows, self.fixed_catch_up,
-                         self.fixed_draft_rows * (self.context // max(self.rows, 1)), self.planner.model is Proposer.EAGLE)
-        decode = self.costs.step_seconds(self.base_tokens - self.prefill_tokens, self.rows, self.context, work,
-                                         self.fixed_k, False)
         zero = np.zeros(1, np.int64)
-        return max(float(self.step_seconds(zero, zero, zero, zero)[0]) - float(decode), 0.0)
+        return max(float(self.step_seconds(zero, zero, zero, zero)[0] - self.step_seconds(zero, zero, zero, zero,
+                                                                                          False)[0]), 0.0)
 
     def with_probes(self, options: list[Options], choices: list[Choice], stale: list[int]) -> np.ndarray:
         """The predicted time of a step with these choices (the fixed ones included), and with a K = 1 probe of
@@ -417,8 +416,8 @@ class _StepShape:
         passes = np.maximum(np.maximum.accumulate(depth_reached, 1), always.max(1, initial=False)[:, None])
         drafted = np.broadcast_to(np.arange(order.shape[1] + 1), expected.shape)
         seconds = self.step_seconds(*(a.ravel().astype(np.int64) for a in (drafted, draft_rows, catch_up, passes)))
-        # A drafted token is worth what a token costs without the prefill: priced at a prefill-bearing step's own
-        # time per token, drafts there looked twice as cheap as they were (module docstring, Prefill).
+        # A drafted token is worth what decoding one costs: the prefill's share of the step is left out of the
+        # rate (module docstring, Prefill).
         rate = expected / (np.reshape(seconds, expected.shape) - self.prefill_seconds())
         rate[:, 1:] = np.where(valid, rate[:, 1:] / (1 + self.planner.margin), -np.inf)  # prefix 0: K = 0
         depth, m = np.unravel_index(int(np.argmax(rate)), rate.shape)  # ties: the shallowest, shortest
