@@ -33,7 +33,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from helix_serve.model.attention import AttentionMetadata, paged_attention
 from helix_serve.model.int4 import Int4Linear, quantizable, use_dense_rows
 from helix_serve.model.paged_llm import KVCache, ModelShape, linear
-from helix_serve.model.row_padding import padded_widths
+from helix_serve.model.row_padding import widths_for
 
 CONFIG_FILE = "eagle_config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -197,10 +197,8 @@ class EagleHead(nn.Module):
             raise ValueError(f"{path}: not an EAGLE head of this shape (missing {missing}, unexpected {unexpected})")
         head.to(device=embed_tokens.weight.device, dtype=dtype or embed_tokens.weight.dtype)
         head.rotary_emb = LlamaRotaryEmbedding(head.config.llama_config()).to(head.device)  # inv_freq stays fp32
-        if head.device.type == "cpu" and head.dtype == torch.float32:
-            head.row_widths = padded_widths(tuple(tuple(getattr(head, name).weight.shape)
-                                                  for name in ("fc", "qkv", "o", "gate_up", "down")),
-                                            torch.get_num_threads())
+        projections = ("fc", "qkv", "o", "gate_up", "down")
+        head.row_widths = widths_for([getattr(head, name).weight.shape for name in projections], head.device, head.dtype)
         return head.eval()
 
 

@@ -21,7 +21,7 @@ from helix_serve.model.attention import AttentionMetadata, paged_attention
 from helix_serve.model.int4 import Int4Linear, choose_dense_rows, int4_available, quantizable, use_dense_rows
 from helix_serve.model.int8_head import MAX_ROWS as HEAD8_MAX_ROWS
 from helix_serve.model.int8_head import MXInt8Head
-from helix_serve.model.row_padding import pad_rows, padded_widths
+from helix_serve.model.row_padding import pad_rows, widths_for
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 QUANTIZATIONS = ("auto", "none", "int4")  # int4: model/int4.py; auto: int4 for 4-bit checkpoints (loader.py)
@@ -155,10 +155,9 @@ class PagedCausalLM(nn.Module):
         )
         # The widths its fp32 weight-major GEMMs compute a pass at (row_padding.py): the projections', and the LM
         # head's (with int4 too, beyond the 8-bit kernel's few rows), timed on this layer shape.
-        dense = self.device.type == "cpu" and self.dtype == torch.float32
-        self.row_widths = padded_widths(tuple(tuple(lin.weight.shape) for lin in (
-            qkv_proj[0], self.layers[0].self_attn.o_proj, gate_up_proj[0], self.layers[0].mlp.down_proj)),
-            torch.get_num_threads()) if dense else ()
+        self.row_widths = widths_for([lin.weight.shape for lin in (qkv_proj[0], self.layers[0].self_attn.o_proj,
+                                                                   gate_up_proj[0], self.layers[0].mlp.down_proj)],
+                                     self.device, self.dtype)
         quantized = [p for p in self.projections if isinstance(p, Int4Linear)]
         if int4_dense_rows == "auto":
             int4_dense_rows = choose_dense_rows(quantized) if quantized else 0

@@ -32,6 +32,13 @@ COLD_ROWS = 4  # widths up to this are timed on weights streamed from memory: th
 COLD_BYTES = 128 << 20  # weights cycled through for those (beyond the CPU's caches)
 
 
+def widths_for(shapes: Sequence[tuple[int, int]], device: torch.device, dtype: torch.dtype) -> tuple[int, ...]:
+    """`padded_widths` for a model on CPU in fp32 (its weight-major GEMMs, paged_llm.linear); () elsewhere."""
+    if device.type != "cpu" or dtype != torch.float32:
+        return ()
+    return padded_widths(tuple(tuple(shape) for shape in shapes), torch.get_num_threads())
+
+
 @functools.cache
 def padded_widths(shapes: tuple[tuple[int, int], ...], threads: int) -> tuple[int, ...]:
     """widths[n]: the rows to compute for a pass of n tokens (n ≤ MAX_ROWS; index 0 unused), for one layer's
