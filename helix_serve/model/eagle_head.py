@@ -197,8 +197,8 @@ class EagleHead(nn.Module):
             raise ValueError(f"{path}: not an EAGLE head of this shape (missing {missing}, unexpected {unexpected})")
         head.to(device=embed_tokens.weight.device, dtype=dtype or embed_tokens.weight.dtype)
         head.rotary_emb = LlamaRotaryEmbedding(head.config.llama_config()).to(head.device)  # inv_freq stays fp32
-        projections = ("fc", "qkv", "o", "gate_up", "down")
-        head.row_widths = widths_for([getattr(head, name).weight.shape for name in projections], head.device, head.dtype)
+        shapes = [getattr(head, name).weight.shape for name in ("fc", "qkv", "o", "gate_up", "down")]
+        head.row_widths = widths_for(shapes, head.device, head.dtype)
         return head.eval()
 
 
