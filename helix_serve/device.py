@@ -61,6 +61,12 @@ def _pick(choice: str) -> torch.device:
     return torch.device("cpu")
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on `device`: a timing must cover the work, not its launch (CPU work is synchronous)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
     """The CPU's feature flags as the kernel reports them (empty where there is no /proc/cpuinfo)."""
     try:

@@ -65,16 +65,19 @@ class ControlledDraftRunner(ModelRunner):
         return controlled
 
 
-def build_pair(shapes: dict, dtype: torch.dtype) -> ModelPair:
-    vocab = {f"t{i}": i for i in range(VOCAB)}
+def build_pair(shapes: dict, dtype: torch.dtype, device: torch.device | str = "cpu", vocab_size: int = VOCAB,
+               ) -> ModelPair:
+    """Random-weight target and draft of these shapes, made directly on `device`, with a word-level tokenizer."""
+    vocab = {f"t{i}": i for i in range(vocab_size)}
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")),
                                         eos_token="t0")
     models_ = []
     for seed, name in enumerate(("target", "draft")):
         torch.manual_seed(seed)
-        config = LlamaConfig(vocab_size=VOCAB, max_position_embeddings=2048, tie_word_embeddings=False,
+        config = LlamaConfig(vocab_size=vocab_size, max_position_embeddings=2048, tie_word_embeddings=False,
                              **shapes[name])
-        models_.append(PagedCausalLM(LlamaForCausalLM(config).to(dtype).eval()))
+        with torch.device(device):
+            models_.append(PagedCausalLM(LlamaForCausalLM(config).to(dtype).eval()))
     return ModelPair(models_[0], models_[1], tokenizer, "target-shaped", "draft-shaped")
 
 

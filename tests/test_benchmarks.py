@@ -59,6 +59,17 @@ def test_scale_benchmark_quick_reports_controlled_alpha(tmp_path):
     assert 0 < row["plain_bandwidth_limit_ratio"] and 0 < row["spec_bandwidth_limit_ratio"]
 
 
+def test_gpu_benchmark_quick_runs_every_shape_on_the_cpu(tmp_path):
+    """bench_gpu.py's logic, on the CPU (the GPU run is docs/BENCHMARKS.md §14): each shape's K=0, controlled-α
+    speculation equal to K=0 in fp32, transformers beside it, and the limit from the device's own bandwidth."""
+    result = _run("bench_gpu.py", tmp_path, "--device", "cpu", "--dtype", "float32")
+    assert result["device"] == "CPU" and [r["target"] for r in result["rows"]] == ["tinyllama-1.1b", "llama-8b"]
+    for row in result["rows"]:
+        assert row["spec_identical"] and row["spec_alpha_seen"] > 0.5
+        assert row["limit_step_s"] == pytest.approx(row["weight_bytes"] / row["gemv_bytes_per_s"])
+        assert row["k0_over_limit"] > 0 and row["hf_tokens_per_s"] > 0 and row["batch_over_hf"] > 0
+
+
 def test_prefix_benchmark_quick_is_lossless_and_leaves_no_block_in_use(llama_pair, tmp_path):
     target, draft = llama_pair
     result = _run("bench_prefix.py", tmp_path, "--target", str(target), "--draft", str(draft), "--dtype", "float32")

@@ -20,7 +20,7 @@ TV_BOUND = 0.05
 def _top_k_probs(engine, ids: list[int]) -> dict[int, float]:
     """The target's next-token distribution after `ids` at T = 1 with BIAS and top-k, from transformers directly."""
     with torch.no_grad():
-        logits = engine.pair.target.hf_model(torch.tensor([ids])).logits[0, -1].float()
+        logits = engine.pair.target.hf_model(torch.tensor([ids], device=engine.device)).logits[0, -1].float().cpu()
     logits[list(BIAS)] += torch.tensor(list(BIAS.values()))
     values, tokens = logits.topk(TOP_K)
     return dict(zip(tokens.tolist(), torch.softmax(values, -1).tolist()))

@@ -39,7 +39,7 @@ def engine() -> LLMEngine:
 def target_logits(engine: LLMEngine, token_ids: list[int]) -> torch.Tensor:
     """transformers' fp32 logits of the target for every position of `token_ids`: [T, V]."""
     with torch.no_grad():
-        return engine.pair.target.hf_model(torch.tensor([token_ids])).logits[0].float()
+        return engine.pair.target.hf_model(torch.tensor([token_ids], device=engine.device)).logits[0].float().cpu()
 
 
 @pytest.mark.parametrize("settings", [dict(temperature=1.0, seed=3), dict(temperature=0.8, top_k=40),

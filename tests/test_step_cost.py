@@ -4,6 +4,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from helix_serve.engine.step_cost import (DraftWork, ForwardCost, PassShape, PassTiming, StepCostModel, StepTiming,
                                           calibrate_forward)
@@ -182,7 +183,7 @@ def test_calibration_finds_where_a_kernel_starts_a_new_tile_of_tokens():
     tile_s = 2e-3
 
     class TiledKernel:  # a pass costs one tile per 16 tokens
-        vocab_size = 100
+        vocab_size, device = 100, torch.device("cpu")
 
         def logits(self, tables, chunks, starts, num_logits):
             time.sleep(tile_s * (1 + (sum(len(c) for c in chunks) - 1) // 16))

@@ -150,7 +150,7 @@ def _masked_target_strings(engine, prompt: str, constraint: Constraint, temperat
         bitmask = torch.zeros(1, (model.config.vocab_size + 31) // 32, dtype=torch.int32)
         matcher.fill(bitmask, 0)
         with torch.no_grad():
-            logits = model(torch.tensor([prompt_ids + path])).logits[0, -1].float()
+            logits = model(torch.tensor([prompt_ids + path], device=model.device)).logits[0, -1].float().cpu()
         logits = logits.masked_fill(~unpack(bitmask, logits.shape[-1])[0], float("-inf"))
         probs = (logits / temperature).softmax(-1)
         for token in probs.nonzero().flatten().tolist():

@@ -49,7 +49,7 @@ class HeadPasses:
 
     def __init__(self, runner: EagleRunner):
         self.runner = runner
-        self.vocab_size = runner.vocab_size
+        self.device, self.vocab_size = runner.device, runner.vocab_size
         self.width = runner.head.config.hidden_size * len(runner.capture_layers)  # the captured target states
 
     def logits(self, block_tables: list[list[int]], chunks: list[list[int]], starts: list[int],

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
+from helix_serve.device import synchronize
 from helix_serve.engine.eagle_runner import EagleRunner
 from helix_serve.engine.logits_processors import Penalties, PenaltyRow
 from helix_serve.engine.logprobs import TokenLogprob, emitted_logprobs
@@ -211,10 +212,6 @@ class SpeculativeDecoder:
         return rejection_sample(draft_ids, draft_probs, target, k_tensor, inputs.accept_uniforms,
                                 inputs.final_uniforms, inputs.judged)
 
-    def _synchronize(self) -> None:
-        if self.device.type == "cuda":  # step timings must cover the work, not its launch
-            torch.cuda.synchronize(self.device)
-
     def _inputs(self, seqs: list[Sequence], drafts: list[Draft]) -> _StepInputs:
         rows = []
         for seq, draft in zip(seqs, drafts):
@@ -250,7 +247,7 @@ class SpeculativeDecoder:
                 logits, chunks, starts = self._eagle_logits(seqs, rows, j, previous, hidden)
             else:
                 logits, chunks, starts = self._draft_logits(seqs, rows, j, previous)
-            self._synchronize()
+            synchronize(self.device)
             forwarded = time.perf_counter()
             index = torch.tensor(rows, device=self.device)
             logits = inputs.adjust(logits, index, draft_ids[index, :j], torch.full((len(rows),), j))
@@ -343,7 +340,7 @@ class SpeculativeDecoder:
         chunks = [s.token_ids[s.num_draft_cached + 1 : s.num_tokens] for s in picked]
         starts = [s.num_draft_cached for s in picked]
         self.draft.logits([s.block_table for s in picked], self.draft.head.fuse(features), chunks, starts)
-        self._synchronize()
+        synchronize(self.device)
         timing.heads.append(PassTiming(_shape(chunks, starts), time.perf_counter() - start))
         for s in picked:
             s.eagle_features.drop(s.num_tokens - 1 - s.num_draft_cached)
@@ -366,7 +363,7 @@ class SpeculativeDecoder:
                                                                self.draft.capture_layers)
         else:
             logits, features = self.target.logits(tables, chunks, starts, counts.tolist()), None
-        self._synchronize()
+        synchronize(self.device)
         forwarded = time.perf_counter()
         rows = torch.repeat_interleave(torch.arange(len(seqs)), counts)
         first_rows = torch.cumsum(counts, 0) - counts
@@ -375,7 +372,7 @@ class SpeculativeDecoder:
         adjusted = inputs.adjust(raw, rows, draft_ids[rows.to(self.device)], cols)  # [Σ(K_i+1), V]
         scored = argmax(adjusted) if inputs.greedy else inputs.probs(adjusted, rows)
         padded = _padded(scored, rows.to(self.device), cols.to(self.device), len(seqs), max(ks) + 1)
-        self._synchronize()
+        synchronize(self.device)
         timing.target = PassTiming(_shape(chunks, starts), forwarded - start)
         timing.processing_s += time.perf_counter() - forwarded
         timing.processed_rows += len(rows)

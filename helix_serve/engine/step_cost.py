@@ -57,6 +57,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from helix_serve.device import synchronize
 from helix_serve.engine.block_manager import BlockManager
 from helix_serve.engine.eagle_runner import EagleRunner, HeadPasses
 from helix_serve.engine.model_runner import ModelRunner
@@ -323,8 +324,12 @@ def calibrate_forward(runner: ModelRunner | HeadPasses, table: list[int], max_to
 
     def forward(num_tokens: int, rows: int, context: int) -> float:
         chunk = tokens[context: context + num_tokens]
-        return least_time(lambda: runner.logits([table] * rows, [chunk] * rows, [context] * rows,
-                                                [num_tokens] * rows), repeats)
+
+        def run() -> None:
+            runner.logits([table] * rows, [chunk] * rows, [context] * rows, [num_tokens] * rows)
+            synchronize(runner.device)
+
+        return least_time(run, repeats)
 
     token_sizes = [n for n in TOKEN_SIZES if n <= max_tokens] or [1]
     row_sizes = [r for r in ROW_SIZES if r <= max_rows]

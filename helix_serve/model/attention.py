@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 @dataclass(slots=True)
@@ -188,7 +189,20 @@ def _attend(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, m
     blocks = meta.block_tables.flatten()
     k = k_cache.index_select(0, blocks).view(num_seqs, -1, num_kv_heads, head_dim)[:, :max_ctx].transpose(1, 2)
     v = v_cache.index_select(0, blocks).view(num_seqs, -1, num_kv_heads, head_dim)[:, :max_ctx].transpose(1, 2)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)  # [B, kv_heads, group * max_q, D]
+    out = _sdpa(q, k, v, mask, scale)  # [B, kv_heads, group * max_q, D]
     out = out.view(num_seqs, num_kv_heads, group, max_q, head_dim).permute(0, 3, 1, 2, 4)  # [B, max_q, kv, g, D]
     out = out.reshape(num_seqs, max_q, num_heads, head_dim)
     return out.reshape(-1, num_heads, head_dim) if uniform else out[meta.query_batch_idx, meta.query_offset]
+
+
+# cuDNN's attention (what SDPA picks on an H200 with torch 2.11) builds a plan per new shape: 1.65 ms of host time a
+# call, 36 of the 54 ms of a TinyLlama-shaped bf16 decode step whose kernels took ~3.4 (scripts/profile_cuda_step.py).
+# A paged pass's context length changes every step, so on CUDA attention runs on the other kernels.
+CUDA_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    if q.device.type != "cuda":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    with sdpa_kernel(CUDA_SDPA_BACKENDS):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
