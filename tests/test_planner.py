@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from helix_serve.config import DEFAULT_DRAFT
+from helix_serve.engine import planner as planner_module
 from helix_serve.engine.planner import PRIORS, Choice, Options, Planner, Proposer, expected_speedup, measured_alpha
 from helix_serve.engine.sampling_params import SamplingParams
 from helix_serve.engine.sequence import Acceptance, Sequence
@@ -72,6 +73,35 @@ def test_a_plan_that_drafts_nothing_gives_way_to_new_evidence_at_once():
     planner, lookup = Planner(probe_share=0.0), seq(0.05, ngram_alpha=0.95, evidence=20.0)
     assert planner.plan([options(lookup)], curve) == [Choice(None, 0)]
     assert planner.plan([options(lookup, ngram=[7, 8, 9])], curve) == [Choice(Proposer.NGRAM, 3)]
+
+
+def test_under_load_a_plan_that_drafts_nothing_stands_while_requests_come_and_go(monkeypatch):
+    """At a load where drafting does not pay, a request ending or arriving (another of no higher acceptance, a few
+    rows fewer in a wide batch) does not make it pay: the plan stands, one for steps with a prefill and one for
+    steps without. A sequence of higher acceptance, or a much smaller batch, is planned afresh."""
+    priced = []
+    best_plan = planner_module._StepShape.best_plan
+    monkeypatch.setattr(planner_module._StepShape, "best_plan", lambda self, table: priced.append(1) or
+                        best_plan(self, table))
+    planner, curve = Planner(probe_share=0.0), costs(COMPUTE_BOUND, 0.3)
+    batch = [seq(0.5, evidence=20.0) for _ in range(16)]
+    for i, s in enumerate(batch):
+        s.request_id = f"r{i}"
+    newcomer = Sequence("new", list(range(20)), SamplingParams(), torch.Generator())
+
+    def plan(seqs, admitted=()) -> list[Choice]:
+        return planner.plan([options(s) for s in seqs], curve, list(admitted))
+
+    assert plan(batch) == [Choice(None, 0)] * 16 and plan(batch[:15], [(newcomer, 20)]) == [Choice(None, 0)] * 15
+    assert len(priced) == 2
+    replaced = batch[1:] + [seq(0.4, evidence=20.0)]
+    for step in range(3):  # ends, arrivals, prefills and a row or two fewer: no pricing
+        plan(replaced[step:] if step % 2 else replaced)
+        plan(batch[:14], [(newcomer, 20)])
+    assert len(priced) == 2
+    plan(batch[1:] + [seq(0.9, evidence=20.0)])  # a sequence that drafts better than any before
+    plan(batch[:8])  # half the rows
+    assert len(priced) == 4
 
 
 def test_a_standing_plan_gives_way_when_a_fixed_choice_changes():
@@ -201,10 +231,14 @@ def test_a_parked_sequence_probes_the_draft_once_the_budget_covers_the_probe():
     assert parked.acceptance["draft"].steps_since == 0
 
 
-def test_probes_cost_at_most_their_share_of_the_time_under_load():
-    """32 stale sequences on a compute-bound target: probing all of them would add 32 verified tokens and a
-    32-row draft pass; the planner spends no more than probe_share of the predicted time on it."""
-    planner, curve = Planner(probe_interval=1), costs(COMPUTE_BOUND, 0.3)
+@pytest.mark.parametrize("curve, probed", [(costs([(1, 1.0), (MAX_TOKENS, 1.0 + (MAX_TOKENS - 1) / 32)], 0.3), True),
+                                           (costs(COMPUTE_BOUND, 0.3), False)])
+def test_probes_cost_at_most_their_share_of_the_time_under_load(curve, probed):
+    """32 stale sequences: probing all of them would add 32 verified tokens and a 32-row draft pass; the planner
+    spends no more than probe_share of the predicted time on it. Where a token costs 1/32 of a row, a draft accepted
+    at PROBE_CEILING would pay, so probes run; where every token costs a whole forward no acceptance could make
+    drafting pay, and nothing is probed."""
+    planner = Planner(probe_interval=1)
     crowd = [seq(0.05) for _ in range(32)]
     for s in crowd:
         park(planner, s, 1)
@@ -216,7 +250,7 @@ def test_probes_cost_at_most_their_share_of_the_time_under_load():
         extra += curve.step_seconds(tokens, 32) - curve.step_seconds(32, 32) + (0.3 if rows else 0.0)
         plain += curve.step_seconds(32, 32)
         probes += rows
-    assert 0 < probes and extra <= 0.011 * plain
+    assert (0 < probes) == probed and extra <= 0.011 * plain
 
 
 def test_a_new_sequence_starts_from_the_engine_wide_acceptance():

@@ -82,6 +82,7 @@ SEQUENCE_PRIOR_WEIGHT = 4.0  # ...and a sequence's own α starts at the engine-w
 POPULATION_DECAY = 0.995  # per judged step of any sequence: the engine-wide rate follows the recent requests
 YIELD_PRIOR = 8.0  # expected tokens of evidence before a proposer's yield moves from 1 (module docstring)
 YIELD_RANGE = (0.25, 1.25)
+PROBE_CEILING = 0.9  # the model proposer's acceptance a probe could at best reveal, for `Planner._probe`
 QUIET_STEPS = 8  # further steps a plan drafting nothing stands while what it rests on is unchanged (`plan`)
 
 
@@ -165,7 +166,8 @@ class Planner:
     step_s: float = 0.0  # the predicted step when probes were last priced (`_probe`)...
     probe_price_s: float = 0.0  # ...and what the first probe would have added to it
     model_evidence: int = 0  # counts the model proposer's judged drafts: its α, prior and yield move only then
-    quiet: tuple[tuple, int, int] | None = None  # the batch, model_evidence and steps left of a plan drafting nothing
+    # the last plan of a step without / with a prefill, if it drafted nothing: what it rests on (`_still_quiet`)
+    quiet: dict[bool, _Quiet | None] = field(default_factory=lambda: {False: None, True: None})
 
     def prior(self, proposer: Proposer) -> float:
         """The engine-wide acceptance rate of a proposer (recent sequences, pulled towards PRIORS)."""
@@ -194,30 +196,31 @@ class Planner:
         choices: list[Choice | None] = [self._forced(o) for o in options]
         free = [options[i] for i, c in enumerate(choices) if c is None]
         shape = _StepShape.of(options, choices, self, costs, newcomers or [])
-        batch = (_batch(options, choices), shape.base_tokens)
-        if free and self._still_quiet(batch, free):
-            best = [Choice(None, 0)] * len(free)
-        elif free:
-            best = shape.best_plan(_FreeTable.of(free, self))
-            quiet = all(c.proposer is None for c in best) and not any(o.ngram_tokens for o in free)
-            self.quiet = (batch, self.model_evidence, QUIET_STEPS) if quiet else None
+        standing = None  # the plan drafting nothing that this step follows, if any
+        if free:
+            load = _Load.of(free, choices, shape, self)
+            if self._still_quiet(load):
+                best, standing = [Choice(None, 0)] * len(free), self.quiet[load.prefill]
+            else:
+                best = shape.best_plan(_FreeTable.of(free, self))
+                quiet = all(c.proposer is None for c in best) and load.alpha is not None
+                standing = self.quiet[load.prefill] = _Quiet(load, self.model_evidence, QUIET_STEPS) if quiet else None
         slots = iter(best if free else [])
         choices = [c if c is not None else next(slots) for c in choices]
-        self._probe(options, choices, shape)  # type: ignore[arg-type]
+        self._probe(options, choices, shape, free, standing)  # type: ignore[arg-type]
         return choices  # type: ignore[return-value]
 
-    def _still_quiet(self, batch: tuple, free: list[Options]) -> bool:
-        """Whether the last plan, which drafted nothing, still stands: the same sequences, fixed choices and uncached
-        tokens, still no prompt-lookup proposal among the free ones, and no model-proposer evidence since (its α,
-        prior and yield change only then; the rest drifts slowly or, like a model's catch-up backlog, only makes
-        drafting dearer). Planning costs ~0.3–0.6 ms of numpy calls, 2–4 % of a step at low load, where K = 0
-        usually wins."""
-        if self.quiet is None:
+    def _still_quiet(self, load: _Load) -> bool:
+        """Whether the last plan, which drafted nothing, still stands (`_Load.covers`): no model-proposer evidence
+        since (its α, prior and yield change only then) and no more than QUIET_STEPS steps ago. Planning costs
+        ~0.3–0.7 ms of numpy calls, 2–4 % of a step at low load, where K = 0 usually wins; under load, where a
+        request arrives or ends almost every step, a plan that stood only for the same batch was recomputed in
+        62 % of the steps (int4, 16 streams, the head alone: 1 % of the run). Steps that prefill and steps that do not
+        alternate under load, and each kind has its own standing plan."""
+        quiet = self.quiet[load.prefill]
+        if quiet is None or quiet.left <= 0 or quiet.evidence != self.model_evidence or not quiet.load.covers(load):
             return False
-        last, evidence, left = self.quiet
-        if left <= 0 or evidence != self.model_evidence or last != batch or any(o.ngram_tokens for o in free):
-            return False
-        self.quiet = (last, evidence, left - 1)
+        quiet.left -= 1
         return True
 
     def _forced(self, o: Options) -> Choice | None:
@@ -234,14 +237,17 @@ class Planner:
             return Choice(proposer if k or o.judged else None, k)
         return None
 
-    def _probe(self, options: list[Options], choices: list[Choice], shape: _StepShape) -> None:
-        """Give the stalest sequences a K = 1 model-proposer probe, as many as the probe budget covers."""
+    def _probe(self, options: list[Options], choices: list[Choice], shape: _StepShape, free: list[Options],
+               standing: _Quiet | None) -> None:
+        """Give the stalest sequences a K = 1 model-proposer probe, as many as the probe budget covers, unless the
+        step follows a plan that drafts nothing and would draft nothing even if every free sequence's model
+        proposer were accepted at PROBE_CEILING: what a probe learns could not change a plan at this load."""
         stale = sorted((i for i, (o, c) in enumerate(zip(options, choices))
                         if o.draft and o.room > 0 and o.fixed_k is None and c.proposer is None  # not in place of lookup
                         and o.seq.acceptance[self.model.value].steps_since >= self.probe_interval),
                        key=lambda i: -options[i].seq.acceptance[self.model.value].steps_since)
         affordable = self.probe_budget_s + self.probe_share * self.step_s >= min(self.probe_price_s, self.step_s)
-        if self.step_s and not (stale and affordable):
+        if self.step_s and not (stale and affordable and not (standing and self._hopeless(standing, shape, free))):
             # nothing to probe, or not yet affordable: accrue as at the last priced step, skip pricing this one
             # (a full budget prices every step: a probe dearer than a step waits for a cheaper stale sequence)
             self.probe_budget_s = min(self.probe_budget_s + self.probe_share * self.step_s, self.step_s)
@@ -257,6 +263,15 @@ class Planner:
             self.probe_budget_s -= seconds[n] - seconds[0]
             for i in stale[:n]:
                 choices[i] = Choice(self.model, 1, probe=True)
+
+    def _hopeless(self, quiet: _Quiet, shape: _StepShape, free: list[Options]) -> bool:
+        """Whether drafting would not pay at this load even at PROBE_CEILING (asked once per standing plan)."""
+        if quiet.hopeless is None:
+            table = _FreeTable.of(free, self)
+            table.alpha_model = np.full_like(table.alpha_model, max(PROBE_CEILING, table.alpha_model.max()))
+            table.yield_model = max(table.yield_model, 1.0)
+            quiet.hopeless = all(c.proposer is None for c in shape.best_plan(table))
+        return quiet.hopeless
 
     def _better(self, o: Options, draft_depth: int) -> Proposer:
         """The proposer that expects more tokens from this sequence (prompt lookup on a tie: it is free)."""
@@ -426,9 +441,38 @@ class _StepShape:
         return [Choice(named[p] if k or j else None, int(k)) for p, k, j in zip(proposers[depth], ks, table.judged)]
 
 
-def _batch(options: list[Options], choices: list[Choice | None]) -> tuple:
-    """The sequences of a step, and the choices fixed for them (None: free, the planner's to choose for)."""
-    return tuple((o.seq.request_id, c) for o, c in zip(options, choices))
+@dataclass(slots=True)
+class _Load:
+    """What a plan that drafts nothing rests on, besides the model proposer's evidence: how many rows the step has,
+    whether it prefills, and the best acceptance among its free sequences (None where one of them has a prompt-lookup
+    proposal or a fixed choice drafts: those are planned every step)."""
+
+    rows: int
+    prefill: bool
+    alpha: float | None
+
+    @classmethod
+    def of(cls, free: list[Options], choices: list[Choice | None], shape: _StepShape, planner: Planner) -> _Load:
+        fixed_drafts = any(c is not None and c.proposer is not None for c in choices)
+        alpha = None if fixed_drafts or any(o.ngram_tokens for o in free) else \
+            max((planner.alpha(o.seq, planner.model) for o in free if o.draft), default=0.0)
+        return cls(shape.rows, shape.prefill_tokens > 0, alpha)
+
+    def covers(self, now: _Load) -> bool:
+        """Drafting did not pay at this load, so it does not at `now`'s: no more acceptance, as many rows (a few
+        fewer in a wide batch: a verify token is no cheaper there), and a prefill in both or neither (a draft beside
+        a prefill lands on a wider pass)."""
+        if self.alpha is None or now.alpha is None:
+            return False
+        return now.alpha <= self.alpha and now.rows >= self.rows - self.rows // 8 and now.prefill == self.prefill
+
+
+@dataclass(slots=True)
+class _Quiet:
+    load: _Load
+    evidence: int  # Planner.model_evidence when it was planned
+    left: int  # steps it may still stand
+    hopeless: bool | None = None  # drafting would not pay even at PROBE_CEILING (`Planner._hopeless`), once asked
 
 
 _NONE, _MODEL, _NGRAM = 0, 1, 2  # proposer codes in the vectorised tables (_MODEL: Planner.model)
