@@ -25,7 +25,9 @@ when it does not pay, per sequence and per step, whatever the load. Drafting mus
 break-even (under load, where a verify token costs nearly what a row does) the step-cost model's few percent of
 shape error decide the sign, and a step that drafts on a wrong sign loses for sure while one that does not only
 misses a small gain. A plan that drafts nothing stands for QUIET_STEPS further steps while nothing it rests on
-changes (`_still_quiet`): at low load K = 0 usually wins, and planning costs a few percent of a step there.
+changes (`_still_quiet`): at low load K = 0 usually wins, and planning costs a few percent of a step there. What it
+rests on is the load (`_Load`), not the batch: under load a request ends or arrives almost every step, and another
+request of no higher acceptance does not make drafting pay where it did not.
 Prefill. A step that prefills prompts (a newcomer's, or the tail a prefix-cache hit leaves) takes longer for the
 tokens it emits, and priced at that step's own time per token a drafted token looks as valuable as the prefill
 makes every token of the step look: traced at 4 streams (int4, Zen 5, the head alone), most drafting steps carried
@@ -50,7 +52,9 @@ a sequence that has not used it for `probe_interval` steps gets K = 1 from it â€
 The budget grows by `probe_share` of every step's predicted time (as of the last step that priced probes: pricing
 them costs time too) and each probe spends what it is predicted to add to its step, so probing costs at most that
 share of the time at any load (under load, where a verify token is expensive, probes become rare; at batch 1 they
-are cheap and frequent).
+are cheap and frequent). Where even an acceptance of PROBE_CEILING would not make drafting pay at the load, nothing
+is probed: what a probe learns could not change a plan (int4, 32 streams, the head alone: 51 probed tokens, 27
+accepted, ~0.7 % of the run).
 """
 
 from __future__ import annotations
