@@ -80,6 +80,19 @@ OBJECTS = ["a bicycle", "a refrigerator", "a microwave oven", "a compass", "GPS"
 ANIMALS = ["elephants", "dolphins", "penguins", "owls", "honey bees", "wolves", "octopuses", "koalas", "sharks",
            "butterflies", "camels", "polar bears", "parrots", "ants", "giraffes", "bats", "turtles", "foxes",
            "whales", "hedgehogs"]
+FOODS = ["pasta", "rice", "an omelette", "pancakes", "a vegetable soup", "bread", "a salad", "chili", "tofu",
+         "salmon", "a curry", "lentils", "roast chicken", "a smoothie", "oatmeal", "a pizza", "dumplings",
+         "a chocolate cake", "guacamole", "a stir-fry", "hummus", "french toast", "a burrito", "risotto", "cookies"]
+JOBS = ["nurse", "software engineer", "teacher", "pilot", "chef", "architect", "firefighter", "librarian",
+        "data scientist", "electrician", "journalist", "veterinarian", "lawyer", "farmer", "pharmacist",
+        "graphic designer", "accountant", "park ranger", "translator", "dentist", "mechanic", "photographer",
+        "marine biologist", "police officer", "carpenter"]
+SPORTS = ["soccer", "basketball", "tennis", "chess", "cricket", "volleyball", "baseball", "golf", "rugby",
+          "table tennis", "badminton", "ice hockey", "swimming", "cycling", "marathon running"]
+PROBLEMS = ["a leaky faucet", "a slow computer", "a squeaky door", "a phone that will not charge", "a clogged drain",
+            "a flat bicycle tire", "a wobbly table", "weak Wi-Fi at home", "a stuck zipper", "a dead car battery",
+            "a frozen laptop", "a scratched pan", "a noisy fridge", "a tangled necklace", "a foggy bathroom mirror",
+            "a printer that jams", "a cracked phone screen", "a drafty window", "a smelly sponge", "a dull knife"]
 PASSAGES = [
     "The Amazon rainforest covers much of the Amazon basin of South America. It is home to millions of species "
     "of insects, plants, birds and other animals, and it produces a large share of the world's oxygen.",
@@ -132,6 +145,36 @@ TEMPLATES: list[tuple[str, list]] = [
     ("Rewrite this text in simpler words:\n{}", PASSAGES),
     ("What is {} plus {}?", [(a, b) for a, b in itertools.product(range(3, 60, 7), range(2, 40, 9))]),
     ("What is {} times {}?", [(a, b) for a, b in itertools.product(range(2, 13, 2), range(3, 15, 3))]),
+    ("What are the main exports of {}?", COUNTRIES),
+    ("Plan a three-day trip to {}.", COUNTRIES),
+    ("What food is {} known for?", COUNTRIES),
+    ("Give an example of {} in everyday life.", CONCEPTS),
+    ("What are common misconceptions about {}?", CONCEPTS),
+    ("Write a limerick about {}.", TOPICS),
+    ("Write a short dialogue between two friends about {}.", TOPICS),
+    ("What are the pros and cons of {}?", ACTIVITIES),
+    ("Make a one-week plan for {}.", ACTIVITIES),
+    ("Which is better, {} or {}?", PAIRS),
+    ("Write a JavaScript function that {}.", CODE_TASKS),
+    ("What are synonyms for \"{}\"?", WORDS),
+    ("Who invented {}?", OBJECTS),
+    ("How do {} communicate?", ANIMALS),
+    ("Give me a fun fact about {}.", ANIMALS),
+    ("Write a short biography of {}.", PEOPLE),
+    ("What can we learn from {}?", PEOPLE),
+    ("How do I cook {}?", FOODS),
+    ("Is {} healthy?", FOODS),
+    ("Give me a simple recipe for {}.", FOODS),
+    ("What does a {} do?", JOBS),
+    ("How do I become a {}?", JOBS),
+    ("What skills does a {} need?", JOBS),
+    ("Explain the rules of {}.", SPORTS),
+    ("How can a beginner get started with {}?", SPORTS),
+    ("How do I fix {}?", PROBLEMS),
+    ("Write three quiz questions about this text:\n{}", PASSAGES),
+    ("Explain this text to a child:\n{}", PASSAGES),
+    ("What is {} minus {}?", [(a, b) for a, b in itertools.product(range(40, 99, 11), range(3, 38, 8))]),
+    ("What is {} divided by {}?", [(a * b, b) for a, b in itertools.product(range(2, 12, 3), range(2, 10, 2))]),
 ]
 GENERIC = [
     "Hello! How are you today?", "What can you help me with?", "Tell me a joke.", "What should I cook for dinner?",
