@@ -8,6 +8,7 @@ proposer drafted and had accepted, and whether every method's tokens equal K=0's
 
     python scripts/bench_eagle.py                     # default pair + shipped head, none and int4, ~10 min
     python scripts/bench_eagle.py --quick             # smoke
+    python scripts/bench_eagle.py --quantizations int4 --eagle-head NEW --baseline-head OLD   # two heads
 """
 
 from __future__ import annotations
@@ -36,11 +37,20 @@ METHODS = {"K=0": ("draft", {"speculative": False}),
            "eagle (hybrid)": ("eagle", {"speculative_method": "hybrid"})}
 
 
+def methods(args) -> dict[str, tuple[str, dict]]:
+    """METHODS, plus the head and hybrid of a second head (`--baseline-head`) to compare with."""
+    if args.baseline_head is None:
+        return METHODS
+    return {**METHODS, "eagle [baseline]": ("baseline", {"speculative_method": "eagle"}),
+            "eagle (hybrid) [baseline]": ("baseline", {"speculative_method": "hybrid"})}
+
+
 def engines(args, quantization: str) -> dict[str, LLMEngine]:
     common = dict(target_model=args.target, device="cpu", dtype=args.dtype, quantization=quantization)
     with_draft = LLMEngine(EngineConfig(draft_model=args.draft, **common))
-    with_head = LLMEngine(EngineConfig(draft_model=None, eagle_head=args.eagle_head, **common), with_draft.pair)
-    return {"draft": with_draft, "eagle": with_head}
+    heads = {"eagle": args.eagle_head, **({"baseline": args.baseline_head} if args.baseline_head else {})}
+    return {"draft": with_draft, **{name: LLMEngine(EngineConfig(draft_model=None, eagle_head=head, **common),
+                                                    with_draft.pair) for name, head in heads.items()}}
 
 
 def run(engine: LLMEngine, prompt: list[int], max_tokens: int, overrides: dict) -> dict:
@@ -66,23 +76,24 @@ def total(runs: list[dict], reference: list[dict]) -> dict:
 def measure(args) -> dict:
     torch.set_num_threads(args.threads)
     _, held_out = split_prompts(build_prompts(0))
+    chosen = methods(args)
     results = {}
     for quantization in args.quantizations:
         pair = engines(args, quantization)
         tok = pair["draft"].tokenizer
         sets = {"chat": [chat_prompt_ids(tok, q) for q in CHAT_QUESTIONS[: args.chat] + held_out[: args.chat]],
                 "copy-heavy": [chat_prompt_ids(tok, q) for q in GROUNDED[: args.copy]]}
-        for engine_name, overrides in METHODS.values():  # warm-up
+        for engine_name, overrides in chosen.values():  # warm-up
             run(pair[engine_name], sets["chat"][0], 8, overrides)
-        runs = {kind: {m: [] for m in METHODS} for kind in sets}
+        runs = {kind: {m: [] for m in chosen} for kind in sets}
         for kind, prompts in sets.items():
             for prompt in tqdm(prompts, desc=f"{quantization}, {kind}"):
-                for method, (engine_name, overrides) in METHODS.items():
+                for method, (engine_name, overrides) in chosen.items():
                     runs[kind][method].append(run(pair[engine_name], prompt, args.max_tokens, overrides))
         target = pair["draft"].pair.target
         results[quantization] = {
             "dtype": str(target.dtype), "quantization": target.quantization,
-            "cost_ratios": {"draft": pair["draft"].cost_ratios, "eagle": pair["eagle"].cost_ratios},
+            "cost_ratios": {name: engine.cost_ratios for name, engine in pair.items()},
             "rows": {kind: {m: total(r, by[next(iter(METHODS))]) for m, r in by.items()} for kind, by in runs.items()},
         }
         del pair
@@ -123,6 +134,7 @@ def main() -> None:
     parser.add_argument("--target", default=DEFAULT_TARGET)
     parser.add_argument("--draft", default=DEFAULT_DRAFT)
     parser.add_argument("--eagle-head", default=str(PRETRAINED_DIR / "smollm2-eagle"))
+    parser.add_argument("--baseline-head", help="a second EAGLE head, measured beside --eagle-head")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--quantizations", nargs="+", default=["none", "int4"])
     parser.add_argument("--chat", type=int, default=4, help="chat questions, and as many held-out distill prompts")

@@ -121,6 +121,8 @@ def main() -> None:
     parser.add_argument("--url", help="an app already running (default: start one here)")
     parser.add_argument("--target")
     parser.add_argument("--draft")
+    parser.add_argument("--eagle-head", help="an EAGLE head for the target (the default pair's: smollm2-eagle)")
+    parser.add_argument("--dtype", default="float32", help="the app's `dtype` (auto: bf16 where the CPU has it)")
     parser.add_argument("--engine-threads", type=int, default=1)
     parser.add_argument("--quantization", choices=QUANTIZATIONS, default="auto", help="the app's `quantization`")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
@@ -137,10 +139,10 @@ def main() -> None:
         from helix_serve.serving.app import build_app
         from helix_serve.serving.local import local_serve
 
-        app_args = {"device": "cpu", "dtype": "float32", "max_num_seqs": 32, "torch_threads": args.engine_threads,
+        app_args = {"device": "cpu", "dtype": args.dtype, "max_num_seqs": 32, "torch_threads": args.engine_threads,
                     "quantization": args.quantization}
         if args.target:
-            app_args.update(target_model=args.target, draft_model=args.draft)
+            app_args.update(target_model=args.target, draft_model=args.draft, eagle_head=args.eagle_head)
         alone = engine_alone(app_args, args)
         with local_serve(build_app(app_args), log_to_driver=False) as url:
             rows = run_levels(url, args)

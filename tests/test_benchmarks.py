@@ -143,6 +143,19 @@ def test_load_benchmark_quick_reports_each_method_against_k0_and_the_cost_error(
     assert sum(g.startswith("draft >= ") for g in goals) == 2 and sum(g.startswith("eagle >= ") for g in goals) == 2
     assert not any(g.startswith("K=0") for g in goals) and result["cpu"]
 
+def test_eagle_benchmark_quick_measures_a_second_head_beside_the_first(llama_pair, eagle_dir, tmp_path):
+    target, draft = llama_pair
+    result = _run("bench_eagle.py", tmp_path, "--target", str(target), "--draft", str(draft), "--dtype", "float32",
+                  "--eagle-head", str(eagle_dir), "--baseline-head", str(eagle_dir))
+    [table] = result["results"].values()
+    assert set(table["cost_ratios"]) == {"draft", "eagle", "baseline"}
+    for rows in table["rows"].values():
+        assert list(rows) == ["K=0", "draft (hybrid)", "eagle", "eagle (hybrid)", "eagle [baseline]",
+                              "eagle (hybrid) [baseline]"]
+        assert rows["eagle [baseline]"]["by_proposer"].keys() <= {"eagle"}
+        assert all(r["tokens"] > 0 and r["tokens_per_step"] >= 1 for r in rows.values())
+
+
 def test_load_benchmark_interval_pairs_each_turn_with_k0(monkeypatch):
     """The interval of a method ÷ K=0: drift that hits both in a turn does not widen it; noise between them does."""
     monkeypatch.syspath_prepend(str(ROOT / "scripts"))
