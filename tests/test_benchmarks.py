@@ -143,6 +143,7 @@ def test_load_benchmark_quick_reports_each_method_against_k0_and_the_cost_error(
     assert sum(g.startswith("draft >= ") for g in goals) == 2 and sum(g.startswith("eagle >= ") for g in goals) == 2
     assert not any(g.startswith("K=0") for g in goals) and result["cpu"]
 
+
 def test_eagle_benchmark_quick_measures_a_second_head_beside_the_first(llama_pair, eagle_dir, tmp_path):
     target, draft = llama_pair
     result = _run("bench_eagle.py", tmp_path, "--target", str(target), "--draft", str(draft), "--dtype", "float32",
