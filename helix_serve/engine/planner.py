@@ -54,7 +54,7 @@ them costs time too) and each probe spends what it is predicted to add to its st
 share of the time at any load (under load, where a verify token is expensive, probes become rare; at batch 1 they
 are cheap and frequent). Where even an acceptance of PROBE_CEILING would not make drafting pay at the load, nothing
 is probed: what a probe learns could not change a plan (int4, 32 streams, the head alone: 51 probed tokens, 27
-accepted, ~0.7 % of the run).
+accepted, about 0.7 % of the run as estimated from the trace).
 """
 
 from __future__ import annotations
