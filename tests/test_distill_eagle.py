@@ -103,6 +103,9 @@ def test_distill_eagle_fine_tunes_a_saved_head_keeping_its_layers_and_vocabulary
     # trained from the saved weights, not from a new head's (whose LM head starts as the target's rows)
     moved = (tuned.fc.weight - start.fc.weight.to(tuned.dtype)).abs().max().item()
     assert 0 < moved <= 2 * EagleTrainConfig().lr * facts["train"]["step"]  # Adam moves a weight ~lr per step
+    # a fine-tune resumes too (its saved sub-vocabulary is the head's, read back as a list, not a tuple)
+    resumed = distill(dataclasses.replace(args, resume=True, budget_minutes=0.1))
+    assert resumed["num_answers"] == facts["num_answers"] and resumed["train"]["step"] >= facts["train"]["step"]
 
 
 def test_distill_eagle_rejects_what_it_cannot_fine_tune(tiny_target, tmp_path, capsys):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -130,9 +131,10 @@ def _lineage(path: Path) -> dict:
 
 
 def _vocab(path: Path, answers, special_ids: list[int], size: int, full_vocab: int,
-           fixed: list[int] | None = None) -> list[int]:
+           fixed: Sequence[int] | None = None) -> list[int]:
     """The run's sub-vocabulary: the one already chosen in `path`, else `fixed` (a fine-tuned head's), else the
     `size` most frequent answer tokens."""
+    fixed = None if fixed is None else list(fixed)  # a head's config holds a tuple; the file, a list
     if path.exists():
         vocab_ids = json.loads(path.read_text())
         if fixed is not None and vocab_ids != fixed:
