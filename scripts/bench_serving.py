@@ -129,6 +129,8 @@ def main() -> None:
     parser.add_argument("--requests-per-stream", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--quick", action="store_true", help="concurrency 1 and 4, 16 tokens")
+    parser.add_argument("--serve-env", nargs="*", default=[], metavar="KEY=VALUE", type=env_item,
+                        help="environment for the local cluster (e.g. Ray Serve's data-plane switches)")
     parser.add_argument("--out", default="bench_results")
     args = parser.parse_args()
     if args.quick:
@@ -144,10 +146,17 @@ def main() -> None:
         if args.target:
             app_args.update(target_model=args.target, draft_model=args.draft, eagle_head=args.eagle_head)
         alone = engine_alone(app_args, args)
-        with local_serve(build_app(app_args), log_to_driver=False) as url:
+        with local_serve(build_app(app_args), env=dict(args.serve_env), log_to_driver=False) as url:
             rows = run_levels(url, args)
         rows += alone
     report(rows, args)
+
+
+def env_item(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not key or not sep:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE")
+    return key, value
 
 
 def engine_alone(app_args: dict, args) -> list[dict]:

@@ -10,7 +10,7 @@ from helix_serve.config import EngineConfig
 from helix_serve.engine.llm_engine import LLMEngine
 from helix_serve.engine.sampling_params import SamplingParams
 from helix_serve.serving.protocol import EngineChunk, EngineRequest
-from helix_serve.serving.step_loop import DuplicateRequestError, StepLoop
+from helix_serve.serving.step_loop import DuplicateRequestError, StepLoop, coalesced
 
 PROMPT = "the quick brown fox"
 
@@ -39,6 +39,45 @@ def test_chunks_add_up_to_the_engine_result(engine):
     assert len(steps) > 1 and steps[-1].stats["tokens_generated"] == 30
     assert "".join(c.text for c in steps) == expected.text
     assert [t for c in steps for t in c.token_ids] == expected.token_ids
+
+
+def test_a_slow_consumer_gets_the_waiting_chunks_merged_and_nothing_lost(engine):
+    async def scenario() -> tuple[list[EngineChunk], int]:
+        steps = []  # every engine step that produced output
+        loop = StepLoop(engine, on_step=steps.append)
+        queue = loop.open("slow")
+        sampling = {"max_tokens": 40, "ignore_eos": True, "logprobs": 1}
+        await loop.admit([EngineRequest("slow", sampling, prompt=PROMPT)])
+        while "slow" in loop._streams:  # a reader that comes back only after the whole generation
+            await asyncio.sleep(0.01)
+        return [c async for c in coalesced(queue)], len(steps)
+
+    chunks, num_steps = asyncio.run(scenario())
+    (expected,) = engine.generate([PROMPT], SamplingParams(max_tokens=40, ignore_eos=True))
+    admission, first, rest = chunks  # the admission and the first tokens alone, the rest in one message
+    assert admission.num_prompt_tokens > 0 and not admission.token_ids and num_steps > 2
+    assert first.token_ids and not first.finished and rest.finished
+    assert first.token_ids + rest.token_ids == expected.token_ids and first.text + rest.text == expected.text
+    assert len(first.logprobs) + len(rest.logprobs) == 40
+    stats = rest.stats
+    assert first.num_drafted + rest.num_drafted == stats["num_drafted"] == sum(first.step_ks + rest.step_ks)
+    assert first.num_accepted + rest.num_accepted == stats["num_accepted"]
+
+
+def test_an_error_is_never_merged_into_the_tokens_before_it():
+    async def scenario() -> list[EngineChunk]:
+        queue: asyncio.Queue[EngineChunk] = asyncio.Queue()
+        for chunk in (EngineChunk("e", num_prompt_tokens=3), EngineChunk("e", "x", [0]),
+                      EngineChunk("e", "a", [1], 2, 1, [2]), EngineChunk("e", "b", [2]),
+                      EngineChunk("e", finished=True, error="boom", status_code=503)):
+            queue.put_nowait(chunk)
+        return [c async for c in coalesced(queue)]
+
+    admission, first, tokens, error = asyncio.run(scenario())
+    assert admission.num_prompt_tokens == 3 and not admission.token_ids and first.token_ids == [0]
+    assert (tokens.text, tokens.token_ids, tokens.num_drafted, tokens.step_ks, tokens.finished) == ("ab", [1, 2], 2,
+                                                                                                     [2], False)
+    assert error.finished and error.error == "boom" and error.status_code == 503 and not error.token_ids
 
 
 def test_a_short_request_joins_and_leaves_before_a_long_one(engine):

@@ -86,8 +86,8 @@ class EngineStream:
 
     def _observe(self, chunk: EngineChunk) -> None:
         now = time.perf_counter()
-        if chunk.num_drafted:
-            self._metrics.speculative_k.observe(chunk.num_drafted)
+        for k in chunk.step_ks:
+            self._metrics.speculative_k.observe(k)
         if chunk.token_ids:
             if self._first_token_at is None:
                 self._first_token_at = now

@@ -22,7 +22,7 @@ from helix_serve.model.loader import load_model_pair
 from helix_serve.serving.app_config import BatchingConfig, ModelArgs, PoolConfig
 from helix_serve.serving.metrics import EngineMetrics
 from helix_serve.serving.protocol import EngineChunk, EngineRequest
-from helix_serve.serving.step_loop import DuplicateRequestError, StepLoop, StepSummary
+from helix_serve.serving.step_loop import DuplicateRequestError, StepLoop, StepSummary, coalesced
 
 logger = logging.getLogger(__name__)
 DEFAULT_BATCHING = BatchingConfig()
@@ -103,7 +103,7 @@ class HelixEngine:
         return [None] * len(requests)
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineChunk]:
-        """Stream one request: the admission chunk, then one chunk per engine step until finished."""
+        """Stream one request: the admission chunk, then its tokens as the engine steps, until finished."""
         try:
             queue = self.loop.open(request.request_id)
         except DuplicateRequestError as exc:
@@ -111,11 +111,8 @@ class HelixEngine:
             return
         try:
             await self._admit(request)
-            while True:
-                chunk = await queue.get()
+            async for chunk in coalesced(queue):
                 yield chunk
-                if chunk.finished:
-                    return
         finally:  # also runs on cancellation (client disconnect): frees the sequence's KV blocks
             self.loop.close(request.request_id)
 

@@ -76,7 +76,7 @@ async def native_events(stream: ChunkStream) -> AsyncIterator[Event]:
             finished = chunk.finished
             if chunk.token_ids or chunk.text:
                 payload = {"text": chunk.text, "token_ids": chunk.token_ids, "num_accepted": chunk.num_accepted,
-                           "num_drafted": chunk.num_drafted}
+                           "num_drafted": chunk.num_drafted, "step_ks": chunk.step_ks}
                 if chunk.logprobs is not None:
                     payload["logprobs"] = [TokenLogprob.of(lp).model_dump() for lp in chunk.logprobs]
                 yield _event(payload, "chunk")

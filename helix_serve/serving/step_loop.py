@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -209,11 +209,33 @@ class DuplicateRequestError(ValueError):
     """A request id that is still streaming (HTTP 409)."""
 
 
+async def coalesced(queue: asyncio.Queue[EngineChunk]) -> AsyncIterator[EngineChunk]:
+    """A request's stream from its queue: the admission chunk and the first tokens alone (the caller reads the
+    admission apart, and times the first token), then each chunk merged with those already waiting behind it, so
+    a consumer slower than the engine gets fewer, larger messages instead of a backlog."""
+    for _ in range(2):
+        chunk = await queue.get()
+        yield chunk
+        if chunk.finished:
+            return
+    while not chunk.finished:
+        chunk = await queue.get()
+        while not chunk.finished and not queue.empty():
+            later = queue.get_nowait()
+            if later.error is not None:  # an error travels alone, after the tokens that came before it
+                yield chunk
+                chunk = later
+                break
+            chunk.absorb(later)
+        yield chunk
+
+
 def chunk_from_output(output: RequestOutput) -> EngineChunk:
     logprobs = None if output.new_logprobs is None else token_logprobs(output.new_logprobs)
     return EngineChunk(
         request_id=output.request_id, text=output.new_text, token_ids=list(output.new_token_ids),
-        num_drafted=output.num_drafted, num_accepted=output.num_accepted, finished=output.finished,
+        num_drafted=output.num_drafted, num_accepted=output.num_accepted,
+        step_ks=[output.num_drafted] if output.num_drafted else [], finished=output.finished,
         finish_reason=output.finish_reason, error=output.error, stats=output.stats, logprobs=logprobs,
     )
 
