@@ -130,7 +130,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--quick", action="store_true", help="concurrency 1 and 4, 16 tokens")
     parser.add_argument("--serve-env", nargs="*", default=[], metavar="KEY=VALUE", type=env_item,
-                        help="environment for the local cluster (e.g. Ray Serve's data-plane switches)")
+                        help="environment for the cluster this script starts (not with --url), e.g. Ray Serve's switches")
     parser.add_argument("--out", default="bench_results")
     args = parser.parse_args()
     if args.quick:
