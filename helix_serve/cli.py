@@ -1,4 +1,5 @@
-"""`helix generate`: run the engine from the command line, no server needed."""
+"""`helix generate`: run the engine from the command line, no server needed; `helix distill`: train a draft or
+head; `helix serve`: serve a config file."""
 
 from __future__ import annotations
 
@@ -73,6 +74,11 @@ def _parser() -> argparse.ArgumentParser:
                       help="eagle: tokens per held-out prompt in each evaluation run (K = 1-6, greedy and T = 0.8)")
     dist.add_argument("--init-from", default=None,
                       help="eagle: fine-tune this saved head (e.g. a shipped one) on new answers instead of a new head")
+
+    srv = commands.add_parser("serve", help="serve a Serve config file (`serve run CONFIG`), the cluster it starts "
+                              "kept off the cores the engines reserve (`cpu_cores`)")
+    srv.add_argument("config", nargs="?", default="serve_config.yaml")
+    srv.add_argument("serve_args", nargs=argparse.REMAINDER, help="passed on to `serve run`")
     return parser
 
 
@@ -109,6 +115,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "distill":
             return _distill(args, argv)
+        if args.command == "serve":
+            from pathlib import Path
+
+            from helix_serve.serving.launch import serve_run
+
+            serve_run(Path(args.config), args.serve_args)  # returns only by raising
         params = SamplingParams(
             max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
             seed=args.seed, stop=args.stop, speculative=not args.no_speculative, num_speculative_tokens=args.k,

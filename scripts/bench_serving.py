@@ -1,7 +1,9 @@
 """Serving under load: N concurrent SSE streams against the running Serve app, speculative vs not,
 plus KV memory (reserved vs live bytes, and a contiguous max-length cache for comparison). When it starts the app
-itself it first runs the same batch-1 requests on the same engine settings in-process ("engine alone"), so the
-serving path's cost at batch 1 is printed as served ÷ engine alone.
+itself it also loads the same engine settings in-process ("engine alone") and measures batch 1 in paired rounds
+(served, then alone, for each of speculative and plain, `--paired-rounds` times), so the serving path's cost at
+batch 1 is printed as served ÷ engine alone per round: this machine's speed drifts by tens of percent over minutes,
+and only side-by-side slices cancel that.
 
 Loopback only, bounded: each concurrency level sends `--requests-per-stream` requests per stream.
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -130,7 +133,13 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--quick", action="store_true", help="concurrency 1 and 4, 16 tokens")
     parser.add_argument("--serve-env", nargs="*", default=[], metavar="KEY=VALUE", type=env_item,
-                        help="environment for the cluster this script starts (not with --url), e.g. Ray Serve's switches")
+                        help="environment for the cluster this script starts (not with --url), e.g. Ray Serve's "
+                             "switches")
+    parser.add_argument("--paired-rounds", type=int, default=3,
+                        help="rounds of served-then-alone batch-1 measurements (when this script starts the app)")
+    parser.add_argument("--cpu-cores", type=int, nargs="+", default=None,
+                        help="the app's `cpu_cores` (the engine thread's cores); this script and the cluster it "
+                             "starts keep off them, as under `helix serve`")
     parser.add_argument("--out", default="bench_results")
     args = parser.parse_args()
     if args.quick:
@@ -142,13 +151,14 @@ def main() -> None:
         from helix_serve.serving.local import local_serve
 
         app_args = {"device": "cpu", "dtype": args.dtype, "max_num_seqs": 32, "torch_threads": args.engine_threads,
-                    "quantization": args.quantization}
+                    "quantization": args.quantization, "cpu_cores": args.cpu_cores}
         if args.target:
             app_args.update(target_model=args.target, draft_model=args.draft, eagle_head=args.eagle_head)
-        alone = engine_alone(app_args, args)
-        with local_serve(build_app(app_args), env=dict(args.serve_env), log_to_driver=False) as url:
+        alone = EngineAlone(app_args, args)
+        with local_serve(build_app(app_args), env=dict(args.serve_env), log_to_driver=False,
+                         reserved_cores=args.cpu_cores or ()) as url:
             rows = run_levels(url, args)
-        rows += alone
+            rows += paired_rounds(url, alone, args)
     report(rows, args)
 
 
@@ -159,32 +169,50 @@ def env_item(text: str) -> tuple[str, str]:
     return key, value
 
 
-def engine_alone(app_args: dict, args) -> list[dict]:
-    """The concurrency-1 requests on an in-process engine with the app's settings: tokens/s per method."""
-    import gc
+class EngineAlone:
+    """The app's engine settings on an in-process engine (no serving path): batch-1 tokens/s per method."""
 
-    import torch
+    def __init__(self, app_args: dict, args):
+        import torch
 
-    from helix_serve.engine.llm_engine import LLMEngine
-    from helix_serve.engine.sampling_params import SamplingParams
-    from helix_serve.serving.app_config import HelixAppArgs
+        from helix_serve.engine.llm_engine import LLMEngine
+        from helix_serve.serving.app_config import HelixAppArgs
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.engine_threads)
-    engine = LLMEngine(HelixAppArgs(**app_args).engine_config())
+        torch.set_num_threads(args.engine_threads)
+        self.engine = LLMEngine(HelixAppArgs(**app_args).engine_config())
+        self.args = args
+
+    def rate(self, speculative: bool) -> float:
+        """On the replica's cores when it has reserved ones (it idles meanwhile): the same core, no serving path."""
+        from helix_serve.engine.sampling_params import SamplingParams
+        from helix_serve.serving.cpu_affinity import move_process
+
+        params = SamplingParams(max_tokens=self.args.max_tokens, speculative=speculative, ignore_eos=True)
+        home = os.sched_getaffinity(0)
+        if self.args.cpu_cores:
+            move_process(self.args.cpu_cores)
+        try:
+            start, tokens = time.perf_counter(), 0
+            for i in range(self.args.requests_per_stream):
+                [out] = self.engine.generate([PROMPTS[i % len(PROMPTS)]], params)
+                tokens += len(out.token_ids)
+            return tokens / (time.perf_counter() - start)
+        finally:
+            if self.args.cpu_cores:
+                move_process(home)
+
+
+def paired_rounds(url: str, alone: EngineAlone, args) -> list[dict]:
+    """Batch 1 served, then alone, per method and round: the rows of served ÷ engine alone."""
+    for speculative in (True, False):  # warm-up, as the server's first request warms the replica
+        alone.rate(speculative)
     rows = []
-    for speculative in (True, False):
-        params = SamplingParams(max_tokens=args.max_tokens, speculative=speculative, ignore_eos=True)
-        engine.generate([PROMPTS[0]], params)  # warm-up, as the server's first request warms the replica
-        start, tokens = time.perf_counter(), 0
-        for i in range(args.requests_per_stream):
-            [out] = engine.generate([PROMPTS[i % len(PROMPTS)]], params)
-            tokens += len(out.token_ids)
-        rows.append({"concurrency": 1, "speculative": speculative, "engine_alone": True,
-                     "tokens_per_s": tokens / (time.perf_counter() - start)})
-    del engine
-    gc.collect()
-    torch.set_num_threads(threads)
+    for round_ in tqdm(range(args.paired_rounds), desc="paired rounds"):
+        for speculative in (True, False):
+            served = asyncio.run(level(url, 1, args.requests_per_stream, args.max_tokens, speculative))
+            rows.append({"concurrency": 1, "speculative": speculative, "paired_round": round_,
+                         "served_tokens_per_s": served["tokens_per_s"],
+                         "engine_alone_tokens_per_s": alone.rate(speculative)})
     return rows
 
 
@@ -197,8 +225,8 @@ def report(rows: list[dict], args) -> None:
     print(f"\nserving load, {args.max_tokens} tokens per request, {args.requests_per_stream} requests per stream")
     print(f"{'streams':>7} {'spec':>5} {'tok/s':>8} {'req/s':>6} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} "
           f"{'ITL p99':>8} {'KV waste':>8} {'KV paged/contig':>15}")
-    alone = {r["speculative"]: r["tokens_per_s"] for r in rows if r.get("engine_alone")}
-    rows = [r for r in rows if not r.get("engine_alone")]
+    paired = [r for r in rows if "paired_round" in r]
+    rows = [r for r in rows if "paired_round" not in r]
     for r in rows:
         kv = r["kv"]
         ratio = (f"{kv['peak_reserved_bytes'] / kv['contiguous_bytes_at_peak']:.2f}"
@@ -209,14 +237,19 @@ def report(rows: list[dict], args) -> None:
               f"{fmt(r['ttft_p50_ms']):>9} {fmt(r['ttft_p99_ms']):>9} {fmt(r['itl_p50_ms']):>8} "
               f"{fmt(r['itl_p99_ms']):>8} {waste:>8} {ratio:>15}")
     served_vs_alone = {}
-    for spec, rate in alone.items():
-        served = next(r["tokens_per_s"] for r in rows if r["concurrency"] == 1 and r["speculative"] is spec)
-        served_vs_alone["speculative" if spec else "plain"] = served / rate
-        print(f"batch 1, {'speculative' if spec else 'plain'}: engine alone {rate:.1f} tok/s, served {served:.1f} "
-              f"tok/s: served ÷ engine alone {served / rate:.2f}")
+    for spec in (True, False):
+        pairs = [(r["served_tokens_per_s"], r["engine_alone_tokens_per_s"]) for r in paired if r["speculative"] is spec]
+        if not pairs:
+            continue
+        name = "speculative" if spec else "plain"
+        ratios = [served / alone for served, alone in pairs]
+        served_vs_alone[name] = {"median": statistics.median(ratios), "rounds": ratios}
+        print(f"batch 1, {name}, served ÷ engine alone by round (tok/s served/alone): "
+              + ", ".join(f"{x:.2f} ({s:.1f}/{a:.1f})" for x, (s, a) in zip(ratios, pairs))
+              + f"; median {statistics.median(ratios):.2f}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_serving.json").write_text(json.dumps({"args": vars(args), "rows": rows, "engine_alone": alone,
+    (out / "bench_serving.json").write_text(json.dumps({"args": vars(args), "rows": rows, "paired": paired,
                                                          "served_vs_engine_alone": served_vs_alone}, indent=2))
     fig, (left, right) = subplots(1, 2, figsize=(11, 4))
     for spec, style in ((True, "o-"), (False, "s--")):

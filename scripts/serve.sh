@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
-exec .venv/bin/serve run "${1:-serve_config.yaml}"
+exec .venv/bin/helix serve "${1:-serve_config.yaml}"

@@ -4,6 +4,7 @@ second model of the same app, a tiny random Qwen2 target that the `model` field 
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ SECOND = "helix-test-qwen2"  # the app's second model: plain decoding on a tiny 
 
 @pytest.fixture(scope="module")
 def base_url(llama_pair, qwen2_pair):
-    first = app_args(llama_pair)
+    first = app_args(llama_pair, cpu_cores=[0])  # the first model's engine thread reserves core 0
     max_batch_prompts = first.pop("max_batch_prompts")
     assert first.pop("served_model_name") == MODEL
     second = {"target_model": str(qwen2_pair[0]), "draft_model": None, "device": "cpu", "dtype": "float32",
@@ -77,6 +78,10 @@ def test_ping_health_models_docs(http):
     assert [m["id"] for m in http.get("/v1/models").json()["data"]] == [MODEL, SECOND]
     assert health["served_model_name"] == MODEL and set(health["models"]) == {MODEL, SECOND}
     assert health["models"][SECOND]["proposers"] == ["ngram", "grammar"]
+    # The reserved core holds the first model's engine thread; the second's (no cpu_cores) may run anywhere.
+    assert [p["engine_thread_cores"] for p in health["pools"].values()] == [[0]]
+    assert [p["engine_thread_cores"] for p in health["models"][SECOND]["pools"].values()] == [
+        sorted(os.sched_getaffinity(0))]
     assert http.get("/docs").status_code == 200
     assert "/generate/stream" in http.get("/openapi.json").json()["paths"]
 

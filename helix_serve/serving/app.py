@@ -30,4 +30,5 @@ def bind_graph(config: HelixAppArgs, engine_options: dict[str, Any] | None = Non
             d.model_args.model_dump(exclude_unset=True), d.name, d.pool.model_dump())
         capacities[d.name] = d.pool.capacity
     return HelixIngress.options(**(ingress_options or {})).bind(engines, capacities, config.routing,
-                                                                config.max_batch_prompts, config.security)
+                                                                config.max_batch_prompts, config.security,
+                                                                config.reserved_cores())

@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StringConstraints, model_validator
 
 from helix_serve.config import DEFAULT_DRAFT, DEFAULT_TARGET, EngineConfig
 from helix_serve.model.paged_llm import QUANTIZATIONS
@@ -19,6 +19,18 @@ PoolName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")
 ModelName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$", max_length=128)]
 
 
+def _distinct(cores: list[int]) -> list[int]:
+    if len(set(cores)) != len(cores):
+        raise ValueError(f"cpu_cores {cores}: a core is named twice")
+    return cores
+
+
+CpuCores = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1), AfterValidator(_distinct)]
+CPU_CORES_HELP = ("CPU cores reserved for this pool's replicas (Linux): each replica, every thread of it, runs on "
+                  "`torch_threads` of them (replicas on one node take successive slices); the ingress and a cluster "
+                  "started by `helix serve` keep off them. None: no pinning")
+
+
 class PoolConfig(BaseModel):
     """One engine pool: a deployment of HelixEngine, named in the YAML, whose replicas share a device kind."""
 
@@ -28,6 +40,7 @@ class PoolConfig(BaseModel):
     capacity: float = Field(1.0, gt=0, description="relative throughput; load = ongoing requests / capacity")
     fallback: Literal["cpu"] | None = Field(None, description="cpu: start on CPU (with a warning) when the "
                                             "pool's device is unavailable, instead of failing")
+    cpu_cores: CpuCores | None = Field(None, description=CPU_CORES_HELP)
 
 
 class RoutingConfig(BaseModel):
@@ -51,6 +64,7 @@ class ModelArgs(BaseModel):
     eagle_head: str | None = Field(None, description="an EAGLE head directory (`helix distill --method eagle`) "
                                    "instead of the draft model; draft_model then defaults to null")
     device: str = "auto"
+    cpu_cores: CpuCores | None = Field(None, description=CPU_CORES_HELP + " (without `pools`; with them, per pool)")
     dtype: str = "auto"
     quantization: Literal[QUANTIZATIONS] = Field(
         "auto", description="auto: int4 on a CPU for a 4-bit (Q4_1 GGUF) checkpoint, else none; int4: the target's "
@@ -94,15 +108,16 @@ class ModelArgs(BaseModel):
             return self
         if not self.pools:
             raise ValueError("pools: name at least one pool (or leave `pools` out for the single default pool)")
-        if "device" in self.model_fields_set:
-            raise ValueError("with `pools`, set `device` on each pool, not at the top level")
+        for field in ("device", "cpu_cores"):
+            if field in self.model_fields_set:
+                raise ValueError(f"with `pools`, set `{field}` on each pool, not at the top level")
         if INGRESS_NAME in self.pools:
             raise ValueError(f"pools: {INGRESS_NAME!r} is the ingress deployment's name")
         return self
 
     def engine_pools(self, default_name: str = DEFAULT_POOL) -> dict[str, PoolConfig]:
         """The pools to bind, by deployment name."""
-        return self.pools or {default_name: PoolConfig(device=self.device)}
+        return self.pools or {default_name: PoolConfig(device=self.device, cpu_cores=self.cpu_cores)}
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
@@ -164,6 +179,10 @@ class HelixAppArgs(ModelArgs):
             return dict(self.models)
         own = {name: getattr(self, name) for name in self.model_fields_set & set(ModelArgs.model_fields)}
         return {self.served_model_name: ModelArgs(**own)}
+
+    def reserved_cores(self) -> list[int]:
+        """Every core some engine pool reserves (`cpu_cores`): the ingress and the rest of the cluster keep off them."""
+        return sorted({core for d in self.engine_deployments() for core in d.pool.cpu_cores or ()})
 
     def engine_deployments(self) -> list[EngineDeployment]:
         """Each model's pools; a model of `models` without `pools` gets one pool named HelixEngine-<model>."""

@@ -7,6 +7,7 @@ loads its model's pair and picks its device from its pool's settings.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,7 @@ from helix_serve.config import EngineConfig
 from helix_serve.device import DeviceUnavailableError, resolve_device
 from helix_serve.engine.llm_engine import LLMEngine
 from helix_serve.model.loader import load_model_pair
+from helix_serve.serving import cpu_affinity
 from helix_serve.serving.app_config import BatchingConfig, ModelArgs, PoolConfig
 from helix_serve.serving.metrics import EngineMetrics
 from helix_serve.serving.protocol import EngineChunk, EngineRequest
@@ -47,6 +49,24 @@ def select_device(pool_name: str, pool: PoolConfig) -> PoolDevice:
                                          "this node, or set `fallback: cpu` on the pool to run on CPU") from exc
         logger.warning("engine pool %r: %s; running on CPU as the pool's `fallback: cpu` allows", pool_name, exc)
         return PoolDevice(torch.device("cpu"), pool.device, str(exc))
+
+
+def engine_thread_cores(pool_name: str, pool: PoolConfig, threads: int) -> list[int] | None:
+    """Move this replica (every thread, before the model loads) onto its slice of the pool's `cpu_cores`; the slice,
+    or None (no pinning, or the OS can't pin)."""
+    if pool.cpu_cores is None:
+        return None
+    if not cpu_affinity.SUPPORTED:
+        logger.warning("engine pool %r: cpu_cores ignored: this OS can't pin threads", pool_name)
+        return None
+    missing = sorted(set(pool.cpu_cores) - set(range(os.cpu_count() or 1)))
+    if missing:
+        raise ValueError(f"engine pool {pool_name!r}: cpu_cores {missing} do not exist on this node "
+                         f"(cores 0-{(os.cpu_count() or 1) - 1})")
+    rank = serve.get_replica_context().rank
+    cores = cpu_affinity.replica_cores(pool.cpu_cores, rank.local_rank if rank else 0, threads)
+    cpu_affinity.move_process(cores)
+    return cores
 
 
 def load_pair_for_pool(pool_name: str, pool: PoolConfig, placement: PoolDevice, config: EngineConfig):
@@ -80,14 +100,16 @@ class HelixEngine:
         self.pool_name = pool_name
         torch.set_num_threads(self.args.torch_threads)
         pool = PoolConfig(**pool)
+        self.cpu_cores = engine_thread_cores(pool_name, pool, self.args.torch_threads)
         config = self.args.engine_config()
         pair, self.placement = load_pair_for_pool(pool_name, pool, select_device(pool_name, pool), config)
         engine = LLMEngine(config, pair)
         self.metrics = EngineMetrics(pool_name, config.k_max)  # Ray's metrics export, for the dashboard
         self.loop = StepLoop(engine, on_step=self.metrics.record_step)
         self.node_id = ray.get_runtime_context().get_node_id()
-        logger.info("engine pool %s ready on %s (asked for %r) on node %s (draft: %s)", pool_name, engine.device,
-                    self.placement.requested, self.node_id, engine.has_draft)
+        logger.info("engine pool %s ready on %s (asked for %r) on node %s (draft: %s; engine thread on cores %s)",
+                    pool_name, engine.device, self.placement.requested, self.node_id, engine.has_draft,
+                    self.cpu_cores or "any")
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         batching = BatchingConfig(**(user_config or {}))
@@ -120,6 +142,7 @@ class HelixEngine:
         """Model, pool, device, node, KV pool usage (read on the engine thread) and the last step's K."""
         engine = self.loop.engine
         kv = await self.loop.run_on_engine(engine.kv_usage)
+        thread_cores = await self.loop.run_on_engine(cpu_affinity.current_cores)
         self.metrics.set_kv_usage(kv)  # also after aborts and when idle, when no step reports
         last_step = self.loop.last_step or StepSummary([], kv)
         return {
@@ -128,9 +151,10 @@ class HelixEngine:
             "device": str(engine.device), "max_model_len": engine.max_model_len,
             "dtype": str(engine.pair.target.dtype).removeprefix("torch."), "dtype_requested": self.args.dtype,
             "quantization": engine.pair.target.quantization, "quantization_requested": self.args.quantization,
-            "int4_dense_rows": engine.pair.target.int4_dense_rows,
-            "lm_head": engine.pair.target.lm_head_format, "kv_cache": kv, "pool": self.pool_name, "device_requested": self.placement.requested,
+            "int4_dense_rows": engine.pair.target.int4_dense_rows, "lm_head": engine.pair.target.lm_head_format,
+            "kv_cache": kv, "pool": self.pool_name, "device_requested": self.placement.requested,
             "device_fallback": self.placement.fallback_reason, "node_id": self.node_id,
+            "engine_thread_cores": thread_cores,
             "last_step": last_step.info(),
         }
 

@@ -16,7 +16,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from sse_starlette import EventSourceResponse
 
-from helix_serve.serving import openai_format, sse_streams
+from helix_serve.serving import cpu_affinity, openai_format, sse_streams
 from helix_serve.serving.app_config import RoutingConfig
 from helix_serve.serving.auth import ApiKeyMiddleware
 from helix_serve.serving.engine_client import EngineClient, EngineRejectedError, Generation
@@ -91,9 +91,12 @@ def summed_kv(infos) -> dict[str, int]:
 @serve.ingress(app)
 class HelixIngress:
     def __init__(self, engines: dict[str, dict[str, DeploymentHandle]], capacities: dict[str, float],
-                 routing: RoutingConfig, max_batch_prompts: int, security: SecurityConfig | None = None):
+                 routing: RoutingConfig, max_batch_prompts: int, security: SecurityConfig | None = None,
+                 reserved_cores: list[int] | None = None):
         """engines: served model name → its pools' handles by deployment name (the first model is the default of
-        requests that name none); capacities: by deployment name."""
+        requests that name none); capacities: by deployment name; reserved_cores: the engines' `cpu_cores`, which
+        this replica keeps off."""
+        cpu_affinity.keep_off(reserved_cores or ())
         GUARD.configure(security or SecurityConfig(), max_batch_prompts)
         self.engines = {model: EngineClient.for_pools(pools, capacities, routing, METRICS)
                         for model, pools in engines.items()}

@@ -16,9 +16,14 @@ def free_port() -> int:
 
 
 @contextmanager
-def local_cluster(env: dict[str, str] | None = None, log_to_driver: bool = True) -> Iterator[str]:
+def local_cluster(env: dict[str, str] | None = None, log_to_driver: bool = True,
+                  reserved_cores: list[int] = ()) -> Iterator[str]:
     """Start a new local cluster (never join another session's) with Serve on a free port; yield its base URL.
-    Apps are then served with `serve.run(app, name="helix", route_prefix="/")` (a later one replaces it)."""
+    Apps are then served with `serve.run(app, name="helix", route_prefix="/")` (a later one replaces it).
+    reserved_cores: this process, and so the cluster it starts, keeps off them (as `helix serve` does)."""
+    from helix_serve.serving.cpu_affinity import keep_off
+
+    keep_off(reserved_cores)
     os.environ["RAY_AUTH_MODE"] = "disabled"
     os.environ.update(env or {})  # inherited by the raylet, so by every replica
     import ray
@@ -37,11 +42,12 @@ def local_cluster(env: dict[str, str] | None = None, log_to_driver: bool = True)
 
 
 @contextmanager
-def local_serve(app, env: dict[str, str] | None = None, log_to_driver: bool = True) -> Iterator[str]:
+def local_serve(app, env: dict[str, str] | None = None, log_to_driver: bool = True,
+                reserved_cores: list[int] = ()) -> Iterator[str]:
     """A new local cluster serving `app`; yields its base URL."""
     from ray import serve
 
-    with local_cluster(env, log_to_driver) as url:
+    with local_cluster(env, log_to_driver, reserved_cores) as url:
         serve.run(app, name="helix", route_prefix="/")
         yield url
 
