@@ -78,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     srv = commands.add_parser("serve", help="serve a Serve config file (`serve run CONFIG`), the cluster it starts "
                               "kept off the cores the engines reserve (`cpu_cores`)")
     srv.add_argument("config", nargs="?", default="serve_config.yaml")
-    srv.add_argument("serve_args", nargs=argparse.REMAINDER, help="passed on to `serve run`")
+    srv.add_argument("serve_args", nargs=argparse.REMAINDER, help="passed on to `serve run` (after CONFIG)")
     return parser
 
 

@@ -1,7 +1,8 @@
 """Serving under load: N concurrent SSE streams against the running Serve app, speculative vs not,
 plus KV memory (reserved vs live bytes, and a contiguous max-length cache for comparison). When it starts the app
 itself it also loads the same engine settings in-process ("engine alone") and measures batch 1 in paired rounds
-(served, then alone, for each of speculative and plain, `--paired-rounds` times), so the serving path's cost at
+(served and alone back to back, the order alternating by round, for each of speculative and plain,
+`--paired-rounds` times), so the serving path's cost at
 batch 1 is printed as served ÷ engine alone per round: this machine's speed drifts by tens of percent over minutes,
 and only side-by-side slices cancel that.
 
@@ -136,10 +137,10 @@ def main() -> None:
                         help="environment for the cluster this script starts (not with --url), e.g. Ray Serve's "
                              "switches")
     parser.add_argument("--paired-rounds", type=int, default=3,
-                        help="rounds of served-then-alone batch-1 measurements (when this script starts the app)")
+                        help="rounds of paired served / alone batch-1 measurements (when this script starts the app)")
     parser.add_argument("--cpu-cores", type=int, nargs="+", default=None,
-                        help="the app's `cpu_cores` (the engine thread's cores); this script and the cluster it "
-                             "starts keep off them, as under `helix serve`")
+                        help="the app's `cpu_cores` (the engine replica's cores); this script and the cluster it "
+                             "starts keep off them, as under `helix serve`; the in-process engine runs on them")
     parser.add_argument("--out", default="bench_results")
     args = parser.parse_args()
     if args.quick:
@@ -188,8 +189,8 @@ class EngineAlone:
         from helix_serve.serving.cpu_affinity import move_process
 
         params = SamplingParams(max_tokens=self.args.max_tokens, speculative=speculative, ignore_eos=True)
-        home = os.sched_getaffinity(0)
-        if self.args.cpu_cores:
+        home = os.sched_getaffinity(0) if self.args.cpu_cores else None
+        if home is not None:
             move_process(self.args.cpu_cores)
         try:
             start, tokens = time.perf_counter(), 0
@@ -198,7 +199,7 @@ class EngineAlone:
                 tokens += len(out.token_ids)
             return tokens / (time.perf_counter() - start)
         finally:
-            if self.args.cpu_cores:
+            if home is not None:
                 move_process(home)
 
 
@@ -209,10 +210,12 @@ def paired_rounds(url: str, alone: EngineAlone, args) -> list[dict]:
     rows = []
     for round_ in tqdm(range(args.paired_rounds), desc="paired rounds"):
         for speculative in (True, False):
+            served_first = round_ % 2 == 0  # alternate the order: drift and order effects cancel over rounds
+            first = None if served_first else alone.rate(speculative)
             served = asyncio.run(level(url, 1, args.requests_per_stream, args.max_tokens, speculative))
             rows.append({"concurrency": 1, "speculative": speculative, "paired_round": round_,
                          "served_tokens_per_s": served["tokens_per_s"],
-                         "engine_alone_tokens_per_s": alone.rate(speculative)})
+                         "engine_alone_tokens_per_s": alone.rate(speculative) if served_first else first})
     return rows
 
 

@@ -9,9 +9,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import yaml
 from pydantic import ValidationError
 
+from helix_serve.cli import main
 from helix_serve.serving.app_config import DEFAULT_POOL, HelixAppArgs
 from helix_serve.serving.cpu_affinity import replica_cores
 from helix_serve.serving.launch import reserved_cores
@@ -81,9 +81,35 @@ def test_keep_off_moves_every_thread_and_the_threads_started_later():
     assert out["later"] == expected
 
 
+def test_a_process_kept_off_a_core_can_move_back_onto_it():
+    # `helix serve` keeps the cluster off the reserved cores; an engine replica started in it then moves onto them.
+    script = textwrap.dedent("""
+        import os, json
+        from helix_serve.serving.cpu_affinity import keep_off, move_process
+        allowed = sorted(os.sched_getaffinity(0))
+        kept_off = keep_off([allowed[0]])
+        move_process([allowed[0]])
+        print(json.dumps({"allowed": allowed, "kept_off": sorted(kept_off or []),
+                          "back": sorted(os.sched_getaffinity(0))}))
+    """)
+    out = json.loads(subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True,
+                                    cwd=ROOT).stdout)
+    if len(out["allowed"]) > 1:
+        assert out["allowed"][0] not in out["kept_off"]
+    assert out["back"] == [out["allowed"][0]]
+
+
+def test_a_replica_refuses_a_core_its_node_does_not_have():
+    from helix_serve.serving.app_config import PoolConfig
+    from helix_serve.serving.engine_deployment import pin_replica
+
+    with pytest.raises(ValueError, match=r"cpu_cores \[4095\] do not exist on this node"):
+        pin_replica("P", PoolConfig(device="cpu", cpu_cores=[0, 4095]), threads=1)
+    assert pin_replica("P", PoolConfig(device="cpu"), threads=1) is None
+
+
 def test_helix_serve_reads_the_reserved_cores_of_a_config(tmp_path: Path):
-    assert reserved_cores(ROOT / "serve_config.yaml") == HelixAppArgs(
-        **_yaml_args(ROOT / "serve_config.yaml")).reserved_cores()
+    assert reserved_cores(ROOT / "serve_config.yaml") == [0]  # the shipped single-machine config reserves core 0
     config = tmp_path / "pinned.yaml"
     config.write_text(textwrap.dedent("""
         applications:
@@ -101,23 +127,17 @@ def test_helix_serve_reads_the_reserved_cores_of_a_config(tmp_path: Path):
     ("applications: [{import_path: 'helix_serve.serving.app:build_app', args: {cpu_cores: [0, 0]}}]",
      "named twice"),
     ("applications: [", "expected"),
+    ("- just a list", "not a Serve config file"),
+    ("applications: [not-a-mapping]", "not a Serve config file"),
 ])
-def test_helix_serve_refuses_a_bad_config_before_starting_anything(tmp_path: Path, text: str, needle: str):
+def test_helix_serve_refuses_a_bad_config_before_starting_anything(tmp_path: Path, text: str, needle: str, capsys):
     config = tmp_path / "bad.yaml"
     config.write_text(text)
-    done = subprocess.run([sys.executable, "-m", "helix_serve.cli", "serve", str(config)], capture_output=True,
-                          text=True, cwd=ROOT, timeout=120)
-    assert done.returncode == 2
-    assert done.stderr.startswith("helix: error:") and needle in done.stderr
-    assert "Traceback" not in done.stderr
+    assert main(["serve", str(config)]) == 2  # never reaches `serve run`
+    err = capsys.readouterr().err
+    assert err.startswith("helix: error:") and needle in err
 
 
-def test_helix_serve_names_a_missing_config_file(tmp_path: Path):
-    done = subprocess.run([sys.executable, "-m", "helix_serve.cli", "serve", str(tmp_path / "none.yaml")],
-                          capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert done.returncode == 2 and "none.yaml" in done.stderr and "Traceback" not in done.stderr
-
-
-def _yaml_args(path: Path) -> dict:
-    return yaml.safe_load(path.read_text())["applications"][0]["args"]
-
+def test_helix_serve_names_a_missing_config_file(tmp_path: Path, capsys):
+    assert main(["serve", str(tmp_path / "none.yaml")]) == 2
+    assert "none.yaml" in capsys.readouterr().err

@@ -51,7 +51,7 @@ def select_device(pool_name: str, pool: PoolConfig) -> PoolDevice:
         return PoolDevice(torch.device("cpu"), pool.device, str(exc))
 
 
-def engine_thread_cores(pool_name: str, pool: PoolConfig, threads: int) -> list[int] | None:
+def pin_replica(pool_name: str, pool: PoolConfig, threads: int) -> list[int] | None:
     """Move this replica (every thread, before the model loads) onto its slice of the pool's `cpu_cores`; the slice,
     or None (no pinning, or the OS can't pin)."""
     if pool.cpu_cores is None:
@@ -63,10 +63,25 @@ def engine_thread_cores(pool_name: str, pool: PoolConfig, threads: int) -> list[
     if missing:
         raise ValueError(f"engine pool {pool_name!r}: cpu_cores {missing} do not exist on this node "
                          f"(cores 0-{(os.cpu_count() or 1) - 1})")
-    rank = serve.get_replica_context().rank
-    cores = cpu_affinity.replica_cores(pool.cpu_cores, rank.local_rank if rank else 0, threads)
-    cpu_affinity.move_process(cores)
+    cores = cpu_affinity.replica_cores(pool.cpu_cores, local_rank(pool_name, len(pool.cpu_cores) > threads), threads)
+    try:
+        cpu_affinity.move_process(cores)
+    except OSError as exc:  # e.g. a core outside this container's cpuset
+        raise ValueError(f"engine pool {pool_name!r}: cpu_cores {cores} can't be used on this node ({exc})") from exc
     return cores
+
+
+def local_rank(pool_name: str, several_slices: bool) -> int:
+    """This replica's rank among its deployment's replicas on this node (Ray Serve's replica rank); 0 where this
+    Ray has none (then every replica of the pool on a node takes the first slice)."""
+    rank = getattr(serve.get_replica_context(), "rank", None)
+    value = getattr(rank, "local_rank", None)
+    if isinstance(value, int) and value >= 0:
+        return value
+    if several_slices:
+        logger.warning("engine pool %r: this Ray gives no per-node replica rank; taking the first slice of "
+                       "cpu_cores", pool_name)
+    return 0
 
 
 def load_pair_for_pool(pool_name: str, pool: PoolConfig, placement: PoolDevice, config: EngineConfig):
@@ -100,14 +115,14 @@ class HelixEngine:
         self.pool_name = pool_name
         torch.set_num_threads(self.args.torch_threads)
         pool = PoolConfig(**pool)
-        self.cpu_cores = engine_thread_cores(pool_name, pool, self.args.torch_threads)
+        self.cpu_cores = pin_replica(pool_name, pool, self.args.torch_threads)
         config = self.args.engine_config()
         pair, self.placement = load_pair_for_pool(pool_name, pool, select_device(pool_name, pool), config)
         engine = LLMEngine(config, pair)
         self.metrics = EngineMetrics(pool_name, config.k_max)  # Ray's metrics export, for the dashboard
         self.loop = StepLoop(engine, on_step=self.metrics.record_step)
         self.node_id = ray.get_runtime_context().get_node_id()
-        logger.info("engine pool %s ready on %s (asked for %r) on node %s (draft: %s; engine thread on cores %s)",
+        logger.info("engine pool %s ready on %s (asked for %r) on node %s (draft: %s; on CPU cores %s)",
                     pool_name, engine.device, self.placement.requested, self.node_id, engine.has_draft,
                     self.cpu_cores or "any")
 
@@ -141,8 +156,7 @@ class HelixEngine:
     async def info(self) -> dict[str, Any]:
         """Model, pool, device, node, KV pool usage (read on the engine thread) and the last step's K."""
         engine = self.loop.engine
-        kv = await self.loop.run_on_engine(engine.kv_usage)
-        thread_cores = await self.loop.run_on_engine(cpu_affinity.current_cores)
+        kv, thread_cores = await self.loop.run_on_engine(lambda: (engine.kv_usage(), cpu_affinity.current_cores()))
         self.metrics.set_kv_usage(kv)  # also after aborts and when idle, when no step reports
         last_step = self.loop.last_step or StepSummary([], kv)
         return {

@@ -1,7 +1,8 @@
 """`helix serve CONFIG`: `serve run CONFIG`, with the local cluster it starts kept off the engines' reserved cores.
 
 Ray's processes (GCS, raylet, proxy, controller, workers) inherit the CPU affinity of the process that starts them;
-an engine replica then pins its engine thread back onto its pool's `cpu_cores` (cpu_affinity.py).
+an engine replica then moves itself back onto its slice of its pool's `cpu_cores` (cpu_affinity.py). Against a
+running cluster (`--address`) only this process moves: place that cluster's processes yourself (`taskset`).
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ BUILD_APP = "helix_serve.serving.app:build_app"
 def reserved_cores(config_path: Path) -> list[int]:
     """Every core the Helix applications of a Serve config file reserve for engines (validates their args)."""
     try:
-        config = yaml.safe_load(config_path.read_text())
+        config = yaml.safe_load(config_path.read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
         raise ValueError(f"{config_path}: {exc}") from exc
-    apps = (config or {}).get("applications") or []
+    apps = config.get("applications") or [] if isinstance(config, dict) else None
+    if not isinstance(apps, list) or not all(isinstance(app, dict) for app in apps):
+        raise ValueError(f"{config_path}: not a Serve config file (expected `applications:`, a list of mappings)")
     return sorted({core for app in apps if app.get("import_path") == BUILD_APP
                    for core in HelixAppArgs(**(app.get("args") or {})).reserved_cores()})
 
@@ -34,7 +37,7 @@ def serve_run(config_path: Path, serve_args: list[str]) -> None:
     cores = reserved_cores(config_path)
     others = cpu_affinity.keep_off(cores)
     if others is not None:
-        print(f"helix serve: engines reserve cores {cores}; the rest of the cluster runs on {sorted(others)}",
-              file=sys.stderr)
-    serve = Path(sys.executable).parent / "serve"
-    os.execv(serve, [str(serve), "run", str(config_path), *serve_args])
+        print(f"helix serve: engines reserve cores {cores}; this process and a local cluster it starts run on "
+              f"{sorted(others)}", file=sys.stderr)
+    # Ray Serve's own CLI module, through this interpreter: no dependence on where the `serve` script was installed.
+    os.execv(sys.executable, [sys.executable, "-m", "ray.serve.scripts", "run", str(config_path), *serve_args])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -17,12 +17,14 @@ def free_port() -> int:
 
 @contextmanager
 def local_cluster(env: dict[str, str] | None = None, log_to_driver: bool = True,
-                  reserved_cores: list[int] = ()) -> Iterator[str]:
+                  reserved_cores: Sequence[int] = ()) -> Iterator[str]:
     """Start a new local cluster (never join another session's) with Serve on a free port; yield its base URL.
     Apps are then served with `serve.run(app, name="helix", route_prefix="/")` (a later one replaces it).
-    reserved_cores: this process, and so the cluster it starts, keeps off them (as `helix serve` does)."""
-    from helix_serve.serving.cpu_affinity import keep_off
+    reserved_cores: this process, and so the cluster it starts, keeps off them while it runs (as `helix serve`
+    does)."""
+    from helix_serve.serving.cpu_affinity import keep_off, move_process
 
+    home = os.sched_getaffinity(0) if reserved_cores else None
     keep_off(reserved_cores)
     os.environ["RAY_AUTH_MODE"] = "disabled"
     os.environ.update(env or {})  # inherited by the raylet, so by every replica
@@ -39,11 +41,13 @@ def local_cluster(env: dict[str, str] | None = None, log_to_driver: bool = True,
         ray.shutdown()
         for name in env or {}:
             os.environ.pop(name, None)
+        if home is not None:
+            move_process(home)
 
 
 @contextmanager
 def local_serve(app, env: dict[str, str] | None = None, log_to_driver: bool = True,
-                reserved_cores: list[int] = ()) -> Iterator[str]:
+                reserved_cores: Sequence[int] = ()) -> Iterator[str]:
     """A new local cluster serving `app`; yields its base URL."""
     from ray import serve
 
