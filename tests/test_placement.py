@@ -9,7 +9,6 @@ fallback path and run on CPU, while placement is still decided by the YAML's ray
 from __future__ import annotations
 
 import copy
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -18,14 +17,10 @@ import httpx
 import pytest
 import yaml
 
+from helix_serve.serving.local import free_port
+
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "mixed-cluster.yaml"
 POOLS = ("engine_cuda", "engine_directml", "engine_cpu")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _scaled_down(target: Path, draft: Path) -> dict[str, Any]:
@@ -55,7 +50,7 @@ def cluster(llama_pair):
                                                             "include_dashboard": False})
     cluster.add_node(num_cpus=1, num_gpus=1, labels={"accel": "gpu"})
     cluster.add_node(num_cpus=1, resources={"directml": 1}, labels={"accel": "directml"})
-    port = _free_port()
+    port = free_port()
     ray.init(address=cluster.address)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
