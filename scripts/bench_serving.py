@@ -204,19 +204,23 @@ class EngineAlone:
 
 
 def paired_rounds(url: str, alone: EngineAlone, args) -> list[dict]:
-    """Batch 1 served, then alone, per method and round: the rows of served ÷ engine alone."""
+    """Batch 1 served and alone back to back, per method and round: the rows of served ÷ engine alone."""
     for speculative in (True, False):  # warm-up, as the server's first request warms the replica
         alone.rate(speculative)
     rows = []
     for round_ in tqdm(range(args.paired_rounds), desc="paired rounds"):
         for speculative in (True, False):
-            served_first = round_ % 2 == 0  # alternate the order: drift and order effects cancel over rounds
-            first = None if served_first else alone.rate(speculative)
-            served = asyncio.run(level(url, 1, args.requests_per_stream, args.max_tokens, speculative))
+            if round_ % 2 == 0:  # alternate the order: drift and order effects cancel over rounds
+                served, alone_rate = served_rate(url, args, speculative), alone.rate(speculative)
+            else:
+                alone_rate, served = alone.rate(speculative), served_rate(url, args, speculative)
             rows.append({"concurrency": 1, "speculative": speculative, "paired_round": round_,
-                         "served_tokens_per_s": served["tokens_per_s"],
-                         "engine_alone_tokens_per_s": alone.rate(speculative) if served_first else first})
+                         "served_tokens_per_s": served, "engine_alone_tokens_per_s": alone_rate})
     return rows
+
+
+def served_rate(url: str, args, speculative: bool) -> float:
+    return asyncio.run(level(url, 1, args.requests_per_stream, args.max_tokens, speculative))["tokens_per_s"]
 
 
 def run_levels(url: str, args) -> list[dict]:
