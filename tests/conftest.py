@@ -11,6 +11,7 @@ import torch
 from helix_serve.model.eagle_head import EagleConfig, EagleHead
 from helix_serve.model.loader import load_model
 from tests.model_factory import make_pair_dirs
+from tests.serve_harness import CLUSTER
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 torch.set_num_threads(2)
@@ -38,3 +39,18 @@ def eagle_dir(llama_pair, tmp_path_factory):
     path = tmp_path_factory.mktemp("eagle-head")
     head.save(path)
     return path
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Serving modules (marked `serving`) run together after the rest, so they share one Ray cluster and the
+    compute-bound tests never run beside it; modules that start a cluster of their own (`own_cluster`) run last."""
+    def rank(item: pytest.Item) -> int:
+        return 2 if item.get_closest_marker("own_cluster") else 1 if item.get_closest_marker("serving") else 0
+
+    items.sort(key=rank)  # stable: the order within each group is pytest's
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_cluster_stops_at_the_end():
+    yield
+    CLUSTER.stop()

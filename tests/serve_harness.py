@@ -1,19 +1,62 @@
-"""A real local Ray + Serve app for the security, reliability and fuzz tests, with deployment options
-(replicas, queue bounds) that `build_app` leaves to the YAML (`build_test_app`: local.build_graph)."""
+"""A real local Ray + Serve app for the serving tests, with deployment options (replicas, queue bounds) that
+`build_app` leaves to the YAML (`build_test_app`: local.build_graph).
+
+The serving modules share one cluster (`CLUSTER`): starting one costs ~10 s and stopping it ~6 s, a dozen times
+over. Each module deploys its app on it (`CLUSTER.serving`) and deletes it afterwards; conftest runs the serving
+modules together, at the end, and stops the cluster when the session ends."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from helix_serve.serving.local import build_graph as build_test_app  # noqa: F401  (re-exported for the tests)
-from helix_serve.serving.local import free_port, local_serve  # noqa: F401
+from helix_serve.serving.local import local_cluster, local_serve  # noqa: F401
 
 MODEL = "helix-test"
 PROMPT = "the quick brown fox"
+# Every engine replica pushes its Ray metrics each second instead of every 10 s (test_observability reads them).
+CLUSTER_ENV = {"RAY_metrics_report_interval_ms": "1000"}
+
+
+class SharedCluster:
+    """The session's local cluster, started on first use; `stop` lets a module start a cluster of its own."""
+
+    def __init__(self) -> None:
+        self._stack: ExitStack | None = None
+        self.url = ""
+
+    def start(self) -> str:
+        if self._stack is None:
+            stack = ExitStack()
+            self.url = stack.enter_context(local_cluster(CLUSTER_ENV))
+            self._stack = stack
+        return self.url
+
+    def stop(self) -> None:
+        if self._stack is not None:
+            stack, self._stack = self._stack, None
+            stack.close()
+
+    @contextmanager
+    def serving(self, app, name: str = "helix") -> Iterator[str]:
+        """`app` served at the cluster's root while the block runs; yields the base URL."""
+        from ray import serve
+
+        url = self.start()
+        serve.run(app, name=name, route_prefix="/")
+        try:
+            yield url
+        finally:
+            serve.delete(name)  # waits until its replicas are gone: the next module gets the whole cluster
+
+
+CLUSTER = SharedCluster()
 
 
 def app_args(pair: tuple[Path, Path], **overrides: Any) -> dict[str, Any]:

@@ -13,7 +13,9 @@ import pytest
 from ray import serve
 
 from helix_serve.serving.app_config import DEFAULT_POOL
-from tests.serve_harness import MODEL, PROMPT, app_args, build_test_app, local_serve, wait_kv_free
+from tests.serve_harness import CLUSTER, MODEL, PROMPT, app_args, build_test_app, wait_kv_free
+
+pytestmark = pytest.mark.serving  # on the session's shared cluster (serve_harness.CLUSTER)
 
 ENGINE = {"ray_actor_options": {"num_cpus": 0.5}, "graceful_shutdown_timeout_s": 60,
           "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
@@ -26,7 +28,7 @@ STREAM = {"model": MODEL, "prompt": PROMPT, "max_tokens": 120, "ignore_eos": Tru
 
 @pytest.fixture(scope="module")
 def base_url(llama_pair):
-    with local_serve(build_test_app(app_args(llama_pair), ENGINE, INGRESS)) as url:
+    with CLUSTER.serving(build_test_app(app_args(llama_pair), ENGINE, INGRESS)) as url:
         yield url
 
 

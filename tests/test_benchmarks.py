@@ -3,12 +3,15 @@ the soak names the pair it serves."""
 
 import importlib.util
 import json
-import subprocess
+import runpy
 import sys
 from pathlib import Path
+from unittest.mock import patch
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
+import torch
 
 from helix_serve.config import DEFAULT_DRAFT, DEFAULT_TARGET, TOY_DRAFT, TOY_TARGET
 from helix_serve.model.int4 import DENSE_PROBE_WIDTHS
@@ -16,10 +19,24 @@ from helix_serve.model.int4 import DENSE_PROBE_WIDTHS
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def scripts_on_path(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))  # the scripts import bench_common from their folder
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)  # each script sets its own
+    plt.close("all")
+
+
 def _run(script: str, out: Path, *args: str) -> dict:
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / script), "--quick", "--out", str(out), *args],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    """The script as `python scripts/SCRIPT --quick --out OUT ARGS` would run it, in this process: a new
+    interpreter would import torch and transformers again (~5 s a script)."""
+    argv = [str(ROOT / "scripts" / script), "--quick", "--out", str(out), *args]
+    with patch.object(sys, "argv", argv):
+        try:
+            runpy.run_path(argv[0], run_name="__main__")
+        except SystemExit as exit_:
+            assert exit_.code in (None, 0), f"{script} exited with {exit_.code}"
     name = script.removesuffix(".py")
     assert (out / f"{name}.png").stat().st_size > 0
     return json.loads((out / f"{name}.json").read_text())
@@ -159,7 +176,6 @@ def test_eagle_benchmark_quick_measures_a_second_head_beside_the_first(llama_pai
 
 def test_load_benchmark_interval_pairs_each_turn_with_k0(monkeypatch):
     """The interval of a method ÷ K=0: drift that hits both in a turn does not widen it; noise between them does."""
-    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
     spec = importlib.util.spec_from_file_location("bench_load", ROOT / "scripts" / "bench_load.py")
     bench_load = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "bench_load", bench_load)  # its dataclasses look their module up there

@@ -13,7 +13,9 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from tests.serve_harness import MODEL, PROMPT, app_args, build_test_app, local_serve, wait_kv_free
+from tests.serve_harness import CLUSTER, MODEL, PROMPT, app_args, build_test_app, wait_kv_free
+
+pytestmark = pytest.mark.serving  # on the session's shared cluster (serve_harness.CLUSTER)
 
 MAX_TOKENS_LIMIT = 48  # keeps generations (and a chat's "up to the context" default) short
 nested = st.recursive(st.one_of(st.none(), st.integers(), st.text(max_size=3)),
@@ -105,7 +107,7 @@ def post_json(client: httpx.Client, route: str, body) -> httpx.Response:
 @pytest.fixture(scope="module")
 def base_url(llama_pair):
     args = app_args(llama_pair, security={"limits": {"max_tokens": MAX_TOKENS_LIMIT}})
-    with local_serve(build_test_app(args, {"ray_actor_options": {"num_cpus": 0.5}})) as url:
+    with CLUSTER.serving(build_test_app(args, {"ray_actor_options": {"num_cpus": 0.5}})) as url:
         yield url
 
 

@@ -11,7 +11,7 @@ import torch
 
 from helix_serve.cli import main as helix_main
 from helix_serve.model import sources
-from helix_serve.model.loader import load_model, load_tokenizer
+from helix_serve.model.loader import load_model, load_model_pair, load_tokenizer
 from helix_serve.model.sources import SMOLLM2_ALIAS, SMOLLM2_INSTALL, ModelSourceError, resolve_source
 from tests.gguf_writer import write_llama_gguf
 from tests.helpers import PROMPTS, hf_greedy, make_engine
@@ -39,6 +39,28 @@ def test_gguf_loads_the_same_weights_as_safetensors(checkpoints):
     assert gguf_state.keys() == hf_state.keys()
     for name, tensor in hf_state.items():  # llama.cpp's q/k row permutation undone exactly
         torch.testing.assert_close(gguf_state[name], tensor, rtol=0, atol=0, msg=name)
+
+
+def test_a_pair_load_parses_the_gguf_once(checkpoints, monkeypatch):
+    """transformers reads a GGUF's metadata for the tokenizer, the config and the weights (seconds each for a real
+    vocabulary); a pair load parses the file once, and leaves gguf's reader as it was."""
+    import gguf
+
+    _, gguf_file = checkpoints
+    parsed = []
+
+    class CountingReader(gguf.GGUFReader):
+        def __init__(self, path, *args, **kwargs):
+            parsed.append(str(path))
+            super().__init__(path, *args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", CountingReader)
+    pair = load_model_pair(str(gguf_file), None, CPU, "float32")
+    assert parsed == [str(gguf_file)] and gguf.GGUFReader is CountingReader
+    reference = load_model(str(gguf_file), CPU, "float32", "auto")  # alone: quantization, config, weights: once
+    assert len(parsed) == 2
+    for name, tensor in reference.hf_model.state_dict().items():
+        assert torch.equal(pair.target.hf_model.state_dict()[name], tensor), name
 
 
 def test_gguf_tokenizer_and_chat_template_come_from_its_metadata(checkpoints):

@@ -12,7 +12,9 @@ import time
 import httpx
 import pytest
 
-from tests.serve_harness import PROMPT, app_args, build_test_app, local_serve
+from tests.serve_harness import CLUSTER, PROMPT, app_args, build_test_app
+
+pytestmark = pytest.mark.serving  # on the session's shared cluster (serve_harness.CLUSTER)
 
 GREEDY = {"prompt": PROMPT, "max_tokens": 7, "ignore_eos": True, "temperature": 0, "num_speculative_tokens": 3}
 SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? (\S+)$")
@@ -25,8 +27,9 @@ def session(llama_pair):
 
     app = build_test_app(app_args(llama_pair), {"ray_actor_options": {"num_cpus": 0.5}},
                          {"logging_config": {"encoding": "JSON"}})
-    # Engine replicas push their Ray metrics every second instead of every 10 s.
-    with local_serve(app, env={"RAY_metrics_report_interval_ms": "1000"}) as base_url:
+    # The shared cluster's replicas push their Ray metrics every second (CLUSTER_ENV); the app's own name tells its
+    # samples in Ray's export apart from earlier modules'.
+    with CLUSTER.serving(app, name="observability") as base_url:
         node = ray._private.worker._global_node
         yield base_url, node.get_logs_dir_path(), node.metrics_export_port
 
@@ -131,14 +134,17 @@ def test_engine_state_reaches_rays_metrics_export(http, session):
     def free_blocks(samples: dict) -> float:
         return sum(v for k, v in samples.items() if k.startswith("ray_helix_engine_kv_blocks{") and 'state="free"' in k)
 
+    def this_app(samples: dict) -> dict:  # the shared cluster's export may still hold earlier modules' replicas
+        return {k: v for k, v in samples.items() if 'application="observability"' in k}
+
     # Wait for the names and for the value exported after the request finished (an export may catch it mid-step).
     deadline, text = time.monotonic() + 15, ""
     while time.monotonic() < deadline:
         text = httpx.get(export, timeout=10).text
-        if "ray_helix_engine_speculative_k_count" in text and free_blocks(parse_metrics(text)) == 128:
+        if "ray_helix_engine_speculative_k_count" in text and free_blocks(this_app(parse_metrics(text))) == 128:
             break
         time.sleep(0.5)
-    samples = parse_metrics(text)
+    samples = this_app(parse_metrics(text))
     kv = {k: v for k, v in samples.items() if k.startswith("ray_helix_engine_kv_blocks{")}
     assert kv and all('pool="' in k and 'replica="' in k for k in kv), text[-2000:]
     assert free_blocks(samples) == 128

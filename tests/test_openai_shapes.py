@@ -11,7 +11,9 @@ import openai
 import pytest
 import torch
 
-from tests.serve_harness import MODEL, app_args, build_test_app, local_serve, wait_kv_free
+from tests.serve_harness import CLUSTER, MODEL, app_args, build_test_app, wait_kv_free
+
+pytestmark = pytest.mark.serving  # on the session's shared cluster (serve_harness.CLUSTER)
 
 CONTEXT = 96  # max_model_len of this app: "up to the context" stays short
 # Roles must alternate, as Llama 2's and Mistral's templates demand; any role name is rendered.
@@ -51,7 +53,7 @@ def base_url(llama_pair, tmp_path_factory):
         config_path.write_text(json.dumps({**config, "chat_template": STRICT_TEMPLATE}))
         pair.append(target)
     app = build_test_app(app_args(tuple(pair), max_model_len=CONTEXT), {"ray_actor_options": {"num_cpus": 0.5}})
-    with local_serve(app) as url:
+    with CLUSTER.serving(app) as url:
         yield url
 
 

@@ -18,8 +18,11 @@ import pytest
 import yaml
 
 from helix_serve.serving.local import free_port
+from tests.serve_harness import CLUSTER
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "mixed-cluster.yaml"
+pytestmark = pytest.mark.own_cluster  # three nodes: runs last, after the shared cluster stops
+
 POOLS = ("engine_cuda", "engine_directml", "engine_cpu")
 
 
@@ -46,6 +49,7 @@ def cluster(llama_pair):
     from ray.serve.context import _get_global_client
     from ray.serve.schema import ServeDeploySchema
 
+    CLUSTER.stop()  # one driver, one cluster
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "labels": {"accel": "cpu"},
                                                             "include_dashboard": False})
     cluster.add_node(num_cpus=1, num_gpus=1, labels={"accel": "gpu"})

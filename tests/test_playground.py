@@ -15,7 +15,9 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
 from helix_serve.serving.app import build_app
-from tests.serve_harness import app_args, local_serve
+from tests.serve_harness import CLUSTER, app_args
+
+pytestmark = pytest.mark.serving  # on the session's shared cluster (serve_harness.CLUSTER)
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -31,7 +33,7 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 
 @pytest.fixture(scope="module")
 def base_url(llama_pair):
-    with local_serve(build_app(app_args(llama_pair))) as url:
+    with CLUSTER.serving(build_app(app_args(llama_pair))) as url:
         yield url
 
 

@@ -18,7 +18,9 @@ from helix_serve.model.int4 import GROUP_SIZE
 from helix_serve.model.paged_llm import PagedCausalLM
 from helix_serve.model.vocab_map import VOCAB_MAP_KEY
 from helix_serve.serving.app import build_app
-from helix_serve.serving.local import local_serve
+from tests.serve_harness import CLUSTER
+
+pytestmark = pytest.mark.serving  # on the session's shared cluster (serve_harness.CLUSTER)
 
 QUESTIONS = ["What is the capital of France?", "Give me two tips for sleeping better.",
              "Write a Python function that reverses a string."]
@@ -68,7 +70,7 @@ def test_helix_greedy_equals_transformers_greedy_on_chat_prompts(engine, specula
 
 def test_chat_route_answers_paris_through_the_openai_client():
     args = {"device": "cpu", "num_kv_blocks": 256, "served_model_name": "smollm2-135m-instruct"}  # dtype: auto
-    with local_serve(build_app(args)) as url:
+    with CLUSTER.serving(build_app(args)) as url:
         health = httpx.get(f"{url}/health", timeout=30).json()
         assert health["dtype_requested"] == "auto" and health["quantization_requested"] == "auto"
         assert health["quantization"] == "int4"  # auto: the GGUF's projections are Q4_1, and this is a CPU

@@ -7,8 +7,8 @@ import asyncio
 import socket
 import threading
 import time
-from types import SimpleNamespace
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 from urllib.parse import urlparse
 
 import httpx
@@ -26,7 +26,9 @@ from helix_serve.serving.protocol import EngineChunk, EngineRequest
 from helix_serve.serving.sse_streams import started
 from helix_serve.serving.step_loop import StepLoop
 from tests.helpers import make_engine
-from tests.serve_harness import MODEL, PROMPT, app_args, build_test_app, kv_used, local_serve, wait_kv_free
+from tests.serve_harness import CLUSTER, MODEL, PROMPT, app_args, build_test_app, kv_used, wait_kv_free
+
+pytestmark = pytest.mark.serving  # on the session's shared cluster (serve_harness.CLUSTER)
 
 LONG = {"prompt": PROMPT, "max_tokens": 490, "ignore_eos": True, "speculative": False}  # seconds of decoding
 ENGINE = {"ray_actor_options": {"num_cpus": 0.5}, "health_check_period_s": 1, "health_check_timeout_s": 5}
@@ -37,7 +39,7 @@ INGRESS = {"max_ongoing_requests": 4, "max_queued_requests": 4,
 
 @pytest.fixture(scope="module")
 def base_url(llama_pair):
-    with local_serve(build_test_app(app_args(llama_pair), ENGINE, INGRESS)) as url:
+    with CLUSTER.serving(build_test_app(app_args(llama_pair), ENGINE, INGRESS)) as url:
         yield url
 
 

@@ -13,7 +13,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.serve_harness import MODEL, app_args, build_test_app, local_serve, wait_kv_free
+from tests.serve_harness import CLUSTER, MODEL, app_args, build_test_app, wait_kv_free
+
+pytestmark = pytest.mark.serving  # on the session's shared cluster (serve_harness.CLUSTER)
 
 ROUTER = {"request_router_class": "helix_serve.serving.prefix_router.PrefixAffinityRouter",
           "request_router_kwargs": {"imbalance_threshold": 4}}
@@ -25,7 +27,7 @@ TOPICS = ["rivers", "mountains", "castles", "harbours", "forests", "deserts", "g
 @pytest.fixture(scope="module")
 def http(llama_pair):
     app = build_test_app(app_args(llama_pair), ENGINE)
-    with local_serve(app) as url, httpx.Client(base_url=url, timeout=120) as client:
+    with CLUSTER.serving(app) as url, httpx.Client(base_url=url, timeout=120) as client:
         yield client
 
 

@@ -9,7 +9,9 @@ import httpx
 import openai
 import pytest
 
-from tests.serve_harness import MODEL, PROMPT, app_args, build_test_app, local_serve, wait_kv_free
+from tests.serve_harness import CLUSTER, MODEL, PROMPT, app_args, build_test_app, local_serve, wait_kv_free
+
+pytestmark = pytest.mark.own_cluster  # its keys in the cluster's environment: runs last, on a cluster of its own
 
 ENV_KEY = "env-key-7c1e9a0d4f"
 FILE_KEY = "file-key-93b2f6e1aa"
@@ -38,6 +40,8 @@ def session(llama_pair, tmp_path_factory):
     keys_file.write_text(f"# Helix API keys\n{FILE_KEY}\n")
     security = {"api_keys_file": str(keys_file), "metrics_require_key": True, "limits": LIMITS}
     app = build_test_app(app_args(llama_pair, security=security), {"ray_actor_options": {"num_cpus": 0.5}})
+    # $HELIX_API_KEYS in the server's environment, as an operator sets it (a runtime_env would put it in Ray's logs)
+    CLUSTER.stop()
     with local_serve(app, env={"HELIX_API_KEYS": f" {ENV_KEY} ,"}) as base_url:
         yield base_url, ray._private.worker._global_node.get_logs_dir_path()
 

@@ -17,7 +17,9 @@ import torch
 from helix_serve.config import EngineConfig
 from helix_serve.engine.llm_engine import LLMEngine
 from helix_serve.engine.sampling_params import SamplingParams
-from tests.serve_harness import MODEL, PROMPT, app_args, build_test_app, local_serve
+from tests.serve_harness import CLUSTER, MODEL, PROMPT, app_args, build_test_app
+
+pytestmark = pytest.mark.serving  # on the session's shared cluster (serve_harness.CLUSTER)
 
 SECOND = "helix-test-qwen2"  # the app's second model: plain decoding on a tiny random Qwen2
 RESERVED = min(os.sched_getaffinity(0))  # a core this machine lets us use
@@ -32,7 +34,7 @@ def base_url(llama_pair, qwen2_pair):
               "num_kv_blocks": 64}
     args = {"models": {MODEL: first, SECOND: second}, "max_batch_prompts": max_batch_prompts}
     # Half a core each: two engines and the ingress fit the 2-CPU cluster.
-    with local_serve(build_test_app(args, {"ray_actor_options": {"num_cpus": 0.5}})) as url:
+    with CLUSTER.serving(build_test_app(args, {"ray_actor_options": {"num_cpus": 0.5}})) as url:
         yield url
 
 

@@ -12,7 +12,9 @@ import openai
 import pytest
 
 from tests.schema_suite import SCHEMAS
-from tests.serve_harness import MODEL, app_args, build_test_app, local_serve
+from tests.serve_harness import CLUSTER, MODEL, app_args, build_test_app
+
+pytestmark = pytest.mark.serving  # on the session's shared cluster (serve_harness.CLUSTER)
 
 SCHEMA = SCHEMAS["mixed_record"]
 
@@ -20,7 +22,7 @@ SCHEMA = SCHEMAS["mixed_record"]
 @pytest.fixture(scope="module")
 def base_url(llama_pair):
     app = build_test_app(app_args(llama_pair), {"ray_actor_options": {"num_cpus": 0.5}})
-    with local_serve(app) as url:
+    with CLUSTER.serving(app) as url:
         yield url
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,10 +89,10 @@ def gguf_projection_types(source: ModelSource) -> set[str]:
     """The GGUF quantization types of a GGUF checkpoint's decoder projections (empty for other checkpoints)."""
     if not source.gguf_file:
         return set()
-    from gguf import GGUFReader  # transformers' GGUF loader needs it installed anyway
+    import gguf  # transformers' GGUF loader needs it installed anyway
 
     path = Path(source.path)
-    reader = GGUFReader(str(path if path.is_file() else path / source.gguf_file))
+    reader = gguf.GGUFReader(str(path if path.is_file() else path / source.gguf_file))  # within gguf_parsed_once
     return {t.tensor_type.name for t in reader.tensors
             if t.name.startswith("blk.") and t.name.split(".")[-2] in PROJECTION_TENSORS}
 
@@ -105,16 +108,36 @@ def resolve_quantization(quantization: str, source: ModelSource, device: torch.d
     return "int4" if gguf_projection_types(source) == {"Q4_1"} else "none"
 
 
+@contextmanager
+def gguf_parsed_once() -> Iterator[None]:
+    """transformers' GGUF loading parses the file's metadata anew for the tokenizer, the config and the weights
+    (gguf.GGUFReader, ~3-4 s each for SmolLM2's 49k-token vocabulary), and asks gguf for its tensor-name map once
+    per submodule of the model (~400 times, ~7 s), though that map depends only on (architecture, layers). Within
+    this block each file is parsed once and each map built once (both are only read)."""
+    import gguf
+
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    gguf.GGUFReader = functools.lru_cache(maxsize=None)(reader)
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
+
+
 def load_model(name: str, device: torch.device, dtype: str = "auto", quantization: str = "none",
                int4_dense_rows: int | str = 0) -> PagedCausalLM:
     """Load one causal LM by hub id, local path or GGUF file and wrap it for paged attention (int4_dense_rows:
     `PagedCausalLM`)."""
     source = resolve_source(name)
-    quantization = resolve_quantization(quantization, source, device)
-    config = _load_config(source)
-    check_architecture(name, config)
-    torch_dtype = resolve_dtype(dtype, getattr(config, "dtype", None) or getattr(config, "torch_dtype", None), device)
-    hf_model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch_dtype, **source.model_kwargs)
+    with gguf_parsed_once():
+        quantization = resolve_quantization(quantization, source, device)
+        config = _load_config(source)
+        check_architecture(name, config)
+        torch_dtype = resolve_dtype(dtype, getattr(config, "dtype", None) or getattr(config, "torch_dtype", None),
+                                    device)
+        hf_model = AutoModelForCausalLM.from_pretrained(source.path, config=config, dtype=torch_dtype,
+                                                        **source.model_kwargs)
     hf_model.to(device).eval()
     logger.info("loaded %s (%s) on %s in %s (dtype %s, quantization %s)", name, config.model_type, device,
                 torch_dtype, dtype, quantization)
@@ -140,9 +163,10 @@ def load_model_pair(
         raise ValueError(reason)
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"unknown quantization {quantization!r}; expected one of {', '.join(QUANTIZATIONS)}")
-    tokenizer = load_tokenizer(target)
-    if draft is not None:
-        check_compatible(tokenizer, load_tokenizer(draft), target, draft)
-    target_model = load_model(target, device, dtype, quantization, int4_dense_rows)
-    draft_model = load_model(draft, device, dtype) if draft is not None else None  # the draft stays as loaded
+    with gguf_parsed_once():
+        tokenizer = load_tokenizer(target)
+        if draft is not None:
+            check_compatible(tokenizer, load_tokenizer(draft), target, draft)
+        target_model = load_model(target, device, dtype, quantization, int4_dense_rows)
+        draft_model = load_model(draft, device, dtype) if draft is not None else None  # the draft stays as loaded
     return ModelPair(target_model, draft_model, tokenizer, target, draft)
