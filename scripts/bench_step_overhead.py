@@ -11,9 +11,10 @@ and each measured step is split into
   model     the time inside the models' own forward and LM head (PagedCausalLM.forward_with_features and
             compute_logits, wrapped)
   overhead  step − model
-Methods: "plain" (speculative=False), "ngram" (prompt lookup) and "draft" (the draft model), both at a fixed
-K = --k (the random draft's acceptance is near 0, so the planner would not draft; ngram drafts only where the
-text repeats). Settings: "greedy" (no penalties, no stop string), "penalties+stop" (a repetition and a frequency
+Methods: "plain" (speculative=False), "ngram" (prompt lookup), "draft" (the draft model) and "eagle" (a random
+EAGLE head on the same target, in a second engine: an engine loads a draft model or a head), the last three at a
+fixed K = --k (random drafts are rarely accepted, so the planner would not draft; ngram drafts only where the
+text repeats). The head's forward and LM head count as model time, as the draft's do. Settings: "greedy" (no penalties, no stop string), "penalties+stop" (a repetition and a frequency
 penalty and a stop string that never matches), "sampled" (the same at temperature 0.8, top-p 0.95).
 Goal (issue 28): overhead <= 1.5 ms per step at batch 1.
 
@@ -24,6 +25,7 @@ Goal (issue 28): overhead <= 1.5 ms per step at batch 1.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import tempfile
@@ -38,7 +40,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from helix_serve.config import EngineConfig
 from helix_serve.engine.llm_engine import LLMEngine
 from helix_serve.engine.sampling_params import SamplingParams
-from helix_serve.model.loader import load_tokenizer
+from helix_serve.model.eagle_head import EagleConfig, EagleHead
+from helix_serve.model.loader import load_model, load_tokenizer
 
 STOP = "<|helix never stops here|>"
 PENALTIES = dict(repetition_penalty=1.1, frequency_penalty=0.1, stop=[STOP])
@@ -48,8 +51,10 @@ BLOCK_SIZE = 16
 
 
 def methods(k: int) -> dict[str, dict]:
+    """Per method, its sampling parameters (the engine each runs on: `main`)."""
     return {"plain": dict(speculative=False), "ngram": dict(speculative_method="ngram", num_speculative_tokens=k),
-            "draft": dict(speculative_method="draft", num_speculative_tokens=k)}
+            "draft": dict(speculative_method="draft", num_speculative_tokens=k),
+            "eagle": dict(speculative_method="eagle", num_speculative_tokens=k)}
 
 
 def make_model_dir(root: Path, name: str, tokenizer, layers: int, seed: int) -> Path:
@@ -65,13 +70,26 @@ def make_model_dir(root: Path, name: str, tokenizer, layers: int, seed: int) -> 
     return path
 
 
+def make_head_dir(root: Path, target_dir: Path, seed: int) -> Path:
+    """A randomly initialised EAGLE head for the target, over every other token id, saved as `helix distill` would."""
+    target = load_model(str(target_dir), torch.device("cpu"), "float32")
+    torch.manual_seed(seed)
+    vocab = target.shape.vocab_size
+    config = EagleConfig.for_target(target.hf_model.config, (0, 1), list(range(0, vocab, 2)))
+    head = EagleHead(config, target.embed_tokens)
+    head.init_from_target(target.lm_head.weight, target.norm.weight)
+    head.save(root / "head")
+    return root / "head"
+
+
 class ModelClock:
     """Seconds spent inside the models' forward passes and LM heads (CPU: no device sync needed)."""
 
     def __init__(self, *models) -> None:
         self.seconds = 0.0
         for model in models:
-            for name in ("forward_with_features", "compute_logits"):
+            forward = "forward" if isinstance(model, EagleHead) else "forward_with_features"
+            for name in (forward, "compute_logits"):
                 setattr(model, name, self._timed(getattr(model, name)))
 
     def _timed(self, fn):
@@ -146,18 +164,24 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         target = make_model_dir(Path(tmp), "target", tokenizer, layers=2, seed=0)
         draft = make_model_dir(Path(tmp), "draft", tokenizer, layers=1, seed=1)
+        head = make_head_dir(Path(tmp), target, seed=2)
         longest = args.prompt_tokens + (args.warmup + args.steps + 2) * (args.k + 1)
         config = EngineConfig(target_model=str(target), draft_model=str(draft), device="cpu", dtype="float32",
                               block_size=BLOCK_SIZE, num_kv_blocks=max(args.batches) * (longest // BLOCK_SIZE + 2),
                               max_num_seqs=max(args.batches), draft_cost_ratio=0.1, verify_cost_ratio=0.1)
         engine = LLMEngine(config)
-    clock = ModelClock(engine.pair.target, engine.pair.draft)
-    timings = record_timings(engine)
+        with_head = LLMEngine(dataclasses.replace(config, draft_model=None, eagle_head=str(head)))
+    runs = {}  # engine -> (its model clock, its step timings)
+    for e in (engine, with_head):
+        head_model = e.decoder.draft.head if e.decoder.eagle else None
+        runs[e] = (ModelClock(*(m for m in (e.pair.target, e.pair.draft, head_model) if m is not None)),
+                   record_timings(e))
     rows: dict = {}
     for batch in args.batches:
         for method, method_params in methods(args.k).items():
+            runner = with_head if method == "eagle" else engine
             for setting in args.settings:
-                case = run_case(engine, clock, timings, batch, {**method_params, **SETTINGS[setting]}, args,
+                case = run_case(runner, *runs[runner], batch, {**method_params, **SETTINGS[setting]}, args,
                                 seed=len(rows))
                 rows[f"{batch}/{method}/{setting}"] = {"batch": batch, "method": method, "setting": setting, **case}
     report(args, rows)

@@ -203,11 +203,12 @@ def test_step_overhead_benchmark_quick_splits_every_step_into_forwards_and_overh
     assert result["cpu"] and result["threads"] == 1 and result["goal_ms"] == 1.5
     rows = result["rows"]
     assert {(r["batch"], r["method"], r["setting"]) for r in rows.values()} == {
-        (b, m, s) for b in (1, 2) for m in ("plain", "ngram", "draft") for s in ("greedy", "penalties+stop", "sampled")}
+        (b, m, s) for b in (1, 2) for m in ("plain", "ngram", "draft", "eagle")
+        for s in ("greedy", "penalties+stop", "sampled")}
     for row in rows.values():
         assert row["step_ms"] > 0 and 0 < row["model_ms"] <= row["passes_ms"] and len(row["samples"]) == 4
     assert all(r["drafted_per_step"] == 0 for r in rows.values() if r["method"] == "plain")
-    assert all(r["drafted_per_step"] == 4 * r["batch"] for r in rows.values() if r["method"] == "draft")
+    assert all(r["drafted_per_step"] == 4 * r["batch"] for r in rows.values() if r["method"] in ("draft", "eagle"))
 
 
 def test_structured_benchmark_quick_reports_speed_grammar_share_and_validity(llama_pair, tmp_path):
