@@ -42,10 +42,12 @@ def eagle_dir(llama_pair, tmp_path_factory):
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Serving modules (marked `serving`) run together after the rest, so they share one Ray cluster and the
-    compute-bound tests never run beside it; modules that start a cluster of their own (`own_cluster`) run last."""
+    """Serving modules (marked `serving`) run together after the rest, so they share one Ray cluster, which is
+    not up while the other modules run; modules that start a cluster of their own (`own_cluster`) run last.
+    Ranked by the module's marks, so a module is never split."""
     def rank(item: pytest.Item) -> int:
-        return 2 if item.get_closest_marker("own_cluster") else 1 if item.get_closest_marker("serving") else 0
+        module = item.getparent(pytest.Module)
+        return 2 if module.get_closest_marker("own_cluster") else 1 if module.get_closest_marker("serving") else 0
 
     items.sort(key=rank)  # stable: the order within each group is pytest's
 

@@ -49,11 +49,15 @@ class SharedCluster:
         from ray import serve
 
         url = self.start()
-        serve.run(app, name=name, route_prefix="/")
         try:
+            serve.run(app, name=name, route_prefix="/")
             yield url
         finally:
-            serve.delete(name)  # waits until its replicas are gone: the next module gets the whole cluster
+            try:  # a failed deploy too: its app would keep the route, and later apps could not take it
+                serve.delete(name)  # its replicas stopped (killed): the next module gets the cluster's CPUs
+            except Exception:
+                self.stop()  # the next module starts a fresh cluster rather than wait on this one
+                raise
 
 
 CLUSTER = SharedCluster()

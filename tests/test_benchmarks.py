@@ -4,11 +4,11 @@ the soak names the pair it serves."""
 import importlib.util
 import json
 import runpy
+import signal
 import sys
 from pathlib import Path
 from unittest.mock import patch
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
@@ -19,24 +19,37 @@ from helix_serve.model.int4 import DENSE_PROBE_WIDTHS
 ROOT = Path(__file__).resolve().parents[1]
 
 
+TIME_LIMIT_S = 300  # a quick run takes seconds; a hung one fails its test instead of the whole suite
+
+
 @pytest.fixture(autouse=True)
 def scripts_on_path(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "scripts"))  # the scripts import bench_common from their folder
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)  # each script sets its own
-    plt.close("all")
+    if plt := sys.modules.get("matplotlib.pyplot"):
+        plt.close("all")
+
+
+def _too_long(signum, frame):
+    raise TimeoutError(f"the benchmark ran past {TIME_LIMIT_S} s")
 
 
 def _run(script: str, out: Path, *args: str) -> dict:
     """The script as `python scripts/SCRIPT --quick --out OUT ARGS` would run it, in this process: a new
-    interpreter would import torch and transformers again (~5 s a script)."""
+    interpreter would import torch and transformers again (~5 s a script). Its seeds stay its own."""
     argv = [str(ROOT / "scripts" / script), "--quick", "--out", str(out), *args]
-    with patch.object(sys, "argv", argv):
-        try:
+    previous = signal.signal(signal.SIGALRM, _too_long)
+    signal.alarm(TIME_LIMIT_S)
+    try:
+        with patch.object(sys, "argv", argv), torch.random.fork_rng():
             runpy.run_path(argv[0], run_name="__main__")
-        except SystemExit as exit_:
-            assert exit_.code in (None, 0), f"{script} exited with {exit_.code}"
+    except SystemExit as exit_:
+        assert exit_.code in (None, 0), f"{script} exited with {exit_.code}"
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
     name = script.removesuffix(".py")
     assert (out / f"{name}.png").stat().st_size > 0
     return json.loads((out / f"{name}.json").read_text())

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -92,7 +94,8 @@ def gguf_projection_types(source: ModelSource) -> set[str]:
     import gguf  # transformers' GGUF loader needs it installed anyway
 
     path = Path(source.path)
-    reader = gguf.GGUFReader(str(path if path.is_file() else path / source.gguf_file))  # within gguf_parsed_once
+    # looked up at call time: inside gguf_parsed_once, the parse the config and the weights reuse
+    reader = gguf.GGUFReader(str(path if path.is_file() else path / source.gguf_file))
     return {t.tensor_type.name for t in reader.tensors
             if t.name.startswith("blk.") and t.name.split(".")[-2] in PROJECTION_TENSORS}
 
@@ -108,21 +111,28 @@ def resolve_quantization(quantization: str, source: ModelSource, device: torch.d
     return "int4" if gguf_projection_types(source) == {"Q4_1"} else "none"
 
 
+_GGUF_PATCH = threading.RLock()  # one loader at a time patches gguf (re-entered by load_model in load_model_pair)
+
+
 @contextmanager
 def gguf_parsed_once() -> Iterator[None]:
     """transformers' GGUF loading parses the file's metadata anew for the tokenizer, the config and the weights
     (gguf.GGUFReader, ~3-4 s each for SmolLM2's 49k-token vocabulary), and asks gguf for its tensor-name map once
     per submodule of the model (~400 times, ~7 s), though that map depends only on (architecture, layers). Within
-    this block each file is parsed once and each map built once (both are only read)."""
+    this block each file is parsed once and each map built once (both are only read): transformers imports them
+    from gguf at call time, so the memos replace gguf's attributes meanwhile (GGUFReader is then a function, not
+    a class: nothing here subclasses it or checks isinstance)."""
     import gguf
 
-    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
-    gguf.GGUFReader = functools.lru_cache(maxsize=None)(reader)
-    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(name_map)
-    try:
-        yield
-    finally:
-        gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
+    with _GGUF_PATCH:
+        reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+        parse = functools.lru_cache(maxsize=None)(reader)
+        gguf.GGUFReader = lambda path, *args, **kwargs: parse(os.path.realpath(path), *args, **kwargs)
+        gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(name_map)
+        try:
+            yield
+        finally:
+            gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
 
 
 def load_model(name: str, device: torch.device, dtype: str = "auto", quantization: str = "none",

@@ -46,8 +46,10 @@ def local_cluster(env: dict[str, str] | None = None, log_to_driver: bool = True,
         serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
         yield f"http://127.0.0.1:{port}"
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()  # even if Serve's shutdown failed: the next cluster of this process needs it gone
         for name in env or {}:
             os.environ.pop(name, None)
         if home is not None:
