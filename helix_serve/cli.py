@@ -7,10 +7,9 @@ import argparse
 import json
 import sys
 
-from helix_serve.config import DEFAULT_DRAFT, DEFAULT_TARGET, EngineConfig
+from helix_serve.config import DEFAULT_DRAFT, DEFAULT_TARGET, QUANTIZATIONS, EngineConfig
 from helix_serve.engine.llm_engine import LLMEngine, RequestRejectedError
 from helix_serve.engine.sampling_params import SPECULATIVE_METHODS, SamplingParams
-from helix_serve.model.paged_llm import QUANTIZATIONS
 
 
 def dense_rows_arg(value: str) -> int | str:

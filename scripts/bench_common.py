@@ -9,12 +9,11 @@ from pathlib import Path
 
 import torch
 
-from helix_serve.config import DEFAULT_DRAFT, DEFAULT_TARGET
-from helix_serve.engine.step_cost import calibrate
+from helix_serve.config import DEFAULT_DRAFT, DEFAULT_TARGET, QUANTIZATIONS
 from helix_serve.engine.llm_engine import LLMEngine
-from helix_serve.model.int4 import Int4Linear
 from helix_serve.engine.sampling_params import SamplingParams
-from helix_serve.model.paged_llm import QUANTIZATIONS
+from helix_serve.engine.step_cost import calibrate
+from helix_serve.model.int4 import Int4Linear
 
 # Chat questions for an instruct model (none of them is in helix distill's prompt set).
 CHAT_QUESTIONS = [

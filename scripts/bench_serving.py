@@ -27,7 +27,7 @@ import httpx
 from bench_common import PROMPTS, save_figure, subplots
 from tqdm import tqdm
 
-from helix_serve.model.paged_llm import QUANTIZATIONS
+from helix_serve.config import QUANTIZATIONS
 
 
 async def one_stream(client: httpx.AsyncClient, prompt: str, max_tokens: int, speculative: bool) -> dict:

@@ -14,9 +14,10 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from helix_serve.config import QUANTIZATIONS
 from helix_serve.device import preferred_cpu_dtype
 from helix_serve.model.int4 import int4_available
-from helix_serve.model.paged_llm import QUANTIZATIONS, SUPPORTED_MODEL_TYPES, PagedCausalLM
+from helix_serve.model.paged_llm import SUPPORTED_MODEL_TYPES, PagedCausalLM
 from helix_serve.model.sources import ModelSource, ModelSourceError, resolve_source
 
 # GGUF names of the decoder projections (attention and MLP), which `quantization` concerns

@@ -24,7 +24,6 @@ from helix_serve.model.int8_head import MXInt8Head
 from helix_serve.model.row_padding import pad_rows, widths_for
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
-QUANTIZATIONS = ("auto", "none", "int4")  # int4: model/int4.py; auto: int4 for 4-bit checkpoints (loader.py)
 
 
 @dataclass(frozen=True, slots=True)

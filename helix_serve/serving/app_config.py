@@ -8,8 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StringConstraints, model_validator
 
-from helix_serve.config import DEFAULT_DRAFT, DEFAULT_TARGET, EngineConfig
-from helix_serve.model.paged_llm import QUANTIZATIONS
+from helix_serve.config import DEFAULT_DRAFT, DEFAULT_TARGET, QUANTIZATIONS, EngineConfig
 from helix_serve.serving.security import SecurityConfig
 
 INGRESS_NAME = "HelixIngress"
