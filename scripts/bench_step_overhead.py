@@ -221,7 +221,9 @@ def plot(args, rows: dict, baseline: dict | None, path: Path) -> None:
         if batch == 1:
             ax.axhline(GOAL_MS, color="black", linestyle="--", linewidth=1, label=f"goal {GOAL_MS} ms")
         ax.set_xticks(list(x))
-        ax.set_xticklabels([k.split("/", 1)[1].replace("/", "\n") for k in keys], fontsize=7)
+        ax.set_xticklabels([k.split("/", 1)[1].replace("/", " ") for k in keys], fontsize=7, rotation=45,
+                           ha="right")
+        ax.set_yscale("log")  # sampled steps (a full top-p sort on a flat distribution) are 10-100x the rest
         ax.set_ylabel("overhead ms per step (step − forward passes)")
         ax.set_title(f"batch {batch}, K = {args.k}", fontsize=10)
         ax.legend(fontsize=8)
