@@ -95,7 +95,7 @@ def gguf_projection_types(source: ModelSource) -> set[str]:
     import gguf  # transformers' GGUF loader needs it installed anyway
 
     path = Path(source.path)
-    # looked up at call time: inside gguf_parsed_once, the parse the config and the weights reuse
+    # GGUFReader looked up at call time: inside gguf_parsed_once, this parse is the one the config and weights reuse
     reader = gguf.GGUFReader(str(path if path.is_file() else path / source.gguf_file))
     return {t.tensor_type.name for t in reader.tensors
             if t.name.startswith("blk.") and t.name.split(".")[-2] in PROJECTION_TENSORS}
