@@ -77,3 +77,26 @@ def test_slot_mapping_addresses_block_table():
     # seq 0 positions 3,4,5 -> block 7 offset 3, block 2 offsets 0,1; seq 1 positions 0..2 -> block 5
     assert meta.slot_mapping.tolist() == [7 * 4 + 3, 2 * 4 + 0, 2 * 4 + 1, 5 * 4 + 0, 5 * 4 + 1, 5 * 4 + 2]
     assert meta.positions.tolist() == [3, 4, 5, 0, 1, 2]
+
+
+@pytest.mark.parametrize("shapes", [[(9, 1)], [(9, 1), (30, 1), (4, 1)], [(6, 5), (2, 3)], [(0, 7), (9, 1), (6, 5)],
+                                    [(9, 1), (0, 40), (3, 3)]])
+def test_small_and_wide_passes_index_their_tokens_alike(shapes, monkeypatch):
+    """A few tokens' indices are built as Python lists, a wide pass's with tensor ops: the same metadata."""
+    from helix_serve.model import attention
+
+    tables = [[(7 * i + j) % 50 for j in range(12)] for i in range(len(shapes))]
+    args = (tables, [c + n for c, n in shapes], [n for _, n in shapes], 4, torch.device("cpu"))
+    built = {}
+    for small in (0, 10_000):
+        monkeypatch.setattr(attention, "SMALL_PASS_TOKENS", small)
+        built[small] = AttentionMetadata.build(*args)
+
+    def same(a, b):
+        for name in ("positions", "slot_mapping", "block_tables", "query_batch_idx", "query_offset", "attn_mask"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
+        assert a.max_context == b.max_context and len(a.parts) == len(b.parts)
+        for (tokens_a, part_a), (tokens_b, part_b) in zip(a.parts, b.parts):
+            assert torch.equal(tokens_a, tokens_b)
+            same(part_a, part_b)
+    same(built[0], built[10_000])

@@ -27,14 +27,16 @@ class AttentionMetadata:
     query_offset: torch.Tensor  # [T] index of each query token inside its sequence's chunk
     attn_mask: torch.Tensor  # [B, 1, max_query_len, max_context_len] True = may attend
     query_lens: list[int]
+    max_context: int  # the longest row's context: every position is below it
     # Rows of each class (`row_class`: query length and context length) attended apart when several are present:
     # padding every row to the longest query and the longest context would cost the others that much each.
     parts: list[tuple[torch.Tensor, AttentionMetadata]] = field(default_factory=list)  # (token indices, rows)
     _grouped_masks: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def grouped_mask(self, group: int) -> torch.Tensor:
-        """The mask tiled for `group` query heads per kv head, [B, 1, group * max_q, ctx]; built once per forward."""
-        if group == 1:
+        """The mask tiled for `group` query heads per kv head, [B, 1, group * max_q, ctx]; built once per forward.
+        With one query per row every head's row is the same: the [B, 1, 1, ctx] mask broadcasts, no copy."""
+        if group == 1 or self.attn_mask.shape[2] == 1:
             return self.attn_mask
         if group not in self._grouped_masks:
             self._grouped_masks[group] = self.attn_mask.repeat(1, 1, group, 1)
@@ -50,29 +52,28 @@ class AttentionMetadata:
         device: torch.device,
     ) -> AttentionMetadata:
         """Metadata for sequences whose last `query_lens[i]` of `context_lens[i]` tokens are new."""
-        q_lens = torch.tensor(query_lens, dtype=torch.long)
-        num_seqs, num_tokens, max_ctx = len(query_lens), sum(query_lens), max(context_lens)
-        batch_idx = torch.repeat_interleave(torch.arange(num_seqs), q_lens)  # [T]
-        offset = torch.arange(num_tokens) - (torch.cumsum(q_lens, 0) - q_lens)[batch_idx]  # [T]
-        positions = torch.tensor([c - n for c, n in zip(context_lens, query_lens)])[batch_idx] + offset  # [T]
-
+        num_seqs, max_q, max_ctx = len(query_lens), max(query_lens), max(context_lens)
         num_ctx_blocks = -(-max_ctx // block_size)  # one tensor from padded rows: no per-row tensor ops
-        table = torch.tensor([blocks[:num_ctx_blocks] + [0] * (num_ctx_blocks - len(blocks)) for blocks in block_tables],
-                             dtype=torch.long)
-        slots = table[batch_idx, positions // block_size] * block_size + positions % block_size
+        rows = [blocks[:num_ctx_blocks] + [0] * (num_ctx_blocks - len(blocks)) for blocks in block_tables]
+        table = torch.tensor(rows, dtype=torch.long)
+        batch_idx, offset, positions, slots = _token_index(rows, table, context_lens, query_lens, block_size)
 
         # Each query sees keys at positions <= its own; padding query rows see key 0 only (never NaN).
-        query_pos = torch.zeros(num_seqs, max(query_lens), dtype=torch.long)
-        query_pos[batch_idx, offset] = positions
-        mask = torch.arange(max_ctx)[None, None, :] <= query_pos[:, :, None]  # [B, max_q, max_ctx]
+        if positions.shape[0] == num_seqs * max_q:  # every row has max_q queries: nothing to pad
+            query_pos = positions.view(num_seqs, max_q)
+        else:
+            query_pos = torch.zeros(num_seqs, max_q, dtype=torch.long)
+            query_pos[batch_idx, offset] = positions
+        mask = torch.arange(max_ctx) <= query_pos[:, None, :, None]  # [B, 1, max_q, max_ctx]
         meta = cls(
             positions=positions.to(device),
             slot_mapping=slots.to(device),
             block_tables=table.to(device),
             query_batch_idx=batch_idx.to(device),
             query_offset=offset.to(device),
-            attn_mask=mask.unsqueeze(1).to(device),
+            attn_mask=mask.to(device),
             query_lens=list(query_lens),
+            max_context=max_ctx,
         )
         kinds = [row_class(n, c) for n, c in zip(query_lens, context_lens)]
         if len(set(kinds)) > 1:  # a part holds one class: no deeper split
@@ -89,6 +90,28 @@ class AttentionMetadata:
         part = cls.build([block_tables[i] for i in rows], [context_lens[i] for i in rows],
                          [query_lens[i] for i in rows], block_size, device)
         return tokens.to(device), part
+
+
+SMALL_PASS_TOKENS = 32  # up to this many tokens a pass's per-token indices are built as Python lists
+
+
+def _token_index(rows: list[list[int]], table: torch.Tensor, context_lens: list[int], query_lens: list[int],
+                 block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each new token's sequence index, offset inside its chunk, position and pool slot, as [T] tensors. A decode
+    or verify pass of a few rows builds them as Python lists (four tensors made; the dozen small tensor ops of the
+    general form cost ~20 µs more a pass, ~0.1 ms a drafting step at batch 1); wider passes use the tensor ops."""
+    if sum(query_lens) <= SMALL_PASS_TOKENS:
+        batch_idx = [i for i, n in enumerate(query_lens) for _ in range(n)]
+        offset = [t for n in query_lens for t in range(n)]
+        positions = [c - n + t for c, n in zip(context_lens, query_lens) for t in range(n)]
+        slots = [rows[i][p // block_size] * block_size + p % block_size for i, p in zip(batch_idx, positions)]
+        return tuple(torch.tensor(x, dtype=torch.long) for x in (batch_idx, offset, positions, slots))
+    q_lens = torch.tensor(query_lens, dtype=torch.long)
+    batch_idx = torch.repeat_interleave(torch.arange(len(query_lens)), q_lens)  # [T]
+    offset = torch.arange(batch_idx.shape[0]) - (torch.cumsum(q_lens, 0) - q_lens)[batch_idx]  # [T]
+    positions = torch.tensor([c - n for c, n in zip(context_lens, query_lens)])[batch_idx] + offset  # [T]
+    slots = table[batch_idx, positions // block_size] * block_size + positions % block_size
+    return batch_idx, offset, positions, slots
 
 
 VERIFY_QUERY = 9  # the longest query of a verify row at the default k_max (8 drafts and the bonus position)

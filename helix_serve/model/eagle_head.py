@@ -33,6 +33,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from helix_serve.model.attention import AttentionMetadata, paged_attention
 from helix_serve.model.int4 import Int4Linear, quantizable, use_dense_rows
 from helix_serve.model.paged_llm import KVCache, ModelShape, linear
+from helix_serve.model.rope import RopeTable, rotate
 from helix_serve.model.row_padding import widths_for
 
 CONFIG_FILE = "eagle_config.json"
@@ -99,6 +100,7 @@ class EagleHead(nn.Module):
         self.final_norm = nn.Parameter(torch.ones(hidden))
         self.lm_head = nn.Linear(hidden, len(c.vocab_ids), bias=False)
         self.rotary_emb = LlamaRotaryEmbedding(c.llama_config())
+        self.rope = RopeTable(self.rotary_emb)
         self.scale = c.head_dim ** -0.5
         self.register_buffer("row_to_target", torch.tensor(c.vocab_ids), persistent=False)
         self.row_widths: tuple[int, ...] = ()  # the widths its engine passes compute at (`load`, row_padding.py)
@@ -132,18 +134,17 @@ class EagleHead(nn.Module):
         """[..., 3H] captured target states → [..., H] the head's feature input."""
         return self._linear(target_features.to(self.dtype), self.fc)
 
-    def qkv_rope(self, features: torch.Tensor, token_ids: torch.Tensor, positions: torch.Tensor):
-        """[..., H] features, [...] target token ids, [...] positions → rotated q [..., heads, D], k, v
-        [..., kv_heads, D]."""
+    def qkv_rope(self, features: torch.Tensor, token_ids: torch.Tensor, positions: torch.Tensor,
+                 bound: int | None = None):
+        """[..., H] features, [...] target token ids, [...] positions (all below `bound`, when given) → rotated q
+        [..., heads, D], k, v [..., kv_heads, D]."""
         c = self.config
         embed = self.embed_tokens[0](token_ids).to(self.dtype)
         x = torch.cat((self._norm(self.embed_norm, embed), self._norm(self.feature_norm, features)), dim=-1)
-        sizes = [c.num_heads * c.head_dim, *[c.num_kv_heads * c.head_dim] * 2]
-        q, k, v = self._linear(x, self.qkv).split(sizes, -1)
-        cos, sin = self.rotary_emb(x.reshape(-1, x.shape[-1])[None], positions.reshape(1, -1))
-        cos, sin = cos.view(*positions.shape, 1, -1).to(x.dtype), sin.view(*positions.shape, 1, -1).to(x.dtype)
-        q, k = (_rope(t.unflatten(-1, (-1, c.head_dim)), cos, sin) for t in (q, k))
-        return q, k, v.unflatten(-1, (-1, c.head_dim))
+        qkv = self._linear(x, self.qkv).unflatten(-1, (-1, c.head_dim))  # [..., heads + 2 * kv_heads, D]
+        cos, sin = self.rope(positions, x.dtype, bound)
+        qk = rotate(qkv[..., : c.num_heads + c.num_kv_heads, :], cos.unsqueeze(-2), sin.unsqueeze(-2))  # together
+        return qk[..., : c.num_heads, :], qk[..., c.num_heads :, :], qkv[..., c.num_heads + c.num_kv_heads :, :]
 
     def finish(self, features: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
         """The layer after attention: [..., heads * D] attention output → [..., H] output feature (pre-norm)."""
@@ -154,7 +155,7 @@ class EagleHead(nn.Module):
     def forward(self, features: torch.Tensor, token_ids: torch.Tensor, meta: AttentionMetadata,
                 kv: KVCache) -> torch.Tensor:
         """One paged step: [T, H] features, [T] target ids of the next tokens → [T, H] output features."""
-        q, k, v = self.qkv_rope(features, token_ids, meta.positions)
+        q, k, v = self.qkv_rope(features, token_ids, meta.positions, meta.max_context)
         out = paged_attention(q, k, v, kv.k[0], kv.v[0], meta, self.scale)
         return self.finish(features, out.flatten(-2))
 
@@ -197,6 +198,7 @@ class EagleHead(nn.Module):
             raise ValueError(f"{path}: not an EAGLE head of this shape (missing {missing}, unexpected {unexpected})")
         head.to(device=embed_tokens.weight.device, dtype=dtype or embed_tokens.weight.dtype)
         head.rotary_emb = LlamaRotaryEmbedding(head.config.llama_config()).to(head.device)  # inv_freq stays fp32
+        head.rope = RopeTable(head.rotary_emb)
         shapes = [getattr(head, name).weight.shape for name in ("fc", "qkv", "o", "gate_up", "down")]
         head.row_widths = widths_for(shapes, head.device, head.dtype)
         return head.eval()
@@ -205,9 +207,3 @@ class EagleHead(nn.Module):
 def is_eagle_head(path: str | Path) -> bool:
     """Whether `path` is a directory holding a saved head."""
     return (Path(path) / CONFIG_FILE).is_file()
-
-
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin

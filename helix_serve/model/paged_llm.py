@@ -21,6 +21,7 @@ from helix_serve.model.attention import AttentionMetadata, paged_attention
 from helix_serve.model.int4 import Int4Linear, choose_dense_rows, int4_available, quantizable, use_dense_rows
 from helix_serve.model.int8_head import MAX_ROWS as HEAD8_MAX_ROWS
 from helix_serve.model.int8_head import MXInt8Head
+from helix_serve.model.rope import RopeTable, rotate
 from helix_serve.model.row_padding import pad_rows, widths_for
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
@@ -133,6 +134,7 @@ class PagedCausalLM(nn.Module):
         inner = hf_model.model
         self.embed_tokens, self.layers, self.norm = inner.embed_tokens, inner.layers, inner.norm
         self.rotary_emb, self.lm_head = inner.rotary_emb, hf_model.lm_head
+        self.rope = RopeTable(self.rotary_emb)
         # With int4 the head (and a tied embedding) becomes MXINT8, read at 8 bits for a few rows (int8_head.py).
         self.head8 = MXInt8Head(self.lm_head) if quantization == "int4" and quantizable(self.lm_head) \
             and self.lm_head.bias is None else None
@@ -206,11 +208,8 @@ class PagedCausalLM(nn.Module):
             raise ValueError(f"capture_layers {capture_layers} must be distinct, ascending, in [0, {len(self.weights)}]")
         hidden = self.embed_tokens(input_ids)
         captured = []
-        cos, sin = self.rotary_emb(hidden[None], meta.positions[None])
-        # rotate_half(x) * sin == roll(x, half) * sin with its first half negated: one op fewer per layer.
-        half = self.shape.head_dim // 2
-        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
-        cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # [T, 1, head_dim], broadcast over heads
+        cos, sin = self.rope(meta.positions, hidden.dtype, meta.max_context)
+        cos, sin = cos[:, None], sin[:, None]  # [T, 1, head_dim], broadcast over heads
         for i, w in enumerate(self.weights):
             if i in capture_layers:
                 captured.append(hidden)
@@ -232,7 +231,7 @@ class PagedCausalLM(nn.Module):
         qkv = linear(x, w.qkv, self.row_widths)
         # RoPE rotates the query and key heads together: one set of ops for both.
         qk = qkv[:, : self.qk_size].view(num_tokens, -1, head_dim)
-        qk = torch.addcmul(qk * cos, qk.roll(head_dim // 2, -1), sin)
+        qk = rotate(qk, cos, sin)
         q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
         v = qkv[:, self.qk_size :].view(num_tokens, -1, head_dim)
         out = paged_attention(q, k, v, kv.k[i], kv.v[i], meta, w.scale)
