@@ -138,6 +138,8 @@ def main() -> None:
                              "switches")
     parser.add_argument("--paired-rounds", type=int, default=3,
                         help="rounds of paired served / alone batch-1 measurements (when this script starts the app)")
+    parser.add_argument("--stream-interval-s", type=float, default=None,
+                        help="the engine deployments' `stream_interval_s` (user_config; default: the app's)")
     parser.add_argument("--cpu-cores", type=int, nargs="+", default=None,
                         help="the app's `cpu_cores` (the engine replica's cores); this script and the cluster it "
                              "starts keep off them, as under `helix serve`; the in-process engine runs on them")
@@ -148,15 +150,17 @@ def main() -> None:
     if args.url:
         rows = run_levels(args.url, args)
     else:
-        from helix_serve.serving.app import build_app
-        from helix_serve.serving.local import local_serve
+        from helix_serve.serving.app_config import BatchingConfig
+        from helix_serve.serving.local import build_graph, local_serve
 
         app_args = {"device": "cpu", "dtype": args.dtype, "max_num_seqs": 32, "torch_threads": args.engine_threads,
                     "quantization": args.quantization, "cpu_cores": args.cpu_cores}
         if args.target:
             app_args.update(target_model=args.target, draft_model=args.draft, eagle_head=args.eagle_head)
+        batching = {} if args.stream_interval_s is None else {"stream_interval_s": args.stream_interval_s}
+        engine_options = {"user_config": BatchingConfig(**batching).model_dump()}
         alone = EngineAlone(app_args, args)
-        with local_serve(build_app(app_args), env=dict(args.serve_env), log_to_driver=False,
+        with local_serve(build_graph(app_args, engine_options), env=dict(args.serve_env), log_to_driver=False,
                          reserved_cores=args.cpu_cores or ()) as url:
             rows = run_levels(url, args)
             rows += paired_rounds(url, alone, args)

@@ -64,6 +64,38 @@ def test_a_slow_consumer_gets_the_waiting_chunks_merged_and_nothing_lost(engine)
     assert first.num_accepted + rest.num_accepted == stats["num_accepted"]
 
 
+def test_tokens_are_handed_over_at_most_every_stream_interval_but_the_first_at_once(engine):
+    async def scenario(interval: float) -> tuple[list[EngineChunk], bool]:
+        loop = StepLoop(engine, stream_interval_s=interval)
+        queue = loop.open("r")
+        await loop.admit([EngineRequest("r", {"max_tokens": 200, "ignore_eos": True}, prompt=PROMPT)])
+        stream = coalesced(queue)
+        chunks = [await anext(stream), await anext(stream)]  # the admission, then the first tokens
+        first_while_running = "r" in loop._streams
+        return chunks + [c async for c in stream], first_while_running
+
+    held, first_while_running = asyncio.run(scenario(interval=60.0))
+    (expected,) = engine.generate([PROMPT], SamplingParams(max_tokens=200, ignore_eos=True))
+    admission, first, rest = held  # a fast reader still gets one message for everything after the first tokens
+    assert first_while_running and first.token_ids and not first.finished and rest.finished
+    assert admission.num_prompt_tokens > 0 and first.token_ids + rest.token_ids == expected.token_ids
+    assert sum(first.step_ks + rest.step_ks) == first.num_drafted + rest.num_drafted == rest.stats["num_drafted"]
+    every_step, _ = asyncio.run(scenario(interval=0.0))
+    assert len(every_step) > 3 and [t for c in every_step for t in c.token_ids] == expected.token_ids
+
+
+def test_a_failing_engine_call_reaches_its_caller_and_the_engine_thread_goes_on(engine):
+    async def scenario() -> list[EngineChunk]:
+        loop = StepLoop(engine)
+        with pytest.raises(ZeroDivisionError):
+            await loop.run_on_engine(lambda: 1 / 0)
+        loop._submit(lambda: 1 / 0)  # a failing call with no caller: logged, the thread keeps serving
+        return await _run(loop, EngineRequest("after", {"max_tokens": 5, "ignore_eos": True}, prompt=PROMPT))
+
+    chunks = asyncio.run(scenario())
+    assert chunks[-1].finished and sum(len(c.token_ids) for c in chunks) == 5
+
+
 def test_an_error_is_never_merged_into_the_tokens_before_it():
     async def scenario() -> list[EngineChunk]:
         queue: asyncio.Queue[EngineChunk] = asyncio.Queue()

@@ -120,7 +120,8 @@ class HelixEngine:
         pair, self.placement = load_pair_for_pool(pool_name, pool, select_device(pool_name, pool), config)
         engine = LLMEngine(config, pair)
         self.metrics = EngineMetrics(pool_name, config.k_max)  # Ray's metrics export, for the dashboard
-        self.loop = StepLoop(engine, on_step=self.metrics.record_step)
+        self.loop = StepLoop(engine, on_step=self.metrics.record_step,
+                             stream_interval_s=DEFAULT_BATCHING.stream_interval_s)
         self.node_id = ray.get_runtime_context().get_node_id()
         logger.info("engine pool %s ready on %s (asked for %r) on node %s (draft: %s; on CPU cores %s)",
                     pool_name, engine.device, self.placement.requested, self.node_id, engine.has_draft,
@@ -130,6 +131,7 @@ class HelixEngine:
         batching = BatchingConfig(**(user_config or {}))
         self._admit.set_max_batch_size(batching.max_batch_size)
         self._admit.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
+        self.loop.stream_interval_s = batching.stream_interval_s
 
     @serve.batch(max_batch_size=DEFAULT_BATCHING.max_batch_size,
                  batch_wait_timeout_s=DEFAULT_BATCHING.batch_wait_timeout_s)
