@@ -34,7 +34,8 @@ async def one_stream(client: httpx.AsyncClient, prompt: str, max_tokens: int, sp
     """One /generate/stream request: TTFT, per-token gaps, tokens."""
     body = {"prompt": prompt, "max_tokens": max_tokens, "speculative": speculative, "ignore_eos": True}
     start = time.perf_counter()
-    last, ttft, gaps, tokens, event = start, None, [], 0, None
+    last, ttft, tokens, event = start, None, 0, None
+    bursts: list[list[float]] = []  # [gap before the burst, its tokens]: chunks read within 1 ms are one burst
     async with client.stream("POST", "/generate/stream", json=body) as resp:
         resp.raise_for_status()
         async for line in resp.aiter_lines():
@@ -47,9 +48,13 @@ async def one_stream(client: httpx.AsyncClient, prompt: str, max_tokens: int, sp
                 now = time.perf_counter()
                 if ttft is None:
                     ttft = now - start
-                else:  # tokens of one chunk arrive together: spread the gap over them
-                    gaps += [(now - last) / n] * n
+                elif bursts and now - last < 1e-3:
+                    bursts[-1][1] += n
+                else:
+                    bursts.append([now - last, n])
                 last, tokens = now, tokens + n
+    # tokens that arrive together share the gap before them (the replica sends several steps in one message)
+    gaps = [gap / n for gap, n in bursts for _ in range(int(n))]
     return {"ttft": ttft, "gaps": gaps, "tokens": tokens, "latency": time.perf_counter() - start}
 
 

@@ -40,14 +40,14 @@ class FakeStream:
     def __aiter__(self) -> FakeStream:
         return self
 
-    async def __anext__(self) -> EngineChunk:
+    async def __anext__(self) -> list[EngineChunk]:
         if self.behaviour == "hang":
             await asyncio.Event().wait()
         if self.behaviour == "dead":
             raise RayActorError()
         if not self.chunks:
             raise StopAsyncIteration
-        return self.chunks.pop(0)
+        return [self.chunks.pop(0)]  # the replica's messages are lists of chunks
 
     def cancel(self) -> None:
         self.cancelled = True

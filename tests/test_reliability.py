@@ -244,8 +244,8 @@ def client_for(loop: StepLoop, gate: dict[str, asyncio.Event]) -> EngineClient:
                 await gate[request.request_id].wait()
             await loop.admit([request])
             while not (chunk := await queue.get()).finished:
-                yield chunk
-            yield chunk
+                yield [chunk]
+            yield [chunk]
         finally:
             loop.close(request.request_id)
 
@@ -311,7 +311,7 @@ def test_a_stream_that_ends_without_a_final_chunk_is_a_503_not_an_assert():
     admission = EngineChunk("r", num_prompt_tokens=3)
 
     async def collect():
-        stream = EngineStream(Response(_chunks([EngineChunk("r", text="a", token_ids=[1])])), admission, "/t",
+        stream = EngineStream(Response(_chunks([[EngineChunk("r", text="a", token_ids=[1])]])), admission, "/t",
                               HelixMetrics(), 0.0, Pool("cpu", None, 1.0, ongoing=1))
         return await stream.collect()
 

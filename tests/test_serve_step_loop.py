@@ -10,7 +10,7 @@ from helix_serve.config import EngineConfig
 from helix_serve.engine.llm_engine import LLMEngine
 from helix_serve.engine.sampling_params import SamplingParams
 from helix_serve.serving.protocol import EngineChunk, EngineRequest
-from helix_serve.serving.step_loop import DuplicateRequestError, StepLoop, coalesced
+from helix_serve.serving.step_loop import DuplicateRequestError, StepLoop, batched
 
 PROMPT = "the quick brown fox"
 
@@ -41,8 +41,8 @@ def test_chunks_add_up_to_the_engine_result(engine):
     assert [t for c in steps for t in c.token_ids] == expected.token_ids
 
 
-def test_a_slow_consumer_gets_the_waiting_chunks_merged_and_nothing_lost(engine):
-    async def scenario() -> tuple[list[EngineChunk], int]:
+def test_a_slow_consumer_gets_the_waiting_chunks_in_one_message_and_nothing_lost(engine):
+    async def scenario() -> tuple[list[list[EngineChunk]], int]:
         steps = []  # every engine step that produced output
         loop = StepLoop(engine, on_step=steps.append)
         queue = loop.open("slow")
@@ -50,38 +50,39 @@ def test_a_slow_consumer_gets_the_waiting_chunks_merged_and_nothing_lost(engine)
         await loop.admit([EngineRequest("slow", sampling, prompt=PROMPT)])
         while "slow" in loop._streams:  # a reader that comes back only after the whole generation
             await asyncio.sleep(0.01)
-        return [c async for c in coalesced(queue)], len(steps)
+        return [m async for m in batched(queue)], len(steps)
 
-    chunks, num_steps = asyncio.run(scenario())
+    messages, num_steps = asyncio.run(scenario())
     (expected,) = engine.generate([PROMPT], SamplingParams(max_tokens=40, ignore_eos=True))
-    admission, first, rest = chunks  # the admission and the first tokens alone, the rest in one message
-    assert admission.num_prompt_tokens > 0 and not admission.token_ids and num_steps > 2
-    assert first.token_ids and not first.finished and rest.finished
-    assert first.token_ids + rest.token_ids == expected.token_ids and first.text + rest.text == expected.text
-    assert len(first.logprobs) + len(rest.logprobs) == 40
-    stats = rest.stats
-    assert first.num_drafted + rest.num_drafted == stats["num_drafted"] == sum(first.step_ks + rest.step_ks)
-    assert first.num_accepted + rest.num_accepted == stats["num_accepted"]
+    (message,) = messages  # everything that waited, in one message, each chunk still one engine step
+    admission, steps = message[0], message[1:]
+    assert admission.num_prompt_tokens > 0 and not admission.token_ids and len(steps) == num_steps > 2
+    assert steps[-1].finished and not any(c.finished for c in steps[:-1])
+    assert [t for c in steps for t in c.token_ids] == expected.token_ids
+    assert "".join(c.text for c in steps) == expected.text and sum(len(c.logprobs) for c in steps) == 40
+    assert all(len(c.step_ks) <= 1 for c in steps)
+    assert sum(c.num_drafted for c in steps) == steps[-1].stats["num_drafted"] == sum(k for c in steps for k in c.step_ks)
+    assert sum(c.num_accepted for c in steps) == steps[-1].stats["num_accepted"]
 
 
 def test_tokens_are_handed_over_at_most_every_stream_interval_but_the_first_at_once(engine):
-    async def scenario(interval: float) -> tuple[list[EngineChunk], bool]:
+    async def scenario(interval: float) -> tuple[list[list[EngineChunk]], bool]:
         loop = StepLoop(engine, stream_interval_s=interval)
         queue = loop.open("r")
         await loop.admit([EngineRequest("r", {"max_tokens": 200, "ignore_eos": True}, prompt=PROMPT)])
-        stream = coalesced(queue)
-        chunks = [await anext(stream), await anext(stream)]  # the admission, then the first tokens
+        stream = batched(queue)
+        messages = [await anext(stream), await anext(stream)]  # the admission, then the first tokens
         first_while_running = "r" in loop._streams
-        return chunks + [c async for c in stream], first_while_running
+        return messages + [m async for m in stream], first_while_running
 
     held, first_while_running = asyncio.run(scenario(interval=60.0))
     (expected,) = engine.generate([PROMPT], SamplingParams(max_tokens=200, ignore_eos=True))
-    admission, first, rest = held  # a fast reader still gets one message for everything after the first tokens
-    assert first_while_running and first.token_ids and not first.finished and rest.finished
-    assert admission.num_prompt_tokens > 0 and first.token_ids + rest.token_ids == expected.token_ids
-    assert sum(first.step_ks + rest.step_ks) == first.num_drafted + rest.num_drafted == rest.stats["num_drafted"]
+    (admission,), (first,), rest = held  # a fast reader still gets one message for everything after the first tokens
+    assert first_while_running and admission.num_prompt_tokens > 0 and first.token_ids and not first.finished
+    assert len(rest) > 1 and rest[-1].finished and first.token_ids + [t for c in rest for t in c.token_ids] == \
+        expected.token_ids
     every_step, _ = asyncio.run(scenario(interval=0.0))
-    assert len(every_step) > 3 and [t for c in every_step for t in c.token_ids] == expected.token_ids
+    assert len(every_step) > 3 and [t for m in every_step for c in m for t in c.token_ids] == expected.token_ids
 
 
 def test_a_failing_engine_call_reaches_its_caller_and_the_engine_thread_goes_on(engine):
@@ -96,20 +97,18 @@ def test_a_failing_engine_call_reaches_its_caller_and_the_engine_thread_goes_on(
     assert chunks[-1].finished and sum(len(c.token_ids) for c in chunks) == 5
 
 
-def test_an_error_is_never_merged_into_the_tokens_before_it():
-    async def scenario() -> list[EngineChunk]:
+def test_a_message_keeps_each_chunk_as_it_was_and_ends_with_the_finished_one():
+    async def scenario() -> list[list[EngineChunk]]:
         queue: asyncio.Queue[EngineChunk] = asyncio.Queue()
-        for chunk in (EngineChunk("e", num_prompt_tokens=3), EngineChunk("e", "x", [0]),
-                      EngineChunk("e", "a", [1], 2, 1, [2]), EngineChunk("e", "b", [2]),
-                      EngineChunk("e", finished=True, error="boom", status_code=503)):
+        chunks = (EngineChunk("e", num_prompt_tokens=3), EngineChunk("e", "x", [0]), EngineChunk("e", "a", [1], 2, 1, [2]),
+                  EngineChunk("e", finished=True, error="boom", status_code=503), EngineChunk("e", "late", [9]))
+        for chunk in chunks:
             queue.put_nowait(chunk)
-        return [c async for c in coalesced(queue)]
+        return [m async for m in batched(queue)]
 
-    admission, first, tokens, error = asyncio.run(scenario())
-    assert admission.num_prompt_tokens == 3 and not admission.token_ids and first.token_ids == [0]
-    assert (tokens.text, tokens.token_ids, tokens.num_drafted, tokens.step_ks, tokens.finished) == ("ab", [1, 2], 2,
-                                                                                                     [2], False)
-    assert error.finished and error.error == "boom" and error.status_code == 503 and not error.token_ids
+    (message,) = asyncio.run(scenario())
+    assert [c.text for c in message] == ["", "x", "a", ""] and message[2].step_ks == [2] and message[2].num_accepted == 1
+    assert message[-1].error == "boom" and message[-1].status_code == 503  # nothing after the finished chunk
 
 
 def test_a_short_request_joins_and_leaves_before_a_long_one(engine):

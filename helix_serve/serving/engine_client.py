@@ -58,13 +58,15 @@ class EngineStream:
     """An admitted generation. Iterate `chunks()`; leaving early aborts the sequence in the engine."""
 
     def __init__(self, response: DeploymentResponseGenerator, admission: EngineChunk, route: str,
-                 metrics: HelixMetrics, started: float, pool: Pool, choice: int = 0):
+                 metrics: HelixMetrics, started: float, pool: Pool, choice: int = 0,
+                 early: list[EngineChunk] | None = None):
         self.request_id = admission.request_id
         self.num_prompt_tokens = admission.num_prompt_tokens
         self._recorded_prompt_tokens = self.num_prompt_tokens if choice == 0 else 0  # once per prompt, as usage
         self.pool_name = pool.name
         self._pool: Pool | None = pool
         self._response = response
+        self._early = early or []  # chunks that came in the admission's message
         self._route = route
         self._metrics = metrics
         self._started = started
@@ -75,25 +77,40 @@ class EngineStream:
     async def chunks(self) -> AsyncIterator[EngineChunk]:
         finished = False
         try:
-            async for chunk in self._response:
-                self._observe(chunk)
-                finished = chunk.finished
-                yield chunk
+            async for message in self._messages():
+                self._observe_arrival(message)
+                for chunk in message:
+                    self._observe(chunk)
+                    finished = chunk.finished
+                    yield chunk
         finally:
             if not finished:  # client gone or error here: cancellation reaches the replica, which aborts
                 self._response.cancel()
             self._release()
 
+    async def _messages(self) -> AsyncIterator[list[EngineChunk]]:
+        """The replica's messages (lists of chunks), starting with what came in the admission's."""
+        if self._early:
+            yield self._early
+        async for message in self._response:
+            yield message
+
+    def _observe_arrival(self, message: list[EngineChunk]) -> None:
+        """A message's tokens arrive together: the gap since the last ones is spread over them."""
+        num_tokens = sum(len(chunk.token_ids) for chunk in message)
+        if not num_tokens:
+            return
+        now = time.perf_counter()
+        if self._first_token_at is None:
+            self._first_token_at = now
+        else:
+            self._metrics.observe_tokens(self._route, now - self._last_token_at, num_tokens)
+        self._last_token_at = now
+
     def _observe(self, chunk: EngineChunk) -> None:
         now = time.perf_counter()
         for k in chunk.step_ks:
             self._metrics.speculative_k.observe(k)
-        if chunk.token_ids:
-            if self._first_token_at is None:
-                self._first_token_at = now
-            else:
-                self._metrics.observe_tokens(self._route, now - self._last_token_at, len(chunk.token_ids))
-            self._last_token_at = now
         if chunk.finished:
             ttft_s = None if self._first_token_at is None else self._first_token_at - self._started
             stats = chunk.stats or {}
@@ -159,17 +176,18 @@ class EngineClient:
         pool.ongoing += 1
         try:
             # NOTE: a pool with no running replica queues the call forever: the timeout moves it elsewhere.
-            admission: EngineChunk = await asyncio.wait_for(response.__anext__(), self._admission_timeout_s)
+            first: list[EngineChunk] = await asyncio.wait_for(response.__anext__(), self._admission_timeout_s)
         except BaseException:
             pool.ongoing -= 1
             response.cancel()
             raise
+        admission = first[0]
         if admission.status_code is not None:
             pool.ongoing -= 1
             raise EngineRejectedError(admission.status_code, admission.error or "request rejected")
         pool.served += 1
         self._metrics.pool_requests.labels(pool.name).inc()
-        return EngineStream(response, admission, route, self._metrics, started, pool, request.choice)
+        return EngineStream(response, admission, route, self._metrics, started, pool, request.choice, first[1:])
 
     async def generate(self, request: EngineRequest, route: str) -> Generation:
         return await (await self.open(request, route)).collect()

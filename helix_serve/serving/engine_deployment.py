@@ -24,7 +24,7 @@ from helix_serve.serving import cpu_affinity
 from helix_serve.serving.app_config import BatchingConfig, ModelArgs, PoolConfig
 from helix_serve.serving.metrics import EngineMetrics
 from helix_serve.serving.protocol import EngineChunk, EngineRequest
-from helix_serve.serving.step_loop import DuplicateRequestError, StepLoop, StepSummary, coalesced
+from helix_serve.serving.step_loop import DuplicateRequestError, StepLoop, StepSummary, batched
 
 logger = logging.getLogger(__name__)
 DEFAULT_BATCHING = BatchingConfig()
@@ -141,17 +141,18 @@ class HelixEngine:
         await self.loop.admit(requests)
         return [None] * len(requests)
 
-    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineChunk]:
-        """Stream one request: the admission chunk, then its tokens as the engine steps, until finished."""
+    async def generate(self, request: EngineRequest) -> AsyncIterator[list[EngineChunk]]:
+        """Stream one request as messages of chunks: the admission chunk, then one chunk per engine step, until
+        finished."""
         try:
             queue = self.loop.open(request.request_id)
         except DuplicateRequestError as exc:
-            yield EngineChunk(request.request_id, finished=True, error=str(exc), status_code=409)
+            yield [EngineChunk(request.request_id, finished=True, error=str(exc), status_code=409)]
             return
         try:
             await self._admit(request)
-            async for chunk in coalesced(queue):
-                yield chunk
+            async for message in batched(queue):
+                yield message
         finally:  # also runs on cancellation (client disconnect): frees the sequence's KV blocks
             self.loop.close(request.request_id)
 

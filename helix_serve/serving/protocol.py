@@ -38,19 +38,19 @@ class TokenLogprobs:
 
 @dataclass(slots=True)
 class EngineChunk:
-    """One message of a generation stream.
+    """One piece of a generation stream (the replica sends them in messages: lists of chunks, in order).
 
     The first chunk is the admission: `status_code` set means the request was refused (4xx, or 503 when
     the engine cannot take it now) and the stream ends; otherwise it carries `num_prompt_tokens`. Each
-    later chunk is the tokens of one engine step, or of several when the replica coalesced chunks that
-    waited for a slow consumer (`step_ks`: each speculative step's K); the last has `finished` and `stats`,
-    or an `error` (with `status_code` 503 when the failure was the engine's, not the request's: worth retrying).
+    later chunk is the tokens of one engine step (`step_ks`: its K when it speculated); the last has `finished`
+    and `stats`, or an `error` (with `status_code` 503 when the failure was the engine's, not the request's: worth
+    retrying).
     """
 
     request_id: str
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
-    num_drafted: int = 0  # over the chunk's steps
+    num_drafted: int = 0
     num_accepted: int = 0
     step_ks: list[int] = field(default_factory=list)
     num_prompt_tokens: int = 0
@@ -60,15 +60,3 @@ class EngineChunk:
     status_code: int | None = None
     stats: dict[str, Any] | None = None
     logprobs: list[TokenLogprobs] | None = None  # one per token in `token_ids`, when the request asked
-
-    def absorb(self, later: EngineChunk) -> None:
-        """Append the next chunk of the same stream, one without an error, to this one (its tokens, counts and,
-        if it ends the stream, its ending)."""
-        self.text += later.text
-        self.token_ids += later.token_ids
-        self.num_drafted += later.num_drafted
-        self.num_accepted += later.num_accepted
-        self.step_ks += later.step_ks
-        if later.logprobs is not None:
-            self.logprobs = (self.logprobs or []) + later.logprobs
-        self.finished, self.finish_reason, self.stats = later.finished, later.finish_reason, later.stats

@@ -318,25 +318,17 @@ class DuplicateRequestError(ValueError):
     """A request id that is still streaming (HTTP 409)."""
 
 
-async def coalesced(queue: asyncio.Queue[EngineChunk]) -> AsyncIterator[EngineChunk]:
-    """A request's stream from its queue: the admission chunk and the first tokens alone (the caller reads the
-    admission apart, and times the first token), then each chunk merged with those already waiting behind it, so
-    a consumer slower than the engine gets fewer, larger messages instead of a backlog."""
-    for _ in range(2):
-        chunk = await queue.get()
-        yield chunk
-        if chunk.finished:
+async def batched(queue: asyncio.Queue[EngineChunk]) -> AsyncIterator[list[EngineChunk]]:
+    """A request's stream from its queue, as messages: each is every chunk waiting, in order (the steps of one
+    hand-over, or the backlog a slow consumer left), so the stream crosses Ray once per hand-over while each chunk
+    stays one engine step. Ends with the message that holds the finished chunk."""
+    while True:
+        batch = [await queue.get()]
+        while not batch[-1].finished and not queue.empty():
+            batch.append(queue.get_nowait())
+        yield batch
+        if batch[-1].finished:
             return
-    while not chunk.finished:
-        chunk = await queue.get()
-        while not chunk.finished and not queue.empty():
-            later = queue.get_nowait()
-            if later.error is not None:  # an error travels alone, after the tokens that came before it
-                yield chunk
-                chunk = later
-                break
-            chunk.absorb(later)
-        yield chunk
 
 
 def chunk_from_output(output: RequestOutput) -> EngineChunk:
