@@ -66,23 +66,40 @@ def test_a_slow_consumer_gets_the_waiting_chunks_in_one_message_and_nothing_lost
 
 
 def test_tokens_are_handed_over_at_most_every_stream_interval_but_the_first_at_once(engine):
-    async def scenario(interval: float) -> tuple[list[list[EngineChunk]], bool]:
+    async def scenario(interval: float) -> list[list[EngineChunk]]:
         loop = StepLoop(engine, stream_interval_s=interval)
         queue = loop.open("r")
         await loop.admit([EngineRequest("r", {"max_tokens": 200, "ignore_eos": True}, prompt=PROMPT)])
-        stream = batched(queue)
-        messages = [await anext(stream), await anext(stream)]  # the admission, then the first tokens
-        first_while_running = "r" in loop._streams
-        return messages + [m async for m in stream], first_while_running
+        return [m async for m in batched(queue)]
 
-    held, first_while_running = asyncio.run(scenario(interval=60.0))
+    held = asyncio.run(scenario(interval=60.0))
     (expected,) = engine.generate([PROMPT], SamplingParams(max_tokens=200, ignore_eos=True))
-    (admission,), (first,), rest = held  # a fast reader still gets one message for everything after the first tokens
-    assert first_while_running and admission.num_prompt_tokens > 0 and first.token_ids and not first.finished
-    assert len(rest) > 1 and rest[-1].finished and first.token_ids + [t for c in rest for t in c.token_ids] == \
-        expected.token_ids
-    every_step, _ = asyncio.run(scenario(interval=0.0))
+    chunks = [c for m in held for c in m]
+    assert chunks[0].num_prompt_tokens > 0 and not chunks[0].token_ids and chunks[1].token_ids  # admission, first
+    assert [t for c in chunks for t in c.token_ids] == expected.token_ids and chunks[-1].finished
+    # The first tokens went at once (held 60 s they would have come with the end), every later step with the end.
+    with_first = next(i for i, m in enumerate(held) if any(c.token_ids for c in m))
+    assert len(held) == with_first + 2 and not any(c.finished for c in held[with_first]) and len(held[-1]) > 1
+    every_step = asyncio.run(scenario(interval=0.0))
     assert len(every_step) > 3 and [t for m in every_step for c in m for t in c.token_ids] == expected.token_ids
+
+
+def test_a_closed_streams_held_chunks_never_reach_a_new_request_with_its_id(engine):
+    async def scenario() -> list[EngineChunk]:
+        loop = StepLoop(engine, stream_interval_s=60.0)  # everything after the first tokens is held
+        queue = loop.open("same")
+        await loop.admit([EngineRequest("same", {"max_tokens": 300, "ignore_eos": True}, prompt=PROMPT)])
+        await queue.get()  # admission
+        await queue.get()  # the first tokens; later steps wait in the engine thread's outbox
+        while len(loop._outbox) < 5:
+            await asyncio.sleep(0.005)
+        loop.close("same")
+        return await _run(loop, EngineRequest("same", {"max_tokens": 5, "ignore_eos": True}, prompt=PROMPT))
+
+    chunks = asyncio.run(scenario())
+    (expected,) = engine.generate([PROMPT], SamplingParams(max_tokens=5, ignore_eos=True))
+    assert chunks[0].num_prompt_tokens > 0 and chunks[-1].finished and chunks[-1].stats["tokens_generated"] == 5
+    assert [t for c in chunks for t in c.token_ids] == expected.token_ids
 
 
 def test_a_failing_engine_call_reaches_its_caller_and_the_engine_thread_goes_on(engine):

@@ -82,6 +82,7 @@ class StepLoop:
         self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._driving = False  # whether `_drive` runs or is submitted (under `_driving_lock`)
         self._driving_lock = threading.Lock()
+        self._broken: str | None = None  # why the engine thread stopped for good, if it did
         # The engine thread's own: the requests it admitted that still run, those with no tokens out yet, and
         # outputs not yet handed over.
         self._running: set[str] = set()
@@ -111,6 +112,8 @@ class StepLoop:
     async def check_health(self, timeout_s: float) -> None:
         """Raise unless the engine thread answers within `timeout_s` (a wedged step makes Serve replace the
         replica)."""
+        if self._broken is not None:
+            raise RuntimeError(f"the engine thread has stopped: {self._broken}")
         await asyncio.wait_for(self.run_on_engine(self.engine.kv_usage), timeout_s)
 
     def open(self, request_id: str) -> asyncio.Queue[EngineChunk]:
@@ -133,6 +136,7 @@ class StepLoop:
         waiting = [r for r in requests if r.request_id in self._streams]  # skip callers already gone
         if any(r.sampling.get("structured") is not None for r in waiting):
             await asyncio.to_thread(self._compile_constraints, waiting)
+            waiting = [r for r in waiting if r.request_id in self._streams]  # and those gone meanwhile
         await self.run_on_engine(self._add_all, waiting)
 
     def _receive(self, chunks: list[EngineChunk], steps: list[StepSummary]) -> None:
@@ -180,10 +184,20 @@ class StepLoop:
     def _drive(self) -> None:
         """Run the queued calls, and step while this loop's requests run, handing outputs over; return when
         there is nothing left to do (a later `_submit` drives again)."""
+        try:
+            self._drive_until_idle()
+        except BaseException as exc:  # a bug outside a step or a call: nothing runs here again, say so
+            logger.exception("the engine thread stopped")
+            self._broken = f"{type(exc).__name__}: {exc}"
+            self._call_soon(self._fail_all, self._broken)
+            raise
+
+    def _drive_until_idle(self) -> None:
         while True:
             self._run_jobs()
             if not (self._running and self.engine.has_unfinished_requests()):
                 self._running.clear()
+                self._awaiting_first.clear()
                 self._hand_over()
                 with self._driving_lock:
                     if self._jobs.empty():
@@ -254,8 +268,10 @@ class StepLoop:
             pass
 
     def _abort(self, request_id: str) -> None:
+        """Stop a request; drop its held chunks too (a new request may reuse its id once its stream closed)."""
         self._running.discard(request_id)
         self._awaiting_first.discard(request_id)
+        self._outbox = [chunk for chunk in self._outbox if chunk.request_id != request_id]
         self.engine.abort_request(request_id)
 
     def _compile_constraints(self, requests: list[EngineRequest]) -> None:
