@@ -9,6 +9,7 @@ proposer drafted and had accepted, and whether every method's tokens equal K=0's
     python scripts/bench_eagle.py                     # default pair + shipped head, none and int4, ~10 min
     python scripts/bench_eagle.py --quick             # smoke
     python scripts/bench_eagle.py --quantizations int4 --eagle-head NEW --baseline-head OLD   # two heads
+    python scripts/bench_eagle.py --quantizations int4 --fixed-k 1 2 3 4 5    # the head at each fixed K too
 """
 
 from __future__ import annotations
@@ -38,10 +39,12 @@ METHODS = {"K=0": ("draft", {"speculative": False}),
 
 
 def methods(args) -> dict[str, tuple[str, dict]]:
-    """METHODS, plus the head and hybrid of a second head (`--baseline-head`) to compare with."""
+    """METHODS, plus the head at each `--fixed-k`, and the head and hybrid of a second head (`--baseline-head`)."""
+    fixed = {f"eagle K={k}": ("eagle", {"speculative_method": "eagle", "num_speculative_tokens": k})
+             for k in args.fixed_k}
     if args.baseline_head is None:
-        return METHODS
-    return {**METHODS, "eagle [baseline]": ("baseline", {"speculative_method": "eagle"}),
+        return {**METHODS, **fixed}
+    return {**METHODS, **fixed, "eagle [baseline]": ("baseline", {"speculative_method": "eagle"}),
             "eagle (hybrid) [baseline]": ("baseline", {"speculative_method": "hybrid"})}
 
 
@@ -107,11 +110,12 @@ def report(result: dict, out: Path) -> None:
         for kind, rows in q["rows"].items():
             base = rows["K=0"]["tokens_per_s"]
             print(f"\n{quantization} ({q['dtype']}, {q['quantization']}), {kind}")
-            print(f"{'method':16} {'tok/s':>7} {'vs K=0':>7} {'tok/step':>8} {'= K=0':>6}  accepted/drafted")
+            print(f"{'method':16} {'tok/s':>7} {'vs K=0':>7} {'tok/step':>8} {'ms/step':>7} {'= K=0':>6}  accepted/drafted")
             for name, r in rows.items():
                 by = ", ".join(f"{p} {c['num_accepted']}/{c['num_drafted']}" for p, c in r["by_proposer"].items())
+                ms_per_step = 1e3 * r["tokens_per_step"] / r["tokens_per_s"]  # the whole request's time per step
                 print(f"{name:16} {r['tokens_per_s']:7.1f} {r['tokens_per_s'] / base:7.2f} {r['tokens_per_step']:8.2f} "
-                      f"{str(r['same_tokens_as_k0']):>6}  {by}")
+                      f"{ms_per_step:7.2f} {str(r['same_tokens_as_k0']):>6}  {by}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_eagle.json").write_text(json.dumps(result, indent=2))
     panels = [(qn, kind) for qn, q in result["results"].items() for kind in q["rows"]]
@@ -135,6 +139,8 @@ def main() -> None:
     parser.add_argument("--draft", default=DEFAULT_DRAFT)
     parser.add_argument("--eagle-head", default=str(PRETRAINED_DIR / "smollm2-eagle"))
     parser.add_argument("--baseline-head", help="a second EAGLE head, measured beside --eagle-head")
+    parser.add_argument("--fixed-k", type=int, nargs="*", default=[],
+                        help="also the head alone at each of these fixed K (where the planner's choice stands)")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--quantizations", nargs="+", default=["none", "int4"])
     parser.add_argument("--chat", type=int, default=4, help="chat questions, and as many held-out distill prompts")

@@ -167,6 +167,8 @@ def main() -> None:
         alone = EngineAlone(app_args, args)
         with local_serve(build_graph(app_args, engine_options), env=dict(args.serve_env), log_to_driver=False,
                          reserved_cores=args.cpu_cores or ()) as url:
+            for speculative in (True, False):  # the replica's first requests pay its warm-up (TTFT 2x here)
+                asyncio.run(level(url, 1, 1, 8, speculative))
             rows = run_levels(url, args)
             rows += paired_rounds(url, alone, args)
     report(rows, args)
