@@ -140,7 +140,7 @@ def main() -> None:
     parser.add_argument("--eagle-head", default=str(PRETRAINED_DIR / "smollm2-eagle"))
     parser.add_argument("--baseline-head", help="a second EAGLE head, measured beside --eagle-head")
     parser.add_argument("--fixed-k", type=int, nargs="*", default=[],
-                        help="also the head alone at each of these fixed K (where the planner's choice stands)")
+                        help="also the head alone at each of these fixed K (beside the planner's choice)")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--quantizations", nargs="+", default=["none", "int4"])
     parser.add_argument("--chat", type=int, default=4, help="chat questions, and as many held-out distill prompts")

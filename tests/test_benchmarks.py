@@ -174,16 +174,18 @@ def test_load_benchmark_quick_reports_each_method_against_k0_and_the_cost_error(
     assert not any(g.startswith("K=0") for g in goals) and result["cpu"]
 
 
-def test_eagle_benchmark_quick_measures_a_second_head_beside_the_first(llama_pair, eagle_dir, tmp_path):
+def test_eagle_benchmark_quick_measures_a_second_head_and_fixed_k_beside_the_first(llama_pair, eagle_dir, tmp_path):
     target, draft = llama_pair
     result = _run("bench_eagle.py", tmp_path, "--target", str(target), "--draft", str(draft), "--dtype", "float32",
-                  "--eagle-head", str(eagle_dir), "--baseline-head", str(eagle_dir))
+                  "--eagle-head", str(eagle_dir), "--baseline-head", str(eagle_dir), "--fixed-k", "2")
     [table] = result["results"].values()
     assert set(table["cost_ratios"]) == {"draft", "eagle", "baseline"}
     for rows in table["rows"].values():
-        assert list(rows) == ["K=0", "draft (hybrid)", "eagle", "eagle (hybrid)", "eagle [baseline]",
+        assert list(rows) == ["K=0", "draft (hybrid)", "eagle", "eagle (hybrid)", "eagle K=2", "eagle [baseline]",
                               "eagle (hybrid) [baseline]"]
         assert rows["eagle [baseline]"]["by_proposer"].keys() <= {"eagle"}
+        fixed = rows["eagle K=2"]["by_proposer"]["eagle"]  # the head drafts at every step that has room for 2
+        assert 0 < fixed["num_drafted"] <= 2 * rows["eagle K=2"]["tokens"]
         assert all(r["tokens"] > 0 and r["tokens_per_step"] >= 1 for r in rows.values())
 
 
