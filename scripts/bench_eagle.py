@@ -110,7 +110,8 @@ def report(result: dict, out: Path) -> None:
         for kind, rows in q["rows"].items():
             base = rows["K=0"]["tokens_per_s"]
             print(f"\n{quantization} ({q['dtype']}, {q['quantization']}), {kind}")
-            print(f"{'method':16} {'tok/s':>7} {'vs K=0':>7} {'tok/step':>8} {'ms/step':>7} {'= K=0':>6}  accepted/drafted")
+            print(f"{'method':16} {'tok/s':>7} {'vs K=0':>7} {'tok/step':>8} {'ms/step':>7} {'= K=0':>6}  "
+                  "accepted/drafted")
             for name, r in rows.items():
                 by = ", ".join(f"{p} {c['num_accepted']}/{c['num_drafted']}" for p, c in r["by_proposer"].items())
                 ms_per_step = 1e3 * r["tokens_per_step"] / r["tokens_per_s"]  # the whole request's time per step

@@ -61,7 +61,8 @@ def test_a_slow_consumer_gets_the_waiting_chunks_in_one_message_and_nothing_lost
     assert [t for c in steps for t in c.token_ids] == expected.token_ids
     assert "".join(c.text for c in steps) == expected.text and sum(len(c.logprobs) for c in steps) == 40
     assert all(len(c.step_ks) <= 1 for c in steps)
-    assert sum(c.num_drafted for c in steps) == steps[-1].stats["num_drafted"] == sum(k for c in steps for k in c.step_ks)
+    assert sum(c.num_drafted for c in steps) == steps[-1].stats["num_drafted"] \
+        == sum(k for c in steps for k in c.step_ks)
     assert sum(c.num_accepted for c in steps) == steps[-1].stats["num_accepted"]
 
 
@@ -117,14 +118,16 @@ def test_a_failing_engine_call_reaches_its_caller_and_the_engine_thread_goes_on(
 def test_a_message_keeps_each_chunk_as_it_was_and_ends_with_the_finished_one():
     async def scenario() -> list[list[EngineChunk]]:
         queue: asyncio.Queue[EngineChunk] = asyncio.Queue()
-        chunks = (EngineChunk("e", num_prompt_tokens=3), EngineChunk("e", "x", [0]), EngineChunk("e", "a", [1], 2, 1, [2]),
+        chunks = (EngineChunk("e", num_prompt_tokens=3), EngineChunk("e", "x", [0]),
+                  EngineChunk("e", "a", [1], 2, 1, [2]),
                   EngineChunk("e", finished=True, error="boom", status_code=503), EngineChunk("e", "late", [9]))
         for chunk in chunks:
             queue.put_nowait(chunk)
         return [m async for m in batched(queue)]
 
     (message,) = asyncio.run(scenario())
-    assert [c.text for c in message] == ["", "x", "a", ""] and message[2].step_ks == [2] and message[2].num_accepted == 1
+    assert [c.text for c in message] == ["", "x", "a", ""]
+    assert message[2].step_ks == [2] and message[2].num_accepted == 1
     assert message[-1].error == "boom" and message[-1].status_code == 503  # nothing after the finished chunk
 
 

@@ -108,10 +108,10 @@ class EngineStream:
         self._last_token_at = now
 
     def _observe(self, chunk: EngineChunk) -> None:
-        now = time.perf_counter()
         for k in chunk.step_ks:
             self._metrics.speculative_k.observe(k)
         if chunk.finished:
+            now = time.perf_counter()
             ttft_s = None if self._first_token_at is None else self._first_token_at - self._started
             stats = chunk.stats or {}
             self._metrics.observe_generation(self._route, ttft_s, now - self._started, stats)

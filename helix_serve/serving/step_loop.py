@@ -163,8 +163,8 @@ class StepLoop:
         stream.put_nowait(chunk)
 
     def _fail_all(self, error: str) -> None:
-        """A step failed (or the engine thread stopped): every caller gets a final 503 chunk now. For a caller still waiting for its
-        admission that chunk is a refusal (its status code), never mistaken for an admission."""
+        """A step failed (or the engine thread stopped): every caller gets a final 503 chunk now. For a caller
+        still waiting for its admission that chunk is a refusal (its status code), never mistaken for an admission."""
         for request_id in list(self._streams):
             self._deliver(EngineChunk(request_id, finished=True, finish_reason="error",
                                       error=f"the engine's step loop failed: {error}",
