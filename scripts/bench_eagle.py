@@ -31,6 +31,7 @@ from helix_serve.distill.prompts import build_prompts, split_prompts
 from helix_serve.engine.llm_engine import LLMEngine
 from helix_serve.engine.sampling_params import SamplingParams
 
+VERIFY_TOKENS = (1, 2, 3, 4, 5)  # a verify pass of K = 0 … 4 drafts
 # method → (engine, SamplingParams overrides)
 METHODS = {"K=0": ("draft", {"speculative": False}),
            "draft (hybrid)": ("draft", {"speculative_method": "hybrid"}),
@@ -94,9 +95,11 @@ def measure(args) -> dict:
                 for method, (engine_name, overrides) in chosen.items():
                     runs[kind][method].append(run(pair[engine_name], prompt, args.max_tokens, overrides))
         target = pair["draft"].pair.target
+        curve = pair["eagle"].step_costs.target  # the engine's start-up calibration: one sequence, T tokens
         results[quantization] = {
             "dtype": str(target.dtype), "quantization": target.quantization,
             "cost_ratios": {name: engine.cost_ratios for name, engine in pair.items()},
+            "target_forward_ms": {t: 1e3 * float(curve.unscaled(t)) for t in VERIFY_TOKENS},
             "rows": {kind: {m: total(r, by[next(iter(METHODS))]) for m, r in by.items()} for kind, by in runs.items()},
         }
         del pair
@@ -109,7 +112,9 @@ def report(result: dict, out: Path) -> None:
     for quantization, q in result["results"].items():
         for kind, rows in q["rows"].items():
             base = rows["K=0"]["tokens_per_s"]
-            print(f"\n{quantization} ({q['dtype']}, {q['quantization']}), {kind}")
+            forward = list(q["target_forward_ms"].values())  # at VERIFY_TOKENS (str keys once read back from JSON)
+            print(f"\n{quantization} ({q['dtype']}, {q['quantization']}), {kind}; target forward at "
+                  + ", ".join(f"{t} tokens {ms:.2f} ms (×{ms / forward[0]:.2f})" for t, ms in zip(VERIFY_TOKENS, forward)))
             print(f"{'method':16} {'tok/s':>7} {'vs K=0':>7} {'tok/step':>8} {'ms/step':>7} {'= K=0':>6}  "
                   "accepted/drafted")
             for name, r in rows.items():
@@ -127,7 +132,8 @@ def report(result: dict, out: Path) -> None:
         ax.bar(np.arange(len(rows)), [r["tokens_per_s"] / base for r in rows.values()])
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_xticks(np.arange(len(rows)), list(rows), rotation=30, fontsize=8)
-        ax.set_title(f"{quantization}, {kind}", fontsize=9)
+        ax.set_title(f"{quantization} ({result['results'][quantization]['dtype'].removeprefix('torch.')}), {kind}",
+                     fontsize=9)
         ax.set_ylabel("tokens/s ÷ K=0")
     fig.suptitle(f"EAGLE head vs draft model, batch 1 — {result['cpu']}, {result['threads']} threads", fontsize=9)
     save_figure(fig, out / "bench_eagle.png")

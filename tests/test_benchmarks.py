@@ -180,6 +180,8 @@ def test_eagle_benchmark_quick_measures_a_second_head_and_fixed_k_beside_the_fir
                   "--eagle-head", str(eagle_dir), "--baseline-head", str(eagle_dir), "--fixed-k", "2")
     [table] = result["results"].values()
     assert set(table["cost_ratios"]) == {"draft", "eagle", "baseline"}
+    forward = [table["target_forward_ms"][str(t)] for t in range(1, 6)]  # the calibrated verify pass by tokens
+    assert forward[0] > 0 and forward == sorted(forward)
     for rows in table["rows"].values():
         assert list(rows) == ["K=0", "draft (hybrid)", "eagle", "eagle (hybrid)", "eagle K=2", "eagle [baseline]",
                               "eagle (hybrid) [baseline]"]
