@@ -113,8 +113,9 @@ def report(result: dict, out: Path) -> None:
         for kind, rows in q["rows"].items():
             base = rows["K=0"]["tokens_per_s"]
             forward = list(q["target_forward_ms"].values())  # at VERIFY_TOKENS (str keys once read back from JSON)
-            print(f"\n{quantization} ({q['dtype']}, {q['quantization']}), {kind}; target forward at "
-                  + ", ".join(f"{t} tokens {ms:.2f} ms (×{ms / forward[0]:.2f})" for t, ms in zip(VERIFY_TOKENS, forward)))
+            curve = ", ".join(f"{t} tokens {ms:.2f} ms (×{ms / forward[0]:.2f})"
+                              for t, ms in zip(VERIFY_TOKENS, forward))
+            print(f"\n{quantization} ({q['dtype']}, {q['quantization']}), {kind}; target forward at {curve}")
             print(f"{'method':16} {'tok/s':>7} {'vs K=0':>7} {'tok/step':>8} {'ms/step':>7} {'= K=0':>6}  "
                   "accepted/drafted")
             for name, r in rows.items():
